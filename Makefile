@@ -1,0 +1,47 @@
+# The two README commands. Both work from a fresh clone, offline except package registries.
+#   make demo   creates .venv/, installs usae with what the demo needs, runs `usae demo`
+#   make test   creates or updates .venv/ with the development extras, runs the test suite
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+ARCH   := $(shell uname -m)
+# The CPU wheel of torch 2.13.0 installs fast, but PyPI's torchvision does not import beside
+# it; timm (dev extras) needs torchvision, so tests use the pair that works together.
+ifeq ($(ARCH),aarch64)
+TORCH_DEMO := torch==2.9.1
+TORCH_DEV  := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_DEMO := torch==2.13.0
+TORCH_DEV  := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: demo test venv install-demo install-dev browser clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+install-demo: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_DEMO)
+	$(PIP) install -q -e ".[demo]"
+
+demo: install-demo
+	$(VENV)/bin/usae demo --out demo-output
+
+install-dev: $(PY)
+	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_DEV)
+	$(PIP) install -q -e ".[dev]"
+
+# Debian's Chromium for the explorer's browser tests (test tools cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	    echo "warning: could not install chromium; browser tests will be skipped"; }
+
+test: install-dev browser
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,117 @@
+"""CLI command handlers: each turns parsed arguments into one call of the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from usae.errors import UsaeError
+
+log = logging.getLogger("usae")
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsaeError(f"{path} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise UsaeError(f"{path} is not a readable .npy array: {err}") from None
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    from usae.io import _atomic_replace
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    _atomic_replace(Path(path), write)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import torch
+
+    from usae.sae import UniversalSAE
+
+    sae = UniversalSAE.load(args.run, device=args.device)
+    x = _load_npy(args.input)
+    sae.index(args.model)
+    codes = sae.encode(args.model, torch.from_numpy(np.asarray(x, dtype=np.float32)))
+    _save_npy(args.out, codes.numpy().astype(np.float32))
+    print(f"wrote {args.out}: codes {tuple(codes.shape)} float32")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from usae.sae import UniversalSAE
+
+    sae = UniversalSAE.load(args.run, device=args.device)
+    sae.index(args.model)
+    codes = _load_npy(args.input)
+    x = sae.decode(args.model, torch.from_numpy(np.asarray(codes, dtype=np.float32)))
+    _save_npy(args.out, x.numpy().astype(np.float32))
+    print(f"wrote {args.out}: activations {tuple(x.shape)} float32")
+    return 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    from usae.reference import import_reference
+
+    sae = import_reference(args.config, args.out)
+    print(f"wrote {args.out}: models {list(sae.models)}, n={sae.cfg.n}, k={sae.cfg.k}")
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    if args.store_command == "info":
+        from usae.store import Store
+
+        print(json.dumps(Store(args.store).info(), indent=2))
+        return 0
+    if args.store_command == "import-npz":
+        from usae.npz_import import import_npz
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        manifest = import_npz(args.src, args.out, models, split=args.split, dtype=args.dtype)
+        print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
+        return 0
+    raise UsaeError("usage: usae store {info,import-npz} ...")
+
+
+def build_run_config(store_models, store_dims, args: argparse.Namespace):
+    from usae.config import load_config_file, parse_set, resolve
+
+    overrides = load_config_file(args.config) if args.config else {}
+    overrides.update(parse_set(args.set))
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.device:
+        overrides["device"] = args.device
+    return resolve(tuple(store_models), tuple(store_dims), args.preset, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from usae.store import Store, StoreSource
+    from usae.train import train_run
+
+    store = Store(args.store)
+    cfg = build_run_config(store.models, store.dims, args)
+    source = StoreSource(store, split=args.split)
+    val = None
+    if cfg.train.eval_every:
+        try:
+            val = StoreSource(store, split="val")
+        except UsaeError:
+            log.warning("no val split in the store: the held-out R2 matrix is off")
+    train_run(cfg, source, args.out, val_source=val, resume=args.resume,
+              independent=args.independent, progress=not args.no_progress,
+              store_manifest=store.manifest)
+    print(f"wrote {args.out}: config.json, model.safetensors, metrics.jsonl")
+    return 0

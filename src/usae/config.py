@@ -1,0 +1,265 @@
+"""Configuration: one tree of frozen dataclasses, the single source of truth.
+
+Every field carries its help text in ``metadata["help"]``; the CLI's ``--set key=value``
+and ``usae train --help`` read it from here. Validation lives in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from usae.errors import UsaeError
+
+ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
+STANDARDIZE = ("scalar", "per_dim", "center_per_dim")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Architecture of a universal SAE (everything needed to rebuild it for inference)."""
+
+    models: tuple[str, ...] = _help("Model names, in matrix order.", ())
+    dims: tuple[int, ...] = _help("Activation width d_m of each model, same order.", ())
+    n_concepts: int = _help("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
+    k: int = _help("TopK: active concepts per token.", 32)
+    encoder: str = _help("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
+                         "mlp_ln_1 (LayerNorm) or linear (no norm).", "mlp_bn_1")
+    standardize: str = _help("Input standardization: scalar (paper: one mean/std per model), "
+                             "per_dim (mean and std per dimension) or center_per_dim "
+                             "(mean per dimension, one std per model).", "scalar")
+
+    def __post_init__(self) -> None:
+        if len(self.models) != len(self.dims):
+            raise UsaeError(f"config: {len(self.models)} model names but {len(self.dims)} dims")
+        if len(set(self.models)) != len(self.models):
+            raise UsaeError(f"config: duplicate model names in {list(self.models)}")
+        if any(int(d) <= 0 for d in self.dims):
+            raise UsaeError(f"config: every model dim must be positive, got {list(self.dims)}")
+        if self.encoder not in ENCODERS:
+            raise UsaeError(f"config: encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.standardize not in STANDARDIZE:
+            raise UsaeError(f"config: standardize must be one of {STANDARDIZE}, "
+                            f"got {self.standardize!r}")
+        if self.k <= 0:
+            raise UsaeError(f"config: k must be positive, got {self.k}")
+        if self.models and self.k > self.n:
+            raise UsaeError(f"config: k={self.k} is larger than the number of concepts n={self.n}")
+
+    @property
+    def n(self) -> int:
+        """Number of concepts after resolving the 0 default."""
+        return self.n_concepts or 8 * max(self.dims, default=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``paper`` preset = these defaults, exactly the reference's rule."""
+
+    lr: float = _help("Peak AdamW learning rate (paper 3e-4).", 3e-4)
+    weight_decay: float = _help("AdamW weight decay (paper 1e-5).", 1e-5)
+    grad_clip: float = _help("Gradient-norm clip per model (paper 1.0); 0 disables.", 1.0)
+    batch_images: int = _help("Images per batch; a batch is all their tokens (paper 32).", 32)
+    epochs: int = _help("Passes over the training split.", 1)
+    max_steps: int = _help("Stop after this many steps; 0 means epochs x batches per epoch.", 0)
+    warmup_steps: int = _help("Linear warmup from 1e-6; 0 means one epoch of iterations "
+                              "(paper).", 0)
+    min_lr: float = _help("Start of warmup and end of the cosine.", 1e-6)
+    criterion: str = _help("Reconstruction criterion: l1 (paper, mean |x - x_hat|) or l2.", "l1")
+    aux: str = _help("Auxiliary loss: reference (paper: top n/2 of relu(pre)-z predicts the "
+                     "residual), gao (AuxK on dead latents, detached residual) or none.",
+                     "reference")
+    aux_coef: float = _help("Weight of the auxiliary loss (paper 0.1).", 0.1)
+    aux_k: int = _help("AuxK size for aux=gao; 0 means min(4 x k, n/2).", 0)
+    dead_after_tokens: int = _help("aux=gao: a concept is dead after this many tokens "
+                                   "without firing.", 1_000_000)
+    decoder_update: str = _help("source (paper: only the sampled model's encoder and decoder "
+                                "step) or all (every decoder steps every iteration).", "source")
+    schedule: str = _help("per_model (paper: each model's cosine steps only when sampled, so "
+                          "it never reaches min_lr) or global (one schedule per iteration).",
+                          "per_model")
+    shuffle_pairing: bool = _help("Control: permute each model's images so models see "
+                                  "different images at the same position.", False)
+    seed: int = _help("Seed for init, model sampling and data order.", 0)
+    device: str = _help("cpu or cuda.", "cpu")
+    log_every: int = _help("Write metrics.jsonl every N steps.", 10)
+    checkpoint_every: int = _help("Checkpoint every N steps (and always at the end).", 500)
+    eval_every: int = _help("Held-out R2 matrix every N steps; 0 disables.", 0)
+    eval_batches: int = _help("Batches used for the held-out R2 matrix.", 4)
+    tensorboard: bool = _help("Also log to TensorBoard in RUN/tb (lazy import).", False)
+    wandb: bool = _help("Also log to Weights & Biases (lazy import, offline-safe).", False)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "criterion": ("l1", "l2"),
+            "aux": ("reference", "gao", "none"),
+            "decoder_update": ("source", "all"),
+            "schedule": ("per_model", "global"),
+            "device": None,
+        }
+        for name, allowed in checks.items():
+            if allowed and getattr(self, name) not in allowed:
+                raise UsaeError(f"config: {name} must be one of {allowed}, "
+                                f"got {getattr(self, name)!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise UsaeError(f"config: device must be cpu or cuda[:i], got {self.device!r}")
+        for name in ("lr", "batch_images", "epochs"):
+            if getattr(self, name) <= 0:
+                raise UsaeError(f"config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "log_every", "checkpoint_every", "eval_every",
+                     "aux_k", "weight_decay", "grad_clip", "aux_coef"):
+            if getattr(self, name) < 0:
+                raise UsaeError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every == 0 or self.checkpoint_every == 0:
+            raise UsaeError("config: log_every and checkpoint_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run records in ``RUN/config.json``."""
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "paper"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sae": dataclasses.asdict(self.sae), "train": dataclasses.asdict(self.train),
+                "preset": self.preset}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "RunConfig":
+        try:
+            sae = from_dict(SAEConfig, obj["sae"])
+            train = from_dict(TrainConfig, obj.get("train", {}))
+        except (KeyError, TypeError) as err:
+            raise UsaeError(f"config.json is malformed: {err}") from None
+        return cls(sae=sae, train=train, preset=obj.get("preset", "custom"))
+
+
+# Each preset lists only its differences from the paper's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # Measured on the offline CNNs (shared/ASSETS.md): paper settings do not converge in a few
+    # CPU minutes; these do. Used by `usae demo`.
+    "demo": {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim"},
+}
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a clear error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsaeError(f"config: unknown {cls.__name__} key(s) {unknown}; "
+                        f"known keys: {sorted(known)}")
+    hints = get_type_hints(cls)
+    converted = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    return cls(**converted)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    try:
+        if origin is tuple:
+            inner = get_args(hint)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(inner(x) for x in items)
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if hint is int and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise UsaeError(f"config: {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
+                        ) from None
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route flat ``key=value`` overrides to the SAE or the training config."""
+    sae_keys = {f.name for f in fields(SAEConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    sae, train = {}, {}
+    for key, value in overrides.items():
+        if key in sae_keys:
+            sae[key] = value
+        elif key in train_keys:
+            train[key] = value
+        else:
+            raise UsaeError(f"config: unknown key {key!r}; known keys: "
+                            f"{sorted(sae_keys | train_keys)}")
+    return sae, train
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse repeated ``--set key=value`` strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsaeError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat or nested (``sae``/``train`` sections) JSON or YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsaeError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text) or {}
+        else:
+            obj = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a user error
+        raise UsaeError(f"config {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+    if not isinstance(obj, dict):
+        raise UsaeError(f"config {path} must hold a mapping of keys to values")
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key in ("sae", "train") and isinstance(value, dict):
+            flat.update(value)
+        elif key != "preset":
+            flat[key] = value
+    return flat
+
+
+def resolve(models: tuple[str, ...], dims: tuple[int, ...], preset: str = "paper",
+            overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Preset, then overrides, then validation: the one way configs are built."""
+    if preset not in PRESETS:
+        raise UsaeError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    merged = {**PRESETS[preset], **(overrides or {})}
+    sae_kw, train_kw = split_overrides(merged)
+    sae_kw = {**sae_kw, "models": tuple(models), "dims": tuple(int(d) for d in dims)}
+    return RunConfig(sae=from_dict(SAEConfig, sae_kw), train=from_dict(TrainConfig, train_kw),
+                     preset=preset)
+
+
+def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+def field_help(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) for every field, for ``--help`` texts."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
+

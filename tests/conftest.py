@@ -1,0 +1,32 @@
+"""Shared fixtures: small, seeded, CPU-only."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def shared_latent_arrays(n_images: int = 48, tokens: int = 4, dims=(12, 8, 10), seed: int = 0,
+                         n_latent: int = 6) -> dict[str, np.ndarray]:
+    """Activations of three 'models' that are linear views of one sparse latent."""
+    rng = np.random.default_rng(seed)
+    z = rng.exponential(size=(n_images, tokens, n_latent)) * (rng.random((n_images, tokens,
+                                                                          n_latent)) < 0.4)
+    out = {}
+    for i, d in enumerate(dims):
+        mix = rng.normal(size=(n_latent, d))
+        out[f"m{i}"] = (z @ mix + 0.01 * rng.normal(size=(n_images, tokens, d)) + i
+                        ).astype(np.float32)
+    return out
+
+
+@pytest.fixture
+def arrays() -> dict[str, np.ndarray]:
+    return shared_latent_arrays()

@@ -1,0 +1,216 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from usae.config import resolve, with_train
+from usae.data import ArraySource
+from usae.errors import UsaeError
+from usae.store import store_from_arrays
+from usae.train import Trainer, lr_at
+
+
+def small_cfg(arrays, **over):
+    models = tuple(arrays)
+    dims = tuple(a.shape[2] for a in arrays.values())
+    base = {"n_concepts": 32, "k": 3, "batch_images": 4, "max_steps": 12, "log_every": 1,
+            "checkpoint_every": 4}
+    base.update(over)
+    return resolve(models, dims, "paper", base)
+
+
+def losses_of(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_paper_step_changes_only_the_source_model(arrays, tmp_path):
+    cfg = small_cfg(arrays, lr=1e-2, warmup_steps=1)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    src = ArraySource(arrays)
+    tr._set_standardization(src)
+    before = {k: v.clone() for k, v in tr.sae.state_dict().items()}
+    batch = next(src.batches(4, 0, 0))
+    out = tr.train_step(batch, warmup=1, total=10)
+    chosen = tr.sae.models[out.source]
+    after = tr.sae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the step changed nothing"
+    for key in changed:
+        assert f".{chosen}." in key or key.endswith(f".{chosen}") or \
+            key == f"dictionaries.{chosen}", key
+    # encoder i's BatchNorm statistics moved; nobody else's did
+    assert f"encoders.{chosen}.norm.running_mean" in changed
+    assert f"dictionaries.{chosen}" in changed
+
+
+def test_decoder_update_all_steps_every_decoder(arrays, tmp_path):
+    cfg = small_cfg(arrays, lr=1e-2, warmup_steps=1, decoder_update="all")
+    tr = Trainer(cfg, tmp_path, progress=False)
+    src = ArraySource(arrays)
+    tr._set_standardization(src)
+    before = {m: tr.sae.dictionaries[m].detach().clone() for m in tr.sae.models}
+    out = tr.train_step(next(src.batches(4, 0, 0)), warmup=1, total=10)
+    for m in tr.sae.models:
+        assert not torch.equal(before[m], tr.sae.dictionaries[m].detach())
+    others = [m for i, m in enumerate(tr.sae.models) if i != out.source]
+    assert all(p.grad is None for m in others for p in tr.sae.encoders[m].parameters())
+
+
+def test_per_model_schedules_step_only_on_selection(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=30)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    tr.fit(ArraySource(arrays))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counts = {m: 0 for m in arrays}
+    per_epoch = 48 // 4
+    for row in rows:
+        assert row["sched_t"] == counts[row["source"]]
+        assert row["lr"] == pytest.approx(lr_at(counts[row["source"]], per_epoch, 30, 3e-4, 1e-6))
+        counts[row["source"]] += 1
+    assert sum(tr.sched_counts) == 30 and tr.sched_counts == [counts[m] for m in arrays]
+    # the per-model cosine never reaches its floor (documented behaviour)
+    assert min(r["lr"] for r in rows[per_epoch:]) > 1e-6 + 1e-9
+
+
+def test_global_schedule_follows_the_iteration(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=20, schedule="global", warmup_steps=5)
+    Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["lr"] == pytest.approx(lr_at(row["step"] - 1, 5, 20, 3e-4, 1e-6))
+
+
+def test_lr_schedule_shape():
+    assert lr_at(0, 10, 100, 1.0, 1e-6) == pytest.approx(1e-6)
+    assert lr_at(10, 10, 100, 1.0, 1e-6) == pytest.approx(1.0)
+    assert lr_at(100, 10, 100, 1.0, 1e-6) == pytest.approx(1e-6)
+    assert lr_at(55, 10, 100, 1.0, 0.0) == pytest.approx(0.5)
+
+
+def test_same_seed_same_losses_and_metrics_contract(arrays, tmp_path):
+    cfg = small_cfg(arrays)
+    Trainer(cfg, tmp_path / "a", progress=False).fit(ArraySource(arrays))
+    Trainer(cfg, tmp_path / "b", progress=False).fit(ArraySource(arrays))
+    assert losses_of(tmp_path / "a") == losses_of(tmp_path / "b")
+    row = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "tokens", "elapsed_s"} <= set(row)
+    assert row["step"] == 12 and row["tokens"] == 12 * 4 * 4
+    assert (tmp_path / "a" / "config.json").exists()
+    assert (tmp_path / "a" / "model.safetensors").exists()
+    other = with_train(cfg, seed=1)
+    Trainer(other, tmp_path / "c", progress=False).fit(ArraySource(arrays))
+    assert losses_of(tmp_path / "c") != losses_of(tmp_path / "a")
+
+
+def test_resume_in_process_equals_uninterrupted(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=14, checkpoint_every=5)
+    Trainer(cfg, tmp_path / "full", progress=False).fit(ArraySource(arrays))
+    # interrupted at step 10 (the last checkpoint), metrics written up to 12
+    part = with_train(cfg, max_steps=14)
+    tr = Trainer(part, tmp_path / "part", progress=False)
+    src = ArraySource(arrays)
+    stopper = _StopAfter(src, 12)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(stopper)
+    Trainer(part, tmp_path / "part", progress=False).fit(ArraySource(arrays), resume=True)
+    assert losses_of(tmp_path / "part") == losses_of(tmp_path / "full")
+
+
+class _StopAfter(ArraySource):
+    """An ArraySource that raises KeyboardInterrupt when asked for batch number ``stop``."""
+
+    def __init__(self, src, stop):
+        self.__dict__.update(src.__dict__)
+        self.stop, self.served = stop, 0
+
+    def batches(self, *args, **kw):
+        for b in super().batches(*args, **kw):
+            if self.served == self.stop:
+                raise KeyboardInterrupt
+            self.served += 1
+            yield b
+
+
+def test_resume_refuses_a_different_config(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=4)
+    Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays))
+    with pytest.raises(UsaeError, match="different config.*lr"):
+        Trainer(with_train(cfg, lr=1e-2), tmp_path, progress=False).fit(
+            ArraySource(arrays), resume=True)
+    with pytest.raises(UsaeError, match="no checkpoint"):
+        Trainer(cfg, tmp_path / "empty", progress=False).fit(ArraySource(arrays), resume=True)
+
+
+def test_nan_batch_is_caught_before_the_weights(arrays, tmp_path):
+    bad = {m: a.copy() for m, a in arrays.items()}
+    cfg = small_cfg(arrays)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    src = ArraySource(arrays)
+    tr._set_standardization(src)
+    batch = next(src.batches(4, 0, 0))
+    batch["m1"][3, 2] = float("nan")
+    before = {k: v.clone() for k, v in tr.sae.state_dict().items()}
+    with pytest.raises(UsaeError, match="m1.*non-finite"):
+        tr.train_step(batch, 1, 10)
+    assert all(torch.equal(before[k], v) for k, v in tr.sae.state_dict().items())
+    bad["m0"][0, 0, 0] = np.inf
+    with pytest.raises(UsaeError, match="m0.*NaN or Inf"):
+        ArraySource(bad)
+
+
+def test_data_mismatches_fail_clearly(arrays, tmp_path):
+    cfg = small_cfg(arrays)
+    wrong = dict(arrays)
+    wrong["m2"] = arrays["m2"][:, :, :5]
+    with pytest.raises(UsaeError, match="m2.*d=5"):
+        Trainer(cfg, tmp_path, progress=False).fit(ArraySource(wrong))
+    with pytest.raises(UsaeError, match="differs"):
+        ArraySource({"a": np.zeros((4, 2, 3)), "b": np.zeros((5, 2, 3))})
+    tiny = {m: a[:2] for m, a in arrays.items()}
+    with pytest.raises(UsaeError, match="fewer than one batch"):
+        Trainer(cfg, tmp_path / "t", progress=False).fit(ArraySource(tiny))
+
+
+def test_training_reduces_the_loss(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=300, lr=1e-2, log_every=10, checkpoint_every=400,
+                    warmup_steps=5)
+    Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays))
+    losses = losses_of(tmp_path)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.slow
+def test_cli_train_killed_mid_run_resumes_to_the_same_losses(arrays, tmp_path):
+    store = tmp_path / "store"
+    store_from_arrays(store, arrays, dtype="float32")
+    common = ["--store", str(store), "--set", "n_concepts=32", "--set", "k=3",
+              "--set", "batch_images=2", "--set", "log_every=1", "--set", "checkpoint_every=3",
+              "--max-steps", "1500", "--no-progress"]
+    usae = [sys.executable, "-m", "usae.cli", "train"]
+    full = tmp_path / "full"
+    subprocess.run(usae + common + ["--out", str(full)], check=True, capture_output=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen(usae + common + ["--out", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        ck = part / "metrics.jsonl"
+        if ck.exists() and len(ck.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len((part / "metrics.jsonl").read_text().splitlines())
+    assert 20 <= n_before < 1500, "the kill should land mid-run"
+    res = subprocess.run(usae + common + ["--out", str(part), "--resume"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert losses_of(part) == losses_of(full)
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 1501))
