@@ -86,9 +86,23 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def build_run_config(store_models, store_dims, args: argparse.Namespace):
+    """Preset + --config + --set. With --resume the run's own config is the base, so only
+    the keys given again are compared with it."""
+    from dataclasses import asdict
+
     from usae.config import load_config_file, parse_set, resolve
 
-    overrides = load_config_file(args.config) if args.config else {}
+    overrides = {}
+    saved = Path(args.out) / "config.json"
+    if getattr(args, "resume", False) and saved.exists():
+        from usae.sae import load_run_config
+
+        old = load_run_config(args.out)
+        overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
+        overrides.update(asdict(old.train))
+        args.preset = "paper"  # the saved values already include the preset's
+    if args.config:
+        overrides.update(load_config_file(args.config))
     overrides.update(parse_set(args.set))
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
@@ -114,4 +128,17 @@ def cmd_train(args: argparse.Namespace) -> int:
               independent=args.independent, progress=not args.no_progress,
               store_manifest=store.manifest)
     print(f"wrote {args.out}: config.json, model.safetensors, metrics.jsonl")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from usae.cache import cache
+
+    manifest = cache(args.models, args.images, args.out, dtype=args.dtype,
+                     batch_size=args.batch_size, workers=args.workers, align=args.align,
+                     keep_cls=args.keep_cls, device=args.device,
+                     val_fraction=args.val_fraction, seed=args.seed)
+    skipped = sum(1 for i in manifest["images"] if i.get("skipped"))
+    print(f"wrote {args.out}: {manifest['n_images']} images ({skipped} skipped), models "
+          f"{list(manifest['models'])}")
     return 0

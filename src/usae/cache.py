@@ -1,0 +1,152 @@
+"""``usae cache``: images -> backbones -> aligned tokens -> the activation store.
+
+Each image is decoded once (in worker processes) and preprocessed for every model; batches
+go through every backbone, tokens are aligned to the common grid and committed to the store
+in order. Re-running the same command on the same store resumes after the last committed
+batch. Memory is bounded by one batch in flight per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from usae.align import align_tokens
+from usae.backbones import build_backbones, expand_specs
+from usae.backbones.base import Backbone, Preprocess
+from usae.errors import UsaeError
+from usae.images import list_images, load_rgb
+from usae.store import ModelEntry, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+def preprocess_image(img: "Image.Image", p: Preprocess) -> Tensor:  # noqa: F821
+    """PIL RGB -> normalized (3, H, W): resize the short side (antialiased), center-crop."""
+    from PIL import Image
+
+    modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS}
+    w, h = img.size
+    ch, cw = p.crop
+    scale = max(p.resize / min(w, h), ch / h, cw / w)
+    new = (max(cw, round(w * scale)), max(ch, round(h * scale)))
+    img = img.resize(new, modes.get(p.interpolation, Image.BICUBIC))  # PIL filters antialias
+    left, top = (new[0] - cw) // 2, (new[1] - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(p.mean).view(3, 1, 1)
+    std = torch.tensor(p.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes image ``i`` once and preprocesses it for every model; bad files -> reason."""
+
+    def __init__(self, paths: list[str], preprocess: dict[str, Preprocess], offset: int) -> None:
+        self.paths, self.preprocess, self.offset = paths, preprocess, offset
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, dict[str, Tensor] | None, str | None]:
+        try:
+            img = load_rgb(self.paths[i])
+            return i + self.offset, {m: preprocess_image(img, p)
+                                     for m, p in self.preprocess.items()}, None
+        except UsaeError as err:
+            return i + self.offset, None, str(err)
+
+
+def _collate(items):
+    return items
+
+
+def model_entries(backbones: list[Backbone], target: tuple[int, int],
+                  keep_cls: bool) -> list[ModelEntry]:
+    tokens = target[0] * target[1] + (1 if keep_cls else 0)
+    return [ModelEntry(b.name, b.d, tokens, {**b.info(), "aligned_grid": list(target),
+                                              "keep_cls": keep_cls}) for b in backbones]
+
+
+def extract_batch(backbones: list[Backbone], pixels: dict[str, Tensor],
+                  target: tuple[int, int], keep_cls: bool) -> dict[str, Tensor]:
+    """(B, 3, H_m, W_m) per model -> aligned (B, tokens, d_m) float32 on the CPU."""
+    out = {}
+    for b in backbones:
+        acts = b.extract(pixels[b.name])
+        out[b.name] = align_tokens(acts, b.n_prefix, b.grid, target, keep_cls).float().cpu()
+    return out
+
+
+def cache(models: str | list[str], images: str | Path, out: str | Path,
+          dtype: str = "float16", batch_size: int = 32, workers: int = 2,
+          align: str = "resample", keep_cls: bool = False, device: str = "cpu",
+          val_fraction: float = 0.1, seed: int = 0, pretrained: bool | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Extract aligned activations of several models for a folder of images into a store."""
+    specs = expand_specs(models)
+    entries = list_images(images, val_fraction=val_fraction, seed=seed)
+    backbones, target = build_backbones(specs, pretrained=pretrained, align=align)
+    for b in backbones:
+        b.to(device)
+    writer = StoreWriter(out, model_entries(backbones, target, keep_cls), entries, dtype,
+                         extra={"source": str(Path(images).resolve()), "align": align})
+    todo = [e["path"] for e in entries[writer.done:]]
+    if writer.done:
+        log.info("resuming %s: %d of %d images already stored", out, writer.done, len(entries))
+    stats = run_extraction(writer, backbones, target, todo, batch_size, workers, keep_cls,
+                           progress)
+    manifest = writer.finalize()
+    log.info("stored %d images (%d skipped) for %s in %.1fs (%.1f images/s) -> %s",
+             manifest["n_images"], len(writer.skipped), ", ".join(b.name for b in backbones),
+             stats["seconds"], stats["images_per_s"], out)
+    return manifest
+
+
+def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple[int, int],
+                   paths: list[str], batch_size: int, workers: int, keep_cls: bool,
+                   progress: bool = True) -> dict[str, float]:
+    """Decode, extract and commit ``paths`` (the images after ``writer.done``), in order."""
+    from tqdm.auto import tqdm
+
+    dataset = ImageDataset(paths, {b.name: b.preprocess for b in backbones}, writer.done)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=_collate,
+                                         prefetch_factor=2 if workers else None,
+                                         persistent_workers=False)
+    total = writer.done + len(paths)
+    bar = tqdm(total=total, initial=writer.done, desc="cache", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    done = 0
+    for items in loader:
+        ok = [(i, px) for i, px, _ in items if px is not None]
+        skipped = {i: reason for i, _, reason in items if reason is not None}
+        for i, reason in skipped.items():
+            log.warning("skipping %s: %s", writer.manifest["images"][i]["path"], reason)
+        acts = {b.name: torch.zeros(len(items), *_shape(b, target, keep_cls)) for b in backbones}
+        if ok:
+            pixels = {b.name: torch.stack([px[b.name] for _, px in ok]) for b in backbones}
+            got = extract_batch(backbones, pixels, target, keep_cls)
+            rows = torch.tensor([i - items[0][0] for i, _ in ok])
+            for name, a in got.items():
+                acts[name][rows] = a
+        writer.commit(items[0][0], acts, skipped)
+        done += len(items)
+        bar.update(len(items))
+        bar.set_postfix(img_s=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}",
+                        skipped=len(writer.skipped))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}
+
+
+def _shape(b: Backbone, target: tuple[int, int], keep_cls: bool) -> tuple[int, int]:
+    return (target[0] * target[1] + (1 if keep_cls else 0), b.d)
