@@ -118,7 +118,7 @@ class StoreWriter:
 
     def _check_same(self, old: dict[str, Any]) -> None:
         for key in ("dtype", "models"):
-            if old.get(key) != self.manifest[key]:
+            if old.get(key) != json.loads(json.dumps(self.manifest[key])):
                 raise UsaeError(f"{self.path} was started with different {key}; resume with the "
                                 "same command or choose another --out")
         if [i["path"] for i in old["images"]] != [i["path"] for i in self.manifest["images"]]:

@@ -108,10 +108,20 @@ def _truthy(value: str | None, default: bool) -> bool:
 def build_backbone(spec: ModelSpec | str, pretrained: bool | None = None,
                    img_size: int | None = None) -> Backbone:
     """Instantiate one adapter. ``pretrained=False`` builds random weights (tests, offline)."""
-    from usae.backbones import adapters
+    import torch
 
     if isinstance(spec, str):
         spec = parse_spec(spec)
+    # Random-weight builds (pretrained=0) must be identical in every run (resume!), without
+    # touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build(spec, pretrained, img_size)
+
+
+def _build(spec: ModelSpec, pretrained: bool | None, img_size: int | None) -> Backbone:
+    from usae.backbones import adapters
+
     opts = spec.options
     pre = _truthy(opts.get("pretrained"), True) if pretrained is None else pretrained
     size = img_size or (int(opts["img_size"]) if opts.get("img_size") else None)

@@ -1,0 +1,112 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from usae.align import align_tokens, common_grid, resample_tokens, square_grid
+from usae.errors import UsaeError
+from usae.images import list_images, load_rgb
+
+
+def _img(path, mode="RGB", size=(20, 16)):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def test_folder_tree_with_splits_and_labels(tmp_path):
+    _img(tmp_path / "train" / "n01" / "a.jpg")
+    _img(tmp_path / "train" / "n02" / "b.png")
+    _img(tmp_path / "val" / "n01" / "c.jpg")
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    out = list_images(tmp_path)
+    assert [(e["label"], e["split"]) for e in out] == [("n01", "train"), ("n02", "train"),
+                                                       ("n01", "val")]
+
+
+def test_no_split_folders_hold_out_a_seeded_tenth(tmp_path):
+    for i in range(30):
+        _img(tmp_path / "cls" / f"{i:02d}.png")
+    a, b = list_images(tmp_path, seed=3), list_images(tmp_path, seed=3)
+    assert a == b and sum(e["split"] == "val" for e in a) == 3
+    assert [e["path"] for e in a] == sorted(e["path"] for e in a)
+
+
+def test_list_file(tmp_path):
+    _img(tmp_path / "x.png")
+    (tmp_path / "list.txt").write_text("# images\nx.png,cat,val\n")
+    assert list_images(tmp_path / "list.txt")[0]["label"] == "cat"
+
+
+def test_empty_and_missing(tmp_path):
+    with pytest.raises(UsaeError, match="no images"):
+        list_images(tmp_path)
+    with pytest.raises(UsaeError, match="does not exist"):
+        list_images(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    ext = "tiff" if mode in ("CMYK", "I;16") else "png"
+    path = tmp_path / f"x.{ext}"
+    Image.new(mode, (5, 4)).save(path)
+    im = load_rgb(path)
+    assert im.mode == "RGB" and im.size == (5, 4)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (30, 10))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90
+    im.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (10, 30)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(UsaeError):
+        load_rgb(tmp_path / "bad.jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[:200])
+    with pytest.raises(UsaeError):
+        load_rgb(tmp_path / "trunc.jpg")
+
+
+def test_square_grid_prefix_rule():
+    assert square_grid(197) == (1, (14, 14))
+    assert square_grid(257) == (1, (16, 16))
+    assert square_grid(261) == (5, (16, 16))
+    assert square_grid(196) == (0, (14, 14))
+
+
+def test_resample_is_identity_on_same_grid_and_differentiable():
+    x = torch.randn(2, 256, 5, requires_grad=True)
+    y = resample_tokens(x, (16, 16), (14, 14))
+    assert y.shape == (2, 196, 5)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    z = torch.randn(2, 196, 5)
+    assert torch.equal(resample_tokens(z, (14, 14), (14, 14)), z)
+    const = torch.ones(1, 256, 3)
+    torch.testing.assert_close(resample_tokens(const, (16, 16), (14, 14)), torch.ones(1, 196, 3))
+
+
+def test_align_tokens_drops_prefix_or_keeps_cls():
+    x = torch.randn(2, 1 + 4 + 64, 3)
+    assert align_tokens(x, 5, (8, 8), (4, 4)).shape == (2, 16, 3)
+    kept = align_tokens(x, 5, (8, 8), (4, 4), keep_cls=True)
+    assert kept.shape == (2, 17, 3) and torch.equal(kept[:, 0], x[:, 0])
+    with pytest.raises(UsaeError, match="no CLS"):
+        align_tokens(torch.randn(1, 4, 3), 0, (2, 2), (2, 2), keep_cls=True)
+
+
+def test_common_grid():
+    assert common_grid({"a": (14, 14), "b": (16, 16)}) == (14, 14)
+    with pytest.raises(UsaeError, match="cannot be aligned"):
+        common_grid({"a": (14, 14), "b": (7, 14)})

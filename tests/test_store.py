@@ -1,0 +1,136 @@
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+from usae.errors import UsaeError
+from usae.store import (ModelEntry, Store, StoreSource, StoreWriter, from_storage,
+                        store_from_arrays, to_storage)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float16", 1e-2), ("bfloat16", 1e-1)])
+def test_round_trip_and_info(arrays, tmp_path, dtype, tol):
+    store = store_from_arrays(tmp_path / "s", arrays, dtype=dtype)
+    info = store.info()
+    assert info["models"] == {m: {"d": a.shape[2], "tokens": a.shape[1]} for m, a in arrays.items()}
+    assert info["n_images"] == 48 and sum(info["splits"].values()) == 48
+    assert info["splits"]["val"] == 5  # a seeded 10% held out
+    rows = np.arange(48)[::-1].copy()
+    np.testing.assert_allclose(store.read("m1", rows).numpy(), arrays["m1"][rows], atol=tol,
+                               rtol=tol)
+    assert store.read("m1", rows).dtype.is_floating_point
+
+
+def test_bfloat16_storage_conversion():
+    x = np.array([1.0, -2.5, 3.140625], np.float32)
+    np.testing.assert_array_equal(from_storage(to_storage(x, "bfloat16"), "bfloat16").numpy(), x)
+
+
+def test_store_source_epoch_covers_every_image_once(arrays, tmp_path):
+    store = store_from_arrays(tmp_path / "s", arrays, dtype="float32")
+    src = StoreSource(store, "train", chunk_images=4, buffer_chunks=2)
+    n = src.n_images()
+    seen = []
+    for batch in src.batches(3, seed=0, epoch=0):
+        assert set(batch) == set(arrays)
+        x = batch["m0"].numpy().reshape(3, 4, -1)
+        for img in x:
+            seen.append(int(np.argmin(np.abs(arrays["m0"] - img).sum(axis=(1, 2)))))
+    assert len(seen) == (n // 3) * 3 and len(set(seen)) == len(seen)
+    val_rows = set(store.rows("val").tolist())
+    assert not (set(seen) & val_rows)
+    # deterministic, and starting at batch b equals skipping b batches
+    a = [b["m2"] for b in src.batches(3, 0, 1)]
+    b = [b["m2"] for b in src.batches(3, 0, 1, start=4)]
+    assert all(np.array_equal(x, y) for x, y in zip(a[4:], b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, [b["m2"] for b in src.batches(3, 0, 2)]))
+
+
+def test_shuffled_pairing_breaks_the_image_correspondence(arrays, tmp_path):
+    store = store_from_arrays(tmp_path / "s", arrays, dtype="float32")
+    src = StoreSource(store, "train")
+    real = next(src.batches(8, 0, 0))
+    shuf = next(src.batches(8, 0, 0, shuffle_pairing=True))
+    assert np.array_equal(real["m0"], shuf["m0"])
+    assert not np.array_equal(real["m1"], shuf["m1"])
+
+
+def test_newer_schema_and_damaged_store(arrays, tmp_path):
+    store_from_arrays(tmp_path / "s", arrays)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsaeError, match="newer usae"):
+        Store(tmp_path / "s")
+    manifest["schema_version"] = 1
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with open(tmp_path / "s" / "acts_m0.bin", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(UsaeError, match="wrong size"):
+        Store(tmp_path / "s")
+    with pytest.raises(UsaeError, match="not a usae store"):
+        Store(tmp_path)
+
+
+def test_finalized_store_is_never_modified(arrays, tmp_path):
+    store_from_arrays(tmp_path / "s", arrays)
+    before = (tmp_path / "s" / "acts_m0.bin").read_bytes()
+    with pytest.raises(UsaeError, match="finalized"):
+        store_from_arrays(tmp_path / "s", arrays)
+    assert (tmp_path / "s" / "acts_m0.bin").read_bytes() == before
+
+
+def _entries():
+    return [ModelEntry("a", 3, 2, {})], [{"path": f"img{i}", "label": None, "split": "train"}
+                                          for i in range(6)]
+
+
+def test_full_disk_loses_nothing_and_resumes(tmp_path, monkeypatch):
+    models, images = _entries()
+    rows = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)
+    w = StoreWriter(tmp_path / "s", models, images, "float32")
+    w.commit(0, {"a": rows[:2]}, {})
+    real = os.pwrite
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(UsaeError, match="No space left.*2 images committed.*resume"):
+        w.commit(2, {"a": rows[2:4]}, {})
+    monkeypatch.setattr(os, "pwrite", real)
+    w2 = StoreWriter(tmp_path / "s", models, images, "float32")
+    assert w2.done == 2
+    w2.commit(2, {"a": rows[2:4]}, {})
+    w2.commit(4, {"a": rows[4:]}, {3: "corrupt"})
+    w2.finalize()
+    store = Store(tmp_path / "s")
+    np.testing.assert_array_equal(store.read("a", np.array([0, 1, 2, 4, 5])).numpy(),
+                                  rows[[0, 1, 2, 4, 5]])
+    assert store.info()["skipped"] == 1 and store.manifest["images"][3]["skipped"] == "corrupt"
+    assert 3 not in store.rows("all")
+
+
+def test_writer_checks_shapes_and_values(tmp_path):
+    models, images = _entries()
+    w = StoreWriter(tmp_path / "s", models, images, "float32")
+    with pytest.raises(UsaeError, match="shape"):
+        w.commit(0, {"a": np.zeros((2, 2, 4))}, {})
+    bad = np.zeros((2, 2, 3))
+    bad[1, 1, 1] = np.nan
+    with pytest.raises(UsaeError, match="non-finite"):
+        w.commit(0, {"a": bad}, {})
+    with pytest.raises(UsaeError, match="different image list"):
+        StoreWriter(tmp_path / "s", models, images[:3], "float32")
+    with pytest.raises(UsaeError, match="not a usae store"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "x").write_text("x")
+        StoreWriter(tmp_path / "other", models, images, "float32")
+
+
+def test_empty_split(arrays, tmp_path):
+    store = store_from_arrays(tmp_path / "s", arrays)
+    with pytest.raises(UsaeError, match="split 'test'.*empty"):
+        StoreSource(store, "test")
