@@ -114,7 +114,7 @@ def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple
                    paths: list[str], batch_size: int, workers: int, keep_cls: bool,
                    progress: bool = True) -> dict[str, float]:
     """Decode, extract and commit ``paths`` (the images after ``writer.done``), in order."""
-    from tqdm.auto import tqdm
+    from usae.progress import bar as progress_bar
 
     dataset = ImageDataset(paths, {b.name: b.preprocess for b in backbones}, writer.done)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
@@ -122,8 +122,8 @@ def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple
                                          prefetch_factor=2 if workers else None,
                                          persistent_workers=False)
     total = writer.done + len(paths)
-    bar = tqdm(total=total, initial=writer.done, desc="cache", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=writer.done, desc="cache", unit="img",
+                       disable=not progress)
     t0 = time.perf_counter()
     done = 0
     for items in loader:
@@ -142,7 +142,7 @@ def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple
         done += len(items)
         bar.update(len(items))
         bar.set_postfix(img_s=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}",
-                        skipped=len(writer.skipped))
+                        skipped=len(writer.skipped), refresh=False)
     bar.close()
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}

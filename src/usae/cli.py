@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
 
 from usae.errors import UsaeError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str):
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
-    return deco
-
 
 def _config_keys_help() -> str:
     from usae.config import SAEConfig, TrainConfig, field_help
@@ -120,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--independent", default=None, help="run folder of independent SAEs to "
                    "match against (Hungarian on cosine)")
+    s.add_argument("--compare", nargs="*", default=None, metavar="RUN",
+                   help="other runs (the shuffled-pairing control, training variants) to "
+                   "evaluate on the same split and summarize beside this one")
     s.add_argument("--no-plots", action="store_true")
 
     s = sub.add_parser("explore", help="write a static concept explorer")

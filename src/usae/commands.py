@@ -142,3 +142,39 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest['n_images']} images ({skipped} skipped), models "
           f"{list(manifest['models'])}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from usae.demo import run_demo
+
+    res = run_demo(args.out, n_images=args.images, steps=args.steps, models=args.models,
+                   quick=args.quick)
+    out = Path(args.out)
+    t = res["timings"]
+    print(f"\nusae demo finished in {t['total_s']:.0f}s (images {t['images_s']:.0f}s, cache "
+          f"{t['cache_s']:.0f}s, train {t['train_s']:.0f}s)")
+    print(f"  store:    {out / 'store'}   (usae store info {out / 'store'})")
+    print(f"  run:      {out / 'run'}     (metrics.jsonl, model.safetensors)")
+    if "report" in res:
+        r2 = np.asarray(res["r2"])
+        off = r2[~np.eye(len(r2), dtype=bool)].mean() if len(r2) > 1 else float("nan")
+        print(f"  eval:     {res['report']}   held-out R2: self {np.diag(r2).mean():.2f}, "
+              f"cross {off:.2f}")
+    if "explorer" in res:
+        print(f"  explorer: open {res['explorer']} in a browser, or: usae serve "
+              f"{out / 'explorer'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from usae.evaluate import evaluate
+
+    report = evaluate(args.run, args.store, args.out, split=args.split,
+                      threshold=args.threshold, batch_images=args.batch_images,
+                      device=args.device, plots=not args.no_plots,
+                      independent=args.independent, compare=args.compare)
+    s = report["summary"]
+    print(f"wrote {args.out}: report.json, concepts.csv, plots — R2 self "
+          f"{s['self_r2_mean']:.3f}, cross {s['cross_r2_mean'] if s['cross_r2_mean'] is None else round(s['cross_r2_mean'], 3)}, "
+          f"{report['concept_classes']['universal']} universal concepts")
+    return 0

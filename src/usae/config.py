@@ -148,7 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Measured on the offline CNNs (shared/ASSETS.md): paper settings do not converge in a few
     # CPU minutes; these do. Used by `usae demo`.
-    "demo": {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim"},
+    "demo": {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
+             "n_concepts": 2048, "epochs": 80},
 }
 
 

@@ -84,10 +84,10 @@ def import_npz(src: str | Path, out: str | Path, models: list[str], split: str |
     images = [{"path": k, "label": None} for k in keys]
     assign_splits(images, [split] * len(images) if split else [None] * len(images), seed)
     writer = StoreWriter(out, entries, images, dtype, extra={"source": str(src.resolve())})
-    from tqdm.auto import tqdm
+    from usae.progress import bar as progress_bar
 
-    bar = tqdm(total=len(keys), initial=writer.done, desc="import-npz", unit="img",
-               disable=not progress)
+    bar = progress_bar(total=len(keys), initial=writer.done, desc="import-npz", unit="img",
+                       disable=not progress)
     for start in range(writer.done, len(keys), batch):
         chunk = keys[start:start + batch]
         acts = {}

@@ -284,10 +284,9 @@ class Trainer:
         self._open_writers()
         bar = None
         if self.progress and self.step < total:
-            from tqdm.auto import tqdm
+            from usae.progress import bar as progress_bar
 
-            bar = tqdm(total=total, initial=self.step, desc="train", unit="step",
-                       dynamic_ncols=True)
+            bar = progress_bar(total=total, initial=self.step, desc="train", unit="step")
         metrics_fh = open(self.out / METRICS_FILE, "a")
         stream = self._stream(source, per_epoch)
         try:
@@ -308,8 +307,9 @@ class Trainer:
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{out.loss:.4f}",
-                                    tok_s=f"{self.tokens / max(self.elapsed, 1e-9):,.0f}")
+                    if self.step % tc.log_every == 0:
+                        bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False,
+                                        tok_s=f"{self.tokens / max(self.elapsed, 1e-9):,.0f}")
         finally:
             metrics_fh.close()
             if bar is not None:

@@ -1,0 +1,172 @@
+"""``usae demo``: the whole pipeline offline, on real pretrained CNNs and real photos.
+
+1. ~20 real photos bundled in scikit-image, scikit-learn and matplotlib become a few hundred
+   images by seeded random crops (30-100% of the area), flips and scales, written as JPEGs in
+   ``DIR/images/{train,val}/<photo>/``;
+2. ``usae cache`` with the ``demo`` models (EfficientNet-Lite0/1/2, ImageNet weights from
+   registry packages; 7x7, 8x8 and 9x9 grids aligned to 7x7) -> ``DIR/store``;
+3. ``usae train --preset demo`` -> ``DIR/run`` (the paper's rule with settings that converge
+   in CPU minutes; see docs/RESULTS.md);
+4. ``usae eval`` -> ``DIR/eval``, and ``usae explore`` -> ``DIR/explorer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usae.errors import UsaeError
+
+log = logging.getLogger(__name__)
+
+SKIMAGE_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
+                  "retina", "coins", "clock", "moon", "page", "text", "brick", "grass", "gravel",
+                  "immunohistochemistry", "stereo_motorcycle", "cell"]
+
+
+def bundled_photos() -> dict[str, np.ndarray]:
+    """Real photos that ship inside installed packages, as uint8 arrays (H, W, 3 or H, W)."""
+    photos: dict[str, np.ndarray] = {}
+    try:
+        import skimage.data as skd
+
+        for name in SKIMAGE_PHOTOS:
+            try:
+                img = getattr(skd, name)()
+            except Exception:  # noqa: BLE001 - some need a download in other versions
+                continue
+            photos[name] = img[0] if isinstance(img, tuple) else img
+    except ImportError:
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        for name, img in zip(("china", "flower"), load_sample_images().images):
+            photos[name] = img
+    except ImportError:
+        pass
+    try:
+        from matplotlib import cbook
+        from PIL import Image
+
+        with cbook.get_sample_data("grace_hopper.jpg") as fh:
+            photos["grace_hopper"] = np.asarray(Image.open(fh).convert("RGB"))
+    except (ImportError, OSError):
+        pass
+    if len(photos) < 4:
+        raise UsaeError("the demo needs the photos bundled in scikit-image, scikit-learn and "
+                        "matplotlib: `pip install usae[demo]`")
+    return photos
+
+
+def make_crops(out: Path, n_images: int, seed: int = 0, val_fraction: float = 0.1) -> int:
+    """Seeded random crops (area 30-100%, aspect 3/4-4/3), flips and scales of the photos."""
+    from PIL import Image
+
+    photos = bundled_photos()
+    rng = np.random.default_rng(seed)
+    names = sorted(photos)
+    written = 0
+    for i in range(n_images):
+        name = names[i % len(names)]
+        img = Image.fromarray(photos[name]).convert("RGB")
+        w, h = img.size
+        area = rng.uniform(0.3, 1.0) * w * h
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = int(min(w, round(np.sqrt(area * aspect))))
+        ch = int(min(h, round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        side = int(rng.integers(256, 400))  # a random scale, larger than every model's input
+        scale = side / min(crop.size)
+        crop = crop.resize((max(1, round(crop.size[0] * scale)),
+                            max(1, round(crop.size[1] * scale))), Image.BICUBIC)
+        split = "val" if rng.random() < val_fraction else "train"
+        path = out / split / name / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(path, quality=92)
+        written += 1
+    return written
+
+
+def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str = "demo",
+             quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every stage into ``out``; stages already finished are reused (re-run resumes)."""
+    from usae.cache import cache
+    from usae.config import resolve
+    from usae.store import Store, StoreSource, read_manifest
+    from usae.train import train_run
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    if quick:
+        n_images, steps = min(n_images, 48), steps or 40
+    images = out / "images"
+    if not images.exists():
+        log.info("[1/5] making %d crops of bundled photos in %s", n_images, images)
+        tmp = out / "images.partial"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_crops(tmp, n_images)
+        tmp.rename(images)
+    timings["images_s"] = time.perf_counter() - t0
+
+    store_dir = out / "store"
+    if not (store_dir / "manifest.json").exists() or \
+            read_manifest(store_dir)["state"] != "final":
+        log.info("[2/5] caching activations of %s -> %s", models, store_dir)
+        cache(models, images, store_dir, batch_size=16, workers=1, progress=progress)
+    store = Store(store_dir)
+    timings["cache_s"] = time.perf_counter() - t0 - sum(timings.values())
+
+    run = out / "run"
+    overrides: dict[str, Any] = {"log_every": 20, "checkpoint_every": 500}
+    source = StoreSource(store, "train")
+    if steps:
+        overrides["max_steps"] = steps
+    if quick:
+        overrides.update({"n_concepts": 256, "batch_images": 4})
+    cfg = resolve(store.models, store.dims, "demo", overrides)
+    log.info("[3/5] training a universal SAE (%s) -> %s", cfg.preset, run)
+    resume = (run / "checkpoint.safetensors").exists()
+    try:
+        train_run(cfg, source, run, resume=resume, progress=progress,
+                  store_manifest=store.manifest)
+    except UsaeError as err:
+        if not resume or "different config" not in str(err):
+            raise
+        train_run(cfg, source, run, progress=progress, store_manifest=store.manifest)
+    timings["train_s"] = time.perf_counter() - t0 - sum(timings.values())
+    results = {"out": str(out), "timings": timings}
+    results.update(_analysis_stages(out, run, store_dir, progress))
+    results["timings"]["total_s"] = time.perf_counter() - t0
+    return results
+
+
+def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool) -> dict[str, Any]:
+    """Eval and explorer, when those modules are present."""
+    found: dict[str, Any] = {}
+    try:
+        from usae.evaluate import evaluate
+    except ImportError:
+        return found
+    log.info("[4/5] evaluating on the held-out crops -> %s", out / "eval")
+    report = evaluate(run, store_dir, out / "eval", progress=progress)
+    found["report"] = out / "eval" / "report.json"
+    found["r2"] = report["r2"]
+    try:
+        from usae.explorer.build import build_explorer
+    except ImportError:
+        return found
+    log.info("[5/5] writing the concept explorer -> %s", out / "explorer")
+    build_explorer(run, store_dir, out / "explorer", eval_dir=out / "eval", progress=progress)
+    found["explorer"] = out / "explorer" / "index.html"
+    return found

@@ -1,0 +1,98 @@
+"""Plots for ``usae eval`` (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    models = report["models"]
+    paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+
+    r2 = np.asarray(report["r2"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(models), 1.2 + 1.0 * len(models)))
+    im = ax.imshow(r2, vmin=min(0.0, r2.min()), vmax=1.0, cmap="viridis")
+    for i in range(len(models)):
+        for j in range(len(models)):
+            ax.text(j, i, f"{r2[i, j]:.2f}", ha="center", va="center",
+                    color="white" if r2[i, j] < 0.6 else "black", fontsize=11)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("decoded into")
+    ax.set_ylabel("encoded from")
+    ax.set_title(f"R² on {report['split']} ({report['n_tokens']:,} tokens)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    save(fig, "r2_matrix.png")
+
+    fe = np.array([float(c["firing_entropy"]) for c in concepts if c["firing_entropy"] != ""])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.hist(fe, bins=np.linspace(0, 1, 26), color="#4477aa", edgecolor="white")
+    ax.axvline(0.85, color="#228833", ls="--", label="universal ≥ 0.85")
+    ax.axvline(0.2, color="#cc6677", ls="--", label="model-specific ≤ 0.2")
+    ax.set_xlabel("firing entropy (0: one model, 1: all models equally)")
+    ax.set_ylabel("concepts")
+    ax.set_title(f"Firing entropy ({len(fe)} firing concepts of {len(concepts)})")
+    ax.legend(fontsize=8)
+    save(fig, "firing_entropy.png")
+
+    energy = np.array([float(c["energy"]) for c in concepts])
+    cof = np.array([float(c["cofires"]) for c in concepts])
+    ok = (energy > 0) & (cof > 0)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if ok.sum() >= 2:
+        x, y = np.log10(cof[ok]), np.log10(energy[ok])
+        slope, intercept = np.polyfit(x, y, 1)
+        corr = float(np.corrcoef(x, y)[0, 1])
+        ax.scatter(cof[ok], energy[ok], s=6, alpha=0.5, color="#4477aa")
+        xs = np.linspace(x.min(), x.max(), 50)
+        ax.plot(10 ** xs, 10 ** (slope * xs + intercept), color="#cc6677",
+                label=f"slope {slope:.2f}, r = {corr:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "too few co-firing concepts to fit", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("co-fires (tokens where every model fires)")
+    ax.set_ylabel("energy")
+    ax.set_title("Co-fires vs energy")
+    save(fig, "cofires_vs_energy.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    order = np.argsort(-energy)
+    for m in models:
+        vals = np.array([float(concepts[k][f"cofire_proportion_{m}"] or "nan") for k in order])
+        ax.plot(np.arange(1, len(vals) + 1), vals, lw=1, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("concept rank by energy")
+    ax.set_ylabel("co-fire proportion")
+    ax.set_title("Co-fire proportion by concept rank")
+    ax.legend(fontsize=8)
+    save(fig, "cofire_proportion_by_rank.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
+    colors = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377"]
+    axes[0].bar(models, [report["dead_fraction"][m] for m in models], color=colors[:len(models)])
+    axes[0].set_title("dead fraction")
+    axes[0].set_ylim(0, 1)
+    axes[1].bar(models, [report["l0"][m] for m in models], color=colors[:len(models)])
+    axes[1].set_title("L0 (active concepts / token)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    save(fig, "dead_and_l0.png")
+    return paths
