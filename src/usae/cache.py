@@ -89,8 +89,11 @@ def cache(models: str | list[str], images: str | Path, out: str | Path,
           dtype: str = "float16", batch_size: int = 32, workers: int = 2,
           align: str = "resample", keep_cls: bool = False, device: str = "cpu",
           val_fraction: float = 0.1, seed: int = 0, pretrained: bool | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Extract aligned activations of several models for a folder of images into a store."""
+          progress: bool = True, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """Extract aligned activations of several models for a folder of images into a store.
+
+    ``timings``, when given, receives ``seconds`` and ``images_per_s`` of the extraction loop.
+    """
     specs = expand_specs(models)
     entries = list_images(images, val_fraction=val_fraction, seed=seed)
     backbones, target = build_backbones(specs, pretrained=pretrained, align=align)
@@ -104,6 +107,8 @@ def cache(models: str | list[str], images: str | Path, out: str | Path,
     stats = run_extraction(writer, backbones, target, todo, batch_size, workers, keep_cls,
                            progress)
     manifest = writer.finalize()
+    if timings is not None:
+        timings.update(stats)
     log.info("stored %d images (%d skipped) for %s in %.1fs (%.1f images/s) -> %s",
              manifest["n_images"], len(writer.skipped), ", ".join(b.name for b in backbones),
              stats["seconds"], stats["images_per_s"], out)

@@ -178,3 +178,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{s['self_r2_mean']:.3f}, cross {s['cross_r2_mean'] if s['cross_r2_mean'] is None else round(s['cross_r2_mean'], 3)}, "
           f"{report['concept_classes']['universal']} universal concepts")
     return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from usae.explorer.build import build_explorer
+
+    index = build_explorer(args.run, args.store, args.out, eval_dir=args.eval, top=args.top,
+                           split=args.split)
+    print(f"wrote {index}: open it in a browser, or run: usae serve {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from usae.explorer.serve import serve
+
+    serve(args.dir, args.port)
+    return 0

@@ -373,41 +373,19 @@ class StoreSource:
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
                 shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
+        """Batches of ``batch_images`` whole images: ``{model: (B * tokens, d)}`` in the
+        storage dtype (fp16/bf16/fp32; the trainer converts on its device). One gather of
+        whole-image rows per model and batch, from a window of a few contiguous chunks."""
         order = self.image_order(seed, epoch)
-        n_batches = len(order) // batch_images
         perms = (pairing_permutations(self.models, len(self._rows), seed)
                  if shuffle_pairing else None)
-        span = self.chunk_images * self.buffer_chunks
-        b = start
-        while b < n_batches:
-            # read the buffer window that holds batch b in one go
-            window_end = min(((b * batch_images) // span + 1) * span, n_batches * batch_images)
-            lo = b * batch_images
-            hi = max(window_end - (window_end - lo) % batch_images, lo + batch_images)
-            pos = order[lo:hi]
-            data = {m: self.store.read(m, self._rows[perms[m][pos] if perms else pos])
-                    for m in self.models}
-            for i in range(0, len(pos) // batch_images):
-                sl = slice(i * batch_images, (i + 1) * batch_images)
-                yield {m: data[m][sl].reshape(-1, data[m].shape[2]) for m in self.models}
-            b += len(pos) // batch_images
+        for b in range(start, len(order) // batch_images):
+            pos = order[b * batch_images:(b + 1) * batch_images]
+            yield {m: self._as_tensor(self.store.array(m)[self._rows[perms[m][pos] if perms
+                                                                      else pos]])
+                   for m in self.models}
 
-
-def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: str = "float16",
-                      splits: list[str] | None = None, seed: int = 0,
-                      batch: int = 256) -> Store:
-    """Write in-memory ``{model: (n_images, tokens, d)}`` arrays as a finalized store."""
-    from usae.images import assign_splits
-
-    models = list(arrays)
-    n = int(np.asarray(arrays[models[0]]).shape[0])
-    entries = [ModelEntry(m, int(a.shape[2]), int(a.shape[1]), {"spec": f"array:{m}"})
-               for m, a in arrays.items()]
-    images = [{"path": f"array/{i}", "label": None} for i in range(n)]
-    assign_splits(images, splits or [None] * n, seed)
-    writer = StoreWriter(path, entries, images, dtype)
-    for start in range(writer.done, n, batch):
-        writer.commit(start, {m: np.asarray(a[start:start + batch]) for m, a in arrays.items()},
-                      {})
-    writer.finalize()
-    return Store(path)
+    def _as_tensor(self, a: np.ndarray) -> Tensor:
+        if self.store.dtype == "bfloat16":
+            return torch.from_numpy(a.reshape(-1, a.shape[-1]).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a.reshape(-1, a.shape[-1]))

@@ -1,0 +1,81 @@
+"""``usae cache`` throughput against the bare forward passes of the same backbones on the same
+preprocessed batches, in the same run (demo models and demo images). Prints one JSON line.
+
+    python benchmarks/cache.py [--images 96] [--batch 16] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from usae.backbones import build_backbones, expand_specs
+from usae.cache import cache, preprocess_image
+from usae.demo import make_crops
+from usae.images import list_images, load_rgb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="usae-bench-cache-"))
+    try:
+        make_crops(tmp / "images", args.images)
+        backbones, _ = build_backbones(expand_specs("demo"))
+        paths = [e["path"] for e in list_images(tmp / "images")]
+        pixels = {b.name: [preprocess_image(load_rgb(p), b.preprocess) for p in paths]
+                  for b in backbones}
+        batches = [{b.name: torch.stack(pixels[b.name][s:s + args.batch]) for b in backbones}
+                   for s in range(0, len(paths), args.batch)]
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            for batch in batches:
+                for b in backbones:
+                    b.extract(batch[b.name])
+            return time.perf_counter() - t0
+
+        def full(i: int) -> tuple[float, float]:
+            out = tmp / f"store{i}"
+            stats: dict[str, float] = {}
+            t0 = time.perf_counter()
+            cache("demo", tmp / "images", out, batch_size=args.batch, workers=args.workers,
+                  progress=False, timings=stats)
+            elapsed = time.perf_counter() - t0
+            shutil.rmtree(out)
+            return stats["seconds"], elapsed
+
+        bare()  # warm-up
+        bare_t, cache_t, total_t = [], [], []
+        for i in range(args.reps):
+            bare_t.append(bare())
+            loop, total = full(i)
+            cache_t.append(loop)
+            total_t.append(total)
+        b, c, whole = min(bare_t), min(cache_t), min(total_t)
+        print(json.dumps({
+            "benchmark": "cache", "images": len(paths), "models": [x.name for x in backbones],
+            "batch": args.batch, "workers": args.workers, "threads": torch.get_num_threads(),
+            "bare_forward_s": round(b, 3), "cache_s": round(c, 3),
+            "bare_images_per_s": round(len(paths) / b, 2),
+            "cache_images_per_s": round(len(paths) / c, 2),
+            "overhead": round(c / b - 1, 4),
+            "command_s": round(whole, 3),
+            "overhead_with_setup": round(whole / b - 1, 4),
+        }))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The explorer in a real browser (Debian's Chromium driven by Playwright), from file:// and
+through ``usae serve``."""
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from usae.cache import cache
+from usae.config import resolve
+from usae.evaluate import evaluate
+from usae.explorer.build import build_explorer
+from usae.explorer.serve import make_server
+from usae.store import Store, StoreSource
+from usae.train import train_run
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "explorer"
+XSS = "<img src=x onerror=window.pwned=1>"
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        label = XSS if i % 3 == 0 else f"class{i % 3}"
+        path = root / "imgs" / label / f"img{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, (1, 1, 3))
+        grad = np.linspace(0, 1, 96)[None, :, None] * rng.integers(0, 255, (1, 1, 3))
+        arr = np.clip(base * 0.5 + grad + rng.normal(0, 20, (96, 96, 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(path)
+    cache("effnet:lite0?img_size=128&name=lite0,effnet:lite1?img_size=128&name=lite1",
+          root / "imgs", root / "store", workers=0, progress=False)
+    store = Store(root / "store")
+    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 96, "k": 4,
+                                                     "batch_images": 4, "max_steps": 60})
+    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
+    evaluate(root / "run", root / "store", root / "eval", split="all", progress=False)
+    build_explorer(root / "run", root / "store", root / "site", eval_dir=root / "eval",
+                   progress=False)
+    return root
+
+
+def test_site_files(explorer):
+    site = explorer / "site"
+    assert (site / "index.html").exists() and (site / "data" / "overview.js").exists()
+    assert list((site / "thumbs").glob("*.jpg")) and list((site / "plots").glob("*.png"))
+    text = (site / "data" / "overview.js").read_text()
+    overview = json.loads(text[text.index("(") + 1:text.rindex(")")])
+    assert overview["n_concepts"] == 96 and overview["models"] == ["lite0", "lite1"]
+
+
+def _browser():
+    pw = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    return pw
+
+
+def _check_site(page, url, tag):
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#concepts tr[data-concept]")
+    first = page.eval_on_selector_all("#concepts tr[data-concept]",
+                                      "rows => rows.map(r => r.dataset.concept)")
+    assert len(first) == 96
+    page.click("th[data-key=id]")
+    by_id = page.eval_on_selector_all("#concepts tr[data-concept]",
+                                      "rows => rows.map(r => r.dataset.concept)")
+    assert by_id == [str(i) for i in range(96)] and by_id != first
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"overview_{tag}.png"), full_page=False)
+    page.click("th[data-key=energy]")
+    top = page.eval_on_selector("#concepts tr[data-concept]", "r => r.dataset.concept")
+    page.click(f"#concepts tr[data-concept='{top}'] a")
+    page.wait_for_selector(".row[data-model] canvas")
+    assert page.eval_on_selector_all(".row[data-model]", "rs => rs.map(r => r.dataset.model)") \
+        == ["lite0", "lite1"]
+    counts = page.eval_on_selector_all(".row[data-model]", "rs => rs.map(r => r.querySelectorAll('canvas').length)")
+    assert counts[0] == counts[1] > 0
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / f"concept_{tag}.png"), full_page=True)
+    assert XSS not in page.inner_html("#app") or page.evaluate("window.pwned") is None
+    assert page.evaluate("window.pwned") is None
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"location.hash === '#/concept/{int(top) + 1}'" if int(top) < 95
+                           else "true")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#concepts")
+    assert not errors, errors
+
+
+def _launch(pw):
+    return pw.sync_playwright().start(), [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.browser
+def test_explorer_from_file_and_from_serve(explorer, tmp_path):
+    pw = _browser()
+    p, args = _launch(pw)
+    try:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = ctx.new_page()
+        _check_site(page, (explorer / "site" / "index.html").as_uri(), "file")
+        server = make_server(explorer / "site", 0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            page2 = ctx.new_page()
+            _check_site(page2, f"http://127.0.0.1:{server.server_address[1]}/", "serve")
+        finally:
+            server.shutdown()
+            server.server_close()
+        browser.close()
+    finally:
+        p.stop()
+
+
+def test_serve_binds_localhost_and_refuses_traversal(explorer, tmp_path):
+    (explorer / "secret.txt").write_text("outside")
+    server = make_server(explorer / "site", 0)
+    assert server.server_address[0] == "127.0.0.1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert urllib.request.urlopen(base + "/index.html").status == 200
+        for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/data/../../secret.txt",
+                     "/..%2fsecret.txt", "/data/"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path)
+            assert err.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
