@@ -54,7 +54,7 @@ def test_site_files(explorer):
     assert (site / "index.html").exists() and (site / "data" / "overview.js").exists()
     assert list((site / "thumbs").glob("*.jpg")) and list((site / "plots").glob("*.png"))
     text = (site / "data" / "overview.js").read_text()
-    overview = json.loads(text[text.index("(") + 1:text.rindex(")")])
+    overview = json.loads(text[text.index("=") + 1:text.rindex(";")])
     assert overview["n_concepts"] == 96 and overview["models"] == ["lite0", "lite1"]
 
 

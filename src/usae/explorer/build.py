@@ -33,8 +33,10 @@ THUMB = 128
 STATIC = Path(__file__).with_name("static")
 
 
-def _js(path: Path, call: str, obj: Any) -> int:
-    text = f"{call}({json.dumps(obj, separators=(',', ':'))});\n"
+def _js(path: Path, call: str, obj: Any, assign: bool = False) -> int:
+    """A data file as JavaScript: ``call(obj);`` or, with ``assign``, ``window.call = obj;``."""
+    body = json.dumps(obj, separators=(",", ":"))
+    text = f"window.{call} = {body};\n" if assign else f"{call}({body});\n"
     path.write_text(text)
     return len(text)
 
@@ -111,7 +113,17 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
         raise UsaeError(f"{eval_dir} was computed for models {report['models']}, not "
                         f"{list(sae.models)}")
     concepts = read_concepts_csv(eval_dir / "concepts.csv")
-    top_images = load_safetensors(eval_dir / "top_images.safetensors")
+    if report.get("split") != split:
+        # metrics stay those of the given eval (e.g. held-out); top images come from `split`
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            evaluate(run, store_path, tmp, split=split, top=max(top, 16), plots=False,
+                     progress=progress)
+            top_images = load_safetensors(Path(tmp) / "top_images.safetensors")
+        report["top_images_split"] = split
+    else:
+        top_images = load_safetensors(eval_dir / "top_images.safetensors")
     models = list(sae.models)
     keys = ["mean", *models]
 
@@ -197,6 +209,6 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
         "images": {str(r): {"name": Path(images[r]["path"]).name, "label": images[r].get("label"),
                             "thumb": thumbs.get(r)} for r in union},
     }
-    _js(out / "data" / "overview.js", "USAE_OVERVIEW", overview)
+    _js(out / "data" / "overview.js", "USAE_OVERVIEW", overview, assign=True)
     log.info("explorer: %d concepts, %d images -> %s", sae.cfg.n, len(union), out / "index.html")
     return out / "index.html"

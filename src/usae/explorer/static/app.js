@@ -4,10 +4,9 @@
 
 const chunks = {};
 const waiting = {};
-let O = null;
+const O = window.USAE_OVERVIEW || null;  // set by data/overview.js, loaded first
 const state = { sort: "energy", asc: false, filter: "all", page: 0, perPage: 200, rank: "mean" };
 
-window.USAE_OVERVIEW = (data) => { O = data; };
 window.USAE_CHUNK = (data) => {
   chunks[data.chunk] = data.concepts;
   (waiting[data.chunk] || []).forEach((fn) => fn());
@@ -60,7 +59,7 @@ function sortedIds() {
 function overview() {
   const r = O.report, s = r.summary, app = document.getElementById("app");
   app.replaceChildren();
-  app.append(el("h1", { text: `${O.n_concepts.toLocaleString()} universal concepts across ${O.models.join(", ")}` }));
+  app.append(el("h1", { text: `${O.n_concepts.toLocaleString()} concepts in one space shared by ${O.models.join(", ")}` }));
   const cc = r.concept_classes;
   const specific = Object.values(cc.model_specific).reduce((a, b) => a + b, 0);
   app.append(el("div", { class: "cards" },
@@ -125,7 +124,7 @@ const LUT = (() => {
     lut[i * 4] = 255 - 55 * Math.max(0, t - 0.6) / 0.4;
     lut[i * 4 + 1] = 230 * Math.max(0, 1 - t * 1.1);
     lut[i * 4 + 2] = 0;
-    lut[i * 4 + 3] = Math.round(200 * Math.sqrt(t));
+    lut[i * 4 + 3] = Math.round(170 * Math.sqrt(t));
   }
   return lut;
 })();
@@ -198,8 +197,8 @@ async function conceptPage(k) {
   if (!rows.length) {
     app.append(el("p", { class: "empty", text: "This concept never fires on the evaluated images: a dead concept for this split." }));
   } else {
-    O.models.forEach((m, j) => app.append(el("div", { class: "row", "data-model": m },
-      el("div", { class: "label", text: m }), ...rows.map((r) => tile(data, r, j, m)))));
+    app.append(el("div", { class: "rows" }, ...O.models.map((m, j) => el("div", { class: "row", "data-model": m },
+      el("div", { class: "label", text: m }), ...rows.map((r) => tile(data, r, j, m))))));
   }
   if (data.cam) {
     app.append(el("h2", { text: "Coordinated activation maximization" }));
