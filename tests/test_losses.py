@@ -95,7 +95,7 @@ def test_aux_none_and_gao_run_and_differ():
     gao = with_train(cfg, aux="gao")
     dead = torch.ones(32, dtype=torch.bool)
     l_gao, out, _ = step_loss(sae, xs, 0, gao, dead)
-    assert out.aux > 0 and float(l_gao) > float(l_none)
+    assert out.aux > 0 and float(l_gao.detach()) > float(l_none.detach())
     l_gao.backward()
     assert sae.dictionaries["a"].grad is not None
 
