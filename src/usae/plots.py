@@ -55,8 +55,8 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     cof = np.array([float(c["cofires"]) for c in concepts])
     ok = (energy > 0) & (cof > 0)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if ok.sum() >= 2:
-        x, y = np.log10(cof[ok]), np.log10(energy[ok])
+    x, y = np.log10(cof[ok]), np.log10(energy[ok])
+    if ok.sum() >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
         slope, intercept = np.polyfit(x, y, 1)
         corr = float(np.corrcoef(x, y)[0, 1])
         ax.scatter(cof[ok], energy[ok], s=6, alpha=0.5, color="#4477aa")

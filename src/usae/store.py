@@ -392,16 +392,17 @@ class StoreSource:
 
 
 def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: str = "float16",
-                      splits: list[str] | None = None, seed: int = 0,
-                      batch: int = 256) -> Store:
-    """Write in-memory ``{model: (n_images, tokens, d)}`` arrays as a finalized store."""
+                      splits: list[str] | None = None, seed: int = 0, batch: int = 256,
+                      paths: list[str] | None = None) -> Store:
+    """Write in-memory ``{model: (n_images, tokens, d)}`` arrays as a finalized store
+    (``paths``: the image files the rows stand for, if any)."""
     from usae.images import assign_splits
 
     models = list(arrays)
     n = int(np.asarray(arrays[models[0]]).shape[0])
     entries = [ModelEntry(m, int(a.shape[2]), int(a.shape[1]), {"spec": f"array:{m}"})
                for m, a in arrays.items()]
-    images = [{"path": f"array/{i}", "label": None} for i in range(n)]
+    images = [{"path": paths[i] if paths else f"array/{i}", "label": None} for i in range(n)]
     assign_splits(images, splits or [None] * n, seed)
     writer = StoreWriter(path, entries, images, dtype)
     for start in range(writer.done, n, batch):

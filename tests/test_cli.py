@@ -1,0 +1,98 @@
+"""The user-facing contract (shared/CONTRACT.md), through the real command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from usae.store import store_from_arrays
+
+USAE = [sys.executable, "-m", "usae.cli"]
+COMMANDS = ["demo", "cache", "store", "train", "import-reference", "encode", "decode", "eval",
+            "explore", "serve"]
+
+
+def run(*args, check=True):
+    res = subprocess.run(USAE + [str(a) for a in args], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(res.stderr)
+    return res
+
+
+def test_help_lists_every_command_and_documents_options():
+    out = run("--help").stdout
+    for c in COMMANDS:
+        assert c in out
+    for c in COMMANDS:
+        assert "usage:" in run(c, "--help").stdout
+    train_help = run("train", "--help").stdout
+    for key in ("--preset", "--max-steps", "--resume", "--set", "--config",
+                "decoder_update", "shuffle_pairing", "schedule"):
+        assert key in train_help
+    assert "import-npz" in run("store", "--help").stdout
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    res = run("store", "info", tmp_path, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is not a usae store" in res.stderr
+    res = run("encode", tmp_path, "--model", "a", "--input", "x.npy", "--out", "z.npy",
+              check=False)
+    assert res.returncode == 2 and "not a usae run" in res.stderr
+
+
+def test_store_train_encode_decode_eval_explore(arrays, tmp_path):
+    store_from_arrays(tmp_path / "store", arrays)
+    info = json.loads(run("store", "info", tmp_path / "store").stdout)
+    assert set(info) >= {"models", "n_images", "splits"}
+    assert info["models"]["m1"] == {"d": 8, "tokens": 4}
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"sae": {"n_concepts": 32, "k": 3}, "train": {"log_every": 2}}))
+    run("train", "--store", tmp_path / "store", "--out", tmp_path / "run", "--config", cfg,
+        "--set", "batch_images=4", "--max-steps", "10", "--no-progress")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.jsonl", "model.safetensors"} <= files
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and {"step", "loss", "tokens", "elapsed_s"} <= set(rows[-1])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["sae"]["n_concepts"] == 32 and saved["train"]["log_every"] == 2
+
+    x = arrays["m0"].reshape(-1, 12)[:10]
+    np.save(tmp_path / "x.npy", x)
+    run("encode", tmp_path / "run", "--model", "m0", "--input", tmp_path / "x.npy", "--out",
+        tmp_path / "z.npy")
+    z = np.load(tmp_path / "z.npy")
+    assert z.shape == (10, 32) and z.dtype == np.float32 and ((z > 0).sum(1) <= 3).all()
+    run("decode", tmp_path / "run", "--model", "m2", "--codes", tmp_path / "z.npy", "--out",
+        tmp_path / "x2.npy")
+    assert np.load(tmp_path / "x2.npy").shape == (10, 10)
+    bad = run("encode", tmp_path / "run", "--model", "m1", "--input", tmp_path / "x.npy",
+              "--out", tmp_path / "bad.npy", check=False)
+    assert bad.returncode == 2 and "m1" in bad.stderr and "(N, 8)" in bad.stderr
+
+    run("eval", tmp_path / "run", "--store", tmp_path / "store", "--out", tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    for key in ("models", "r2", "r2_paper", "l0", "dead_fraction", "n_tokens", "threshold"):
+        assert key in report
+    assert report["threshold"] == 0.1 and np.asarray(report["r2"]).shape == (3, 3)
+    assert list((tmp_path / "eval").glob("*.png"))
+    run("eval", tmp_path / "run", "--store", tmp_path / "store", "--out", tmp_path / "eval_all",
+        "--split", "all", "--no-plots")
+    assert json.loads((tmp_path / "eval_all" / "report.json").read_text())["n_tokens"] == 48 * 4
+
+    run("explore", tmp_path / "run", "--store", tmp_path / "store", "--out", tmp_path / "site")
+    assert (tmp_path / "site" / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_every_contract_output(tmp_path):
+    res = run("demo", "--out", tmp_path / "demo", "--quick")
+    for rel in ("store/manifest.json", "run/model.safetensors", "run/config.json",
+                "run/metrics.jsonl", "eval/report.json", "explorer/index.html"):
+        assert (tmp_path / "demo" / rel).exists(), rel
+    assert "explorer" in res.stdout and "held-out R2" in res.stdout
+    info = json.loads(run("store", "info", tmp_path / "demo" / "store").stdout)
+    assert set(info["models"]) == {"effnet_lite0", "effnet_lite1", "effnet_lite2"}
+    assert info["models"]["effnet_lite2"] == {"d": 352, "tokens": 49}

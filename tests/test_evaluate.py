@@ -1,0 +1,187 @@
+"""Every metric of ``usae eval`` against a naive dense computation on small random data."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from usae.config import resolve
+from usae.controls import match_dictionaries
+from usae.data import ArraySource
+from usae.errors import UsaeError
+from usae.evaluate import evaluate
+from usae.io import load_safetensors
+from usae.sae import UniversalSAE
+from usae.store import Store, StoreSource, store_from_arrays
+from usae.train import Trainer, train_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import shared_latent_arrays
+
+    root = tmp_path_factory.mktemp("eval")
+    arrays = shared_latent_arrays(n_images=40, tokens=4, dims=(12, 8, 10))
+    store = store_from_arrays(root / "store", arrays, dtype="float32")
+    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 24, "k": 3,
+                                                     "batch_images": 4, "max_steps": 80})
+    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False,
+              store_manifest=store.manifest)
+    return root, arrays
+
+
+def naive(sae, arrays, rows, tau):
+    models = sae.models
+    raw = {m: torch.from_numpy(arrays[m][rows].reshape(-1, arrays[m].shape[2])).double()
+           for m in models}
+    sae = sae.double()
+    codes = {m: sae.encode(m, raw[m].float()).double() for m in models}
+    r2 = np.zeros((3, 3))
+    r2p = np.zeros((3, 3))
+    for i, mi in enumerate(models):
+        for j, mj in enumerate(models):
+            w = sae.dictionaries[mj].detach()
+            xhat = codes[mi] @ (w / (w.norm(dim=1, keepdim=True) + 1e-8))
+            xhat = xhat * getattr(sae, f"scale_{mj}") + getattr(sae, f"mean_{mj}")
+            x = raw[mj]
+            sse = ((x - xhat) ** 2).sum()
+            r2[i, j] = 1 - sse / ((x - x.mean(0)) ** 2).sum()
+            r2p[i, j] = 1 - ((x - xhat) ** 2).mean() / ((x - x.mean()) ** 2).mean()
+    fires = np.stack([(codes[m] > tau).sum(0).numpy() for m in models])
+    cofires = torch.stack([codes[m] > tau for m in models]).all(0).sum(0).numpy()
+    energy = sum(np.linalg.norm((codes[m].mean(0)[:, None] *
+                                 sae.normalized_dict(m).detach()).numpy(), axis=1)
+                 for m in models)
+    l0 = {m: float((codes[m] > 0).sum(1).double().mean()) for m in models}
+    dead = {m: float(((codes[m] > 0).sum(0) == 0).double().mean()) for m in models}
+    per_image = {m: codes[m].view(len(rows), -1, sae.cfg.n).mean(1) for m in models}
+    return r2, r2p, fires, cofires, energy, l0, dead, per_image
+
+
+def test_report_and_csv_match_naive_formulas(trained, tmp_path):
+    root, arrays = trained
+    report = evaluate(root / "run", root / "store", tmp_path, split="all", threshold=0.1,
+                      batch_images=7, progress=False)
+    store = Store(root / "store")
+    rows = store.rows("all")
+    sae = UniversalSAE.load(root / "run")
+    r2, r2p, fires, cofires, energy, l0, dead, per_image = naive(sae, arrays, rows, 0.1)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["models"] == ["m0", "m1", "m2"] and saved["threshold"] == 0.1
+    assert saved["n_tokens"] == len(rows) * 4
+    np.testing.assert_allclose(saved["r2"], r2, atol=1e-5)
+    np.testing.assert_allclose(saved["r2_paper"], r2p, atol=1e-5)
+    for m in sae.models:
+        assert saved["l0"][m] == pytest.approx(l0[m])
+        assert saved["dead_fraction"][m] == pytest.approx(dead[m])
+    with open(tmp_path / "concepts.csv") as fh:
+        table = list(csv.DictReader(fh))
+    cols = ["concept", "energy", "firing_entropy", "fires_m0", "fires_m1", "fires_m2", "cofires",
+            "cofire_proportion_m0", "cofire_proportion_m1", "cofire_proportion_m2"]
+    assert list(table[0])[:len(cols)] == cols and len(table) == 24
+    for k, row in enumerate(table):
+        assert int(row["concept"]) == k
+        assert float(row["energy"]) == pytest.approx(float(energy[k]), rel=1e-5, abs=1e-9)
+        for j, m in enumerate(sae.models):
+            assert int(row[f"fires_{m}"]) == fires[j, k]
+        assert int(row["cofires"]) == cofires[k]
+        total = fires[:, k].sum()
+        if total == 0:
+            assert row["firing_entropy"] == ""
+            assert row["cofire_proportion_m0"] == ""
+        else:
+            p = fires[:, k] / total
+            fe = -sum(x * math.log(x) for x in p if x > 0) / math.log(3)
+            assert float(row["firing_entropy"]) == pytest.approx(fe, abs=1e-9)
+            for j, m in enumerate(sae.models):
+                cfp = row[f"cofire_proportion_{m}"]
+                assert (cfp == "" and fires[j, k] == 0) or \
+                    float(cfp) == pytest.approx(cofires[k] / fires[j, k])
+    classes = report["concept_classes"]
+    assert classes["never_fire"] == sum(1 for r in table if r["firing_entropy"] == "")
+    # top images: the paper's ranking (mean activation over tokens, averaged over models)
+    top = load_safetensors(tmp_path / "top_images.safetensors")
+    mean_scores = torch.stack([per_image[m] for m in sae.models]).mean(0)  # (images, n)
+    for k in range(24):
+        best = mean_scores[:, k].max().item()
+        if best > 0:
+            assert top["scores.mean"][k, 0].item() == pytest.approx(best, rel=1e-5)
+            assert mean_scores[list(rows).index(int(top["rows.mean"][k, 0])), k] == \
+                pytest.approx(best, rel=1e-5)
+
+
+def test_plots_are_written(trained, tmp_path):
+    root, _ = trained
+    evaluate(root / "run", root / "store", tmp_path, progress=False)
+    for name in ("r2_matrix", "firing_entropy", "cofires_vs_energy", "cofire_proportion_by_rank",
+                 "dead_and_l0"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000
+
+
+def test_bad_inputs(trained, tmp_path):
+    root, arrays = trained
+    other = {m: a[:, :, :5] for m, a in arrays.items()}
+    store_from_arrays(tmp_path / "other", other)
+    with pytest.raises(UsaeError, match="d=12 but the store has d=5"):
+        evaluate(root / "run", tmp_path / "other", tmp_path / "e1", progress=False)
+    renamed = {f"x{i}": a for i, a in enumerate(arrays.values())}
+    store_from_arrays(tmp_path / "renamed", renamed)
+    with pytest.raises(UsaeError, match="models"):
+        evaluate(root / "run", tmp_path / "renamed", tmp_path / "e2", progress=False)
+    with pytest.raises(UsaeError, match="split 'test'.*empty"):
+        evaluate(root / "run", root / "store", tmp_path / "e3", split="test", progress=False)
+
+
+def test_layer_mismatch_is_a_warning(trained, tmp_path, caplog):
+    root, arrays = trained
+    cfg = json.loads((root / "run" / "config.json").read_text())
+    cfg["store"]["models"]["m0"]["layer"] = "blocks.3"
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    (run2 / "config.json").write_text(json.dumps(cfg))
+    (run2 / "model.safetensors").write_bytes((root / "run" / "model.safetensors").read_bytes())
+    store = json.loads((root / "store" / "manifest.json").read_text())
+    store["models"]["m0"]["layer"] = "blocks.11"
+    import shutil
+
+    shutil.copytree(root / "store", tmp_path / "store2")
+    (tmp_path / "store2" / "manifest.json").write_text(json.dumps(store))
+    with caplog.at_level("WARNING"):
+        evaluate(run2, tmp_path / "store2", tmp_path / "e", progress=False, plots=False)
+    assert "layer" in caplog.text and "m0" in caplog.text
+
+
+def test_hungarian_matching_finds_a_permuted_dictionary():
+    torch.manual_seed(0)
+    d = torch.randn(30, 8)
+    perm = torch.randperm(30)
+    cos = match_dictionaries(d, d[perm] * 3)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-9)
+    rand = match_dictionaries(d, torch.randn(30, 8))
+    assert rand.mean() < 0.9
+
+
+def test_independent_and_shuffled_controls_end_to_end(trained, tmp_path):
+    root, arrays = trained
+    store = Store(root / "store")
+    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 24, "k": 3,
+                                                     "batch_images": 4, "max_steps": 40,
+                                                     "shuffle_pairing": True})
+    train_run(cfg, StoreSource(store, "train"), tmp_path / "shuffled", progress=False)
+    train_run(cfg, StoreSource(store, "train"), tmp_path / "independent", independent=True,
+              progress=False)
+    for m in store.models:
+        assert UniversalSAE.load(tmp_path / "independent" / m).models == (m,)
+        assert UniversalSAE.load(tmp_path / "independent" / m).cfg.n == 24
+    report = evaluate(root / "run", root / "store", tmp_path / "eval", progress=False,
+                      plots=False, independent=tmp_path / "independent",
+                      compare=[tmp_path / "shuffled"])
+    ind = report["independent"]["models"]
+    assert set(ind) == {"m0", "m1", "m2"}
+    assert all(0 <= r["matched_fraction"] <= 1 for r in ind.values())
+    rows = report["comparison"]
+    assert [r["shuffle_pairing"] for r in rows] == [False, True]
+    assert {"cross_r2_mean", "firing_entropy_median", "dead_fraction_mean"} <= set(rows[1])
