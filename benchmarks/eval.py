@@ -25,14 +25,35 @@ MODELS = {"siglip": 768, "dinov2": 384, "vit": 768}
 TOKENS = 196
 
 
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def child(store: str, run: str, out: str) -> None:
+    import threading
+
     from usae.evaluate import evaluate
 
+    peak_anon = [0]
+    done = threading.Event()
+
+    def poll() -> None:  # anonymous memory only: memory-mapped store pages are page cache
+        while not done.is_set():
+            peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
+            time.sleep(0.02)
+
+    threading.Thread(target=poll, daemon=True).start()
     t0 = time.perf_counter()
     report = evaluate(run, store, out, split="all", progress=False, plots=False)
     seconds = time.perf_counter() - t0
+    done.set()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "tokens": report["n_tokens"], "peak_rss_mb": peak_mb}))
+    print(json.dumps({"seconds": seconds, "tokens": report["n_tokens"], "peak_rss_mb": peak_mb,
+                      "peak_anon_mb": peak_anon[0] / 1024}))
 
 
 def main() -> None:
@@ -40,7 +61,7 @@ def main() -> None:
         child(*sys.argv[2:5])
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", default="64,256")
+    ap.add_argument("--images", default="64,512")
     args = ap.parse_args()
     import torch
 
@@ -78,7 +99,8 @@ def main() -> None:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append({"images": n, "tokens": r["tokens"],
                             "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
-                            "peak_rss_mb": round(r["peak_rss_mb"], 1)})
+                            "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                            "peak_anon_mb": round(r["peak_anon_mb"], 1)})
             shutil.rmtree(store)
         eval_tps = min(r["tokens_per_s"] for r in results)
         print(json.dumps({
@@ -87,6 +109,8 @@ def main() -> None:
             "train_tokens_per_s": round(train_tokens_per_s, 1),
             "eval_over_train_speed": round(eval_tps / train_tokens_per_s, 2),
             "peak_rss_growth_mb": round(results[-1]["peak_rss_mb"] - results[0]["peak_rss_mb"], 1),
+            "peak_anon_growth_mb": round(results[-1]["peak_anon_mb"] - results[0]["peak_anon_mb"],
+                                         1),
             "threads": torch.get_num_threads(),
         }))
     finally:
