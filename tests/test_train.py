@@ -214,3 +214,38 @@ def test_cli_train_killed_mid_run_resumes_to_the_same_losses(arrays, tmp_path):
     assert losses_of(part) == losses_of(full)
     steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 1501))
+
+
+def test_held_out_r2_matrix_is_logged(arrays, tmp_path):
+    src = ArraySource(arrays)
+    train, val = src.subset(np.arange(40)), src.subset(np.arange(40, 48))
+    cfg = small_cfg(arrays, max_steps=8, eval_every=4, eval_batches=2, log_every=4)
+    Trainer(cfg, tmp_path, progress=False).fit(train, val)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_r2" in r] == [4, 8]
+    assert np.asarray(rows[-1]["val_r2"]).shape == (3, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_cpu_closely(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=6)
+    Trainer(cfg, tmp_path / "cpu", progress=False).fit(ArraySource(arrays))
+    Trainer(with_train(cfg, device="cuda"), tmp_path / "gpu", progress=False).fit(
+        ArraySource(arrays))
+    np.testing.assert_allclose(losses_of(tmp_path / "gpu"), losses_of(tmp_path / "cpu"),
+                               rtol=1e-3)
+
+
+def test_cuda_requested_without_cuda_fails_clearly(arrays, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(UsaeError, match="CUDA is not available"):
+        Trainer(small_cfg(arrays, device="cuda"), tmp_path, progress=False)
+
+
+def test_corrupt_checkpoint_fails_clearly_on_resume(arrays, tmp_path):
+    cfg = small_cfg(arrays, max_steps=4)
+    Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays))
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UsaeError, match="corrupt"):
+        Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays), resume=True)

@@ -147,8 +147,6 @@ class HFBackbone(Backbone):
 
     def _features(self, pixels_bchw: Tensor) -> Tensor:
         kwargs: dict[str, Any] = {"pixel_values": pixels_bchw}
-        if self._model_type.startswith("dinov2") or self._model_type == "vit":
-            pass
         if self._layer == -1:
             out = self._model(**kwargs)
             hidden = out.last_hidden_state
