@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -394,8 +395,9 @@ class Trainer:
                 import wandb
             except ImportError:
                 raise UsaeError("wandb=true needs `pip install wandb`") from None
+            # offline unless the user asks otherwise: no account is ever required
             run = wandb.init(project="usae", dir=str(self.out), config=self.cfg.to_json(),
-                             mode="offline" if not wandb.api.api_key else "online")
+                             mode=os.environ.get("WANDB_MODE", "offline"))
             self._writers.append(("wandb", run))
 
     def _log_writers(self, row: dict[str, Any]) -> None:
