@@ -75,7 +75,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32 * 196)
     ap.add_argument("--n", type=int, default=6144)
+    ap.add_argument("--glibc-default-malloc", action="store_true",
+                    help="do not apply the trainer's keep_freed_memory setting")
     args = ap.parse_args()
+    if not args.glibc_default_malloc:
+        from usae.memory import keep_freed_memory
+
+        # What the trainer does on CPU. Process-wide, so the dense formulation gets it too:
+        # the ratio compares the maths, like for like.
+        keep_freed_memory()
     torch.manual_seed(0)
     cfg = resolve(MODELS, DIMS, "paper", {"n_concepts": args.n, "k": 32})
     base = UniversalSAE(cfg.sae)
@@ -147,6 +155,7 @@ def main() -> None:
         "ours_tokens_per_s": round(args.tokens / ours_s, 1),
         "dense_tokens_per_s": round(args.tokens / dense_s, 1),
         "variant_tokens_per_s": variants,
+        "keep_freed_memory": not args.glibc_default_malloc,
     }
     print(json.dumps(result))
 

@@ -249,3 +249,14 @@ def test_corrupt_checkpoint_fails_clearly_on_resume(arrays, tmp_path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UsaeError, match="corrupt"):
         Trainer(cfg, tmp_path, progress=False).fit(ArraySource(arrays), resume=True)
+
+
+def test_keep_freed_memory_is_a_safe_process_setting():
+    from usae.memory import default_malloc, keep_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True
+    x = torch.randn(4096, 4096)  # a large block now comes from the heap, and works
+    assert float(x.sum().isfinite())
+    assert default_malloc() is True

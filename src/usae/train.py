@@ -39,7 +39,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 # Keys that may change between a run and its resume without changing its maths.
 RESUMABLE_KEYS = {"log_every", "checkpoint_every", "eval_every", "eval_batches", "device",
-                  "tensorboard", "wandb"}
+                  "tensorboard", "wandb", "keep_freed_memory"}
 
 
 class StepOut(NamedTuple):
@@ -143,6 +143,10 @@ class Trainer:
         if tc.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsaeError(f"device {tc.device!r} requested but CUDA is not available")
         self.device = torch.device(tc.device)
+        if tc.keep_freed_memory and self.device.type == "cpu":
+            from usae.memory import keep_freed_memory
+
+            keep_freed_memory()
         torch.manual_seed(tc.seed)
         self.sae = UniversalSAE(run_cfg.sae).to(self.device)
         self.optimizers = {m: torch.optim.AdamW(self.sae.model_parameters(m), lr=tc.lr,
