@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from usae.backbones import build_backbones, expand_specs
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-cache-"))
     try:
@@ -53,16 +54,18 @@ def main() -> None:
                   progress=False, timings=stats)
             elapsed = time.perf_counter() - t0
             shutil.rmtree(out)
+            in_loop.append(stats["seconds"] / stats["forward_seconds"] - 1)
             return stats["seconds"], elapsed
 
         bare()  # warm-up
-        bare_t, cache_t, total_t = [], [], []
+        bare_t, cache_t, total_t, in_loop = [], [], [], []
         for i in range(args.reps):
             bare_t.append(bare())
             loop, total = full(i)
             cache_t.append(loop)
             total_t.append(total)
-        b, c, whole = min(bare_t), min(cache_t), min(total_t)
+        # medians of interleaved repetitions: this machine's speed drifts by 10-20 %
+        b, c, whole = (float(np.median(x)) for x in (bare_t, cache_t, total_t))
         print(json.dumps({
             "benchmark": "cache", "images": len(paths), "models": [x.name for x in backbones],
             "batch": args.batch, "workers": args.workers, "threads": torch.get_num_threads(),
@@ -70,6 +73,9 @@ def main() -> None:
             "bare_images_per_s": round(len(paths) / b, 2),
             "cache_images_per_s": round(len(paths) / c, 2),
             "overhead": round(c / b - 1, 4),
+            "bare_forward_runs_s": [round(x, 2) for x in bare_t],
+            "cache_runs_s": [round(x, 2) for x in cache_t],
+            "overhead_in_loop": round(float(np.median(in_loop)), 4),
             "command_s": round(whole, 3),
             "overhead_with_setup": round(whole / b - 1, 4),
         }))
