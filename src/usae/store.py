@@ -282,6 +282,24 @@ class Store:
         """Raw memory-mapped (n_rows, tokens, d) array in storage dtype."""
         return self._arrays[model]
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Ask the kernel to read these rows ahead (``POSIX_FADV_WILLNEED``), asynchronously,
+        in contiguous runs: a cold read then streams instead of faulting page by page."""
+        if not hasattr(os, "posix_fadvise") or len(rows) == 0:
+            return
+        rows = np.sort(np.asarray(rows))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for m in self.models:
+            arr = self._arrays[m]
+            row_bytes = arr.shape[1] * arr.shape[2] * arr.itemsize
+            fd = os.open(acts_file(self.path, m), os.O_RDONLY)
+            try:
+                for run in np.split(rows, breaks):
+                    os.posix_fadvise(fd, int(run[0]) * row_bytes, len(run) * row_bytes,
+                                     os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
     def splits(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for img in self.manifest["images"]:
@@ -379,8 +397,16 @@ class StoreSource:
         order = self.image_order(seed, epoch)
         perms = (pairing_permutations(self.models, len(self._rows), seed)
                  if shuffle_pairing else None)
+        span = self.chunk_images * self.buffer_chunks
+        window = -1
         for b in range(start, len(order) // batch_images):
             pos = order[b * batch_images:(b + 1) * batch_images]
+            if perms is None and (b * batch_images) // span != window:
+                # this window (when starting) and the next one, read ahead while we gather
+                first = window < 0
+                window = (b * batch_images) // span
+                lo = window * span if first else (window + 1) * span
+                self.store.prefetch(self._rows[order[lo:(window + 2) * span]])
             yield {m: self._as_tensor(self.store.array(m)[self._rows[perms[m][pos] if perms
                                                                       else pos]])
                    for m in self.models}
