@@ -174,8 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       device=args.device, plots=not args.no_plots,
                       independent=args.independent, compare=args.compare)
     s = report["summary"]
+    cross = "n/a" if s["cross_r2_mean"] is None else f"{s['cross_r2_mean']:.3f}"
     print(f"wrote {args.out}: report.json, concepts.csv, plots — R2 self "
-          f"{s['self_r2_mean']:.3f}, cross {s['cross_r2_mean'] if s['cross_r2_mean'] is None else round(s['cross_r2_mean'], 3)}, "
+          f"{s['self_r2_mean']:.3f}, cross {cross}, "
           f"{report['concept_classes']['universal']} universal concepts")
     return 0
 

@@ -182,9 +182,11 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
                 np.round(maps / scale * 255).astype(np.uint8)
             entry: dict[str, Any] = {
                 "images": imgs, "rankings": rankings[k], "scale": scale,
-                "maps": {m: base64.b64encode(q[j].tobytes()).decode() for j, m in enumerate(models)},
+                "maps": {m: base64.b64encode(q[j].tobytes()).decode()
+                         for j, m in enumerate(models)},
             }
-            cams = {m: f"cam/{k}/{m}.png" for m in models if (cam_dir / str(k) / f"{m}.png").exists()}
+            cams = {m: f"cam/{k}/{m}.png" for m in models
+                    if (cam_dir / str(k) / f"{m}.png").exists()}
             if cams:
                 for m, rel in cams.items():
                     dst = out / rel
