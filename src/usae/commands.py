@@ -24,13 +24,13 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    from usae.io import _atomic_replace
+    from usae.io import atomic_write_with
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
 
-    _atomic_replace(Path(path), write)
+    atomic_write_with(Path(path), write)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

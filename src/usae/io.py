@@ -13,7 +13,7 @@ import torch
 from usae.errors import UsaeError
 
 
-def _atomic_replace(path: Path, write) -> None:
+def atomic_write_with(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +35,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with open(tmp, "w") as fh:
             fh.write(text)
 
-    _atomic_replace(Path(path), write)
+    atomic_write_with(Path(path), write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -47,7 +47,7 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_with(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

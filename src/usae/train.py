@@ -175,7 +175,7 @@ class Trainer:
         meta = {"position": json.dumps(self._position()),
                 "config": json.dumps(self.cfg.to_json())}
         atomic_save_safetensors(self.out / CHECKPOINT_FILE, tensors, metadata=meta)
-        self.sae.save(self.out, self.cfg)
+        self.sae.save(self.out)  # model.safetensors; config.json below, with the data's origin
         from usae.io import atomic_write_json
 
         atomic_write_json(self.out / "config.json", {**self.cfg.to_json(), **self.extra_config})
