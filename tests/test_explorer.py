@@ -148,3 +148,23 @@ def test_serve_binds_localhost_and_refuses_traversal(explorer, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_usae_serve_prints_its_url_and_stops_on_ctrl_c(explorer):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "usae.cli", "serve", str(explorer / "site"),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line
+        url = line.split(" at ")[1].split()[0]
+        assert urllib.request.urlopen(url).status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        proc.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from usae.errors import UsaeError
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="store folder; re-running resumes")
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    s.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                   help="image-decoding processes (default: half the cores, 1 to 4)")
     s.add_argument("--align", default="resample", choices=["resample", "resize_input"],
                    help="resample feature grids to the smallest (paper), or resize inputs so "
                    "grids match")
