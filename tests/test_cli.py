@@ -96,3 +96,15 @@ def test_demo_quick_writes_every_contract_output(tmp_path):
     info = json.loads(run("store", "info", tmp_path / "demo" / "store").stdout)
     assert set(info["models"]) == {"effnet_lite0", "effnet_lite1", "effnet_lite2"}
     assert info["models"]["effnet_lite2"] == {"d": 352, "tokens": 49}
+
+
+def test_resume_keeps_the_runs_own_config_and_preset(arrays, tmp_path):
+    store_from_arrays(tmp_path / "store", arrays)
+    common = ["--store", tmp_path / "store", "--out", tmp_path / "run", "--no-progress"]
+    run("train", *common, "--preset", "demo", "--set", "batch_images=4", "--set",
+        "n_concepts=32", "--set", "k=3", "--max-steps", "6")
+    run("train", *common, "--resume")  # no keys given again: the saved config is used
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["preset"] == "demo" and saved["train"]["lr"] == 3e-3
+    bad = run("train", *common, "--resume", "--set", "lr=1", check=False)
+    assert bad.returncode == 2 and "different config" in bad.stderr

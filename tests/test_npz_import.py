@@ -60,9 +60,9 @@ def test_missing_models_and_inconsistent_shapes(tmp_path):
     with pytest.raises(UsaeError, match="vit.*shape"):
         import_npz(tmp_path / "npz", tmp_path / "s2", ["dinov2", "siglip", "vit"],
                    progress=False)
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(UsaeError, match="no <image>_combined.npz"):
-        import_npz(tmp_path / "nothing" if (tmp_path / "nothing").mkdir() is None else "",
-                   tmp_path / "s3", ["vit"])
+        import_npz(tmp_path / "nothing", tmp_path / "s3", ["vit"])
 
 
 def test_missing_array_in_combined(tmp_path):

@@ -88,11 +88,12 @@ def cmd_store(args: argparse.Namespace) -> int:
 def build_run_config(store_models, store_dims, args: argparse.Namespace):
     """Preset + --config + --set. With --resume the run's own config is the base, so only
     the keys given again are compared with it."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from usae.config import load_config_file, parse_set, resolve
 
     overrides = {}
+    preset, old = args.preset, None
     saved = Path(args.out) / "config.json"
     if getattr(args, "resume", False) and saved.exists():
         from usae.sae import load_run_config
@@ -100,7 +101,7 @@ def build_run_config(store_models, store_dims, args: argparse.Namespace):
         old = load_run_config(args.out)
         overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
         overrides.update(asdict(old.train))
-        args.preset = "paper"  # the saved values already include the preset's
+        preset = "paper"  # the saved values already include their preset's; no second layer
     if args.config:
         overrides.update(load_config_file(args.config))
     overrides.update(parse_set(args.set))
@@ -108,7 +109,8 @@ def build_run_config(store_models, store_dims, args: argparse.Namespace):
         overrides["max_steps"] = args.max_steps
     if args.device:
         overrides["device"] = args.device
-    return resolve(tuple(store_models), tuple(store_dims), args.preset, overrides)
+    cfg = resolve(tuple(store_models), tuple(store_dims), preset, overrides)
+    return replace(cfg, preset=old.preset) if old is not None else cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:

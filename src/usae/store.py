@@ -337,13 +337,9 @@ class Store:
         sorted_rows = rows[order]
         out = np.empty((len(rows),) + arr.shape[1:], dtype=arr.dtype)
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        start = 0
-        for run in np.split(np.arange(len(rows)), breaks):
-            if len(run) == 0:
-                continue
-            a, b = sorted_rows[run[0]], sorted_rows[run[-1]] + 1
-            out[start:start + len(run)] = arr[a:b]
-            start += len(run)
+        for lo, hi in zip([0, *breaks], [*breaks, len(rows)]):
+            if hi > lo:
+                out[lo:hi] = arr[sorted_rows[lo]:sorted_rows[hi - 1] + 1]
         result = np.empty_like(out)
         result[order] = out
         return from_storage(result, self.dtype)
