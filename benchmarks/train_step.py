@@ -18,28 +18,12 @@ import time
 import torch
 
 from usae.config import resolve, with_train
-from usae.losses import CRITERIA, naive_reference_aux_codes
-from usae.sae import UniversalSAE, normalize_rows
-from usae.train import step_loss
+from usae.oracles import naive_step_loss
+from usae.sae import UniversalSAE
+from usae.step import step_loss
 
 MODELS = ("siglip", "dinov2", "vit")
 DIMS = (768, 384, 768)
-
-
-def dense_reference_loss(sae: UniversalSAE, xs: dict, source: int, crit_name: str,
-                         aux_coef: float) -> torch.Tensor:
-    crit = CRITERIA[crit_name]
-    src = sae.models[source]
-    pre = sae.encoders[src](xs[src])
-    vals, idx = torch.topk(torch.relu(pre), sae.cfg.k, dim=1)
-    codes = torch.zeros_like(pre).scatter(1, idx, vals)
-    total = pre.new_zeros(())
-    for m in sae.models:
-        dict_nd = normalize_rows(sae.dictionaries[m])  # every decoder gets gradients
-        xhat = codes @ dict_nd
-        aux_codes = naive_reference_aux_codes(pre, codes)  # full sort, once per decoder
-        total = total + crit(xs[m], xhat) + aux_coef * crit(xs[m] - xhat, aux_codes @ dict_nd)
-    return total
 
 
 def full_step(sae, opt, loss_fn, src_model: str, clip: float) -> float:
@@ -79,7 +63,7 @@ def main() -> None:
                     help="do not apply the trainer's keep_freed_memory setting")
     args = ap.parse_args()
     if not args.glibc_default_malloc:
-        from usae.memory import keep_freed_memory
+        from usae.malloc import keep_freed_memory
 
         # What the trainer does on CPU. Process-wide, so the dense formulation gets it too:
         # the ratio compares the maths, like for like.
@@ -93,7 +77,7 @@ def main() -> None:
     ours_sae, dense_sae = copy.deepcopy(base), copy.deepcopy(base)
     l_ours, _, _ = step_loss(ours_sae, xs, 0, cfg)
     l_ours.backward()
-    l_dense = dense_reference_loss(dense_sae, xs, 0, "l1", 0.1)
+    l_dense = naive_step_loss(dense_sae, xs, 0, "l1")
     l_dense.backward()
     loss_rel = abs(float(l_ours.detach()) - float(l_dense.detach())) / abs(float(l_dense.detach()))
     # One relative norm over all stepped gradients (the bias before BatchNorm has a zero true
@@ -117,8 +101,8 @@ def main() -> None:
         t_o = timed(lambda: full_step(saes["ours"], opts["ours"][m],
                                       lambda: step_loss(saes["ours"], xs, src, cfg)[0], m, 1.0))
         t_d = timed(lambda: full_step(saes["dense"], opts["dense"][m],
-                                      lambda: dense_reference_loss(saes["dense"], xs, src,
-                                                                   "l1", 0.1), m, 1.0))
+                                      lambda: naive_step_loss(saes["dense"], xs, src, "l1"),
+                                      m, 1.0))
         if rep:
             ours_t.append(t_o)
             dense_t.append(t_d)

@@ -2,13 +2,13 @@ import json
 
 import pytest
 
-from usae.config import PRESETS, RunConfig, SAEConfig, load_config_file, parse_set, resolve
+from usae.config import TRAIN_PRESETS, RunConfig, SAEConfig, load_config_file, parse_set, resolve
 from usae.errors import UsaeError
 
 
 def test_paper_preset_is_the_default_and_matches_the_paper():
     cfg = resolve(("a", "b", "c"), (768, 384, 768), "paper")
-    assert PRESETS["paper"] == {}
+    assert TRAIN_PRESETS["paper"] == {}
     assert cfg.sae.n == 6144 and cfg.sae.k == 32 and cfg.sae.encoder == "mlp_bn_1"
     assert cfg.sae.standardize == "scalar"
     t = cfg.train

@@ -12,7 +12,7 @@ from usae.config import resolve
 from usae.controls import match_dictionaries
 from usae.errors import UsaeError
 from usae.evaluate import evaluate
-from usae.io import load_safetensors
+from usae.files import load_safetensors
 from usae.sae import UniversalSAE
 from usae.store import Store, StoreSource, store_from_arrays
 from usae.train import train_run

@@ -8,28 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from usae.config import resolve
-from usae.fused import multi_decode, paired_criterion
-from usae.losses import (CRITERIA, naive_reference_aux_codes, reference_aux_codes,
-                         reference_aux_codes_)
-from usae.sae import UniversalSAE, normalize_rows
-from usae.train import step_loss
-
-
-def naive_step_loss(sae, xs, source, crit_name="l1", coef=0.1, aux="reference"):
-    """The reference: dense codes, a full top-n/2 sort per decoder, every decoder gets grads."""
-    crit = CRITERIA[crit_name]
-    src = sae.models[source]
-    pre = sae.encoders[src](xs[src])
-    vals, idx = torch.topk(torch.relu(pre), sae.cfg.k, dim=1)
-    codes = torch.zeros_like(pre).scatter(1, idx, vals)
-    total = pre.new_zeros(())
-    for m in sae.models:
-        d = normalize_rows(sae.dictionaries[m])
-        xhat = codes @ d
-        total = total + crit(xs[m], xhat)
-        if aux == "reference":
-            total = total + coef * crit(xs[m] - xhat, naive_reference_aux_codes(pre, codes) @ d)
-    return total
+from usae.fused import multi_decode, paired_criterion, reference_aux_codes_
+from usae.oracles import naive_criterion, naive_reference_aux_codes, naive_step_loss
+from usae.sae import UniversalSAE
+from usae.step import reference_aux_codes, step_loss
 
 
 @given(st.integers(2, 40), st.integers(4, 64), st.integers(1, 8), st.integers(0, 10_000))
@@ -123,13 +105,13 @@ def test_paired_criterion_matches_autograd(squared, detach):
     ah = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
     total, main, aux = paired_criterion(x, xh, ah, [3, 4], 0.3, squared, detach)
     total.backward()
-    crit = CRITERIA["l2" if squared else "l1"]
+    name = "l2" if squared else "l1"
     x2, xh2, ah2 = (t.detach().clone().requires_grad_() for t in (x, xh, ah))
     ref = 0
     for a, b in ((0, 3), (3, 7)):
         r = x2[:, a:b] - xh2[:, a:b]
-        ref = ref + crit(x2[:, a:b], xh2[:, a:b]) + 0.3 * crit(r.detach() if detach else r,
-                                                              ah2[:, a:b])
+        ref = ref + naive_criterion(name, x2[:, a:b], xh2[:, a:b]) + 0.3 * naive_criterion(
+            name, r.detach() if detach else r, ah2[:, a:b])
     ref.backward()
     torch.testing.assert_close(total, ref)
     for t1, t2 in ((x, x2), (xh, xh2), (ah, ah2)):

@@ -101,7 +101,7 @@ def test_weights_not_matching_config(tmp_path):
     sae.save(tmp_path, cfg)
     other, other_cfg = make_sae(n=16)
     other_cfg_json = other_cfg
-    from usae.io import atomic_write_json
+    from usae.files import atomic_write_json
 
     atomic_write_json(tmp_path / "config.json", other_cfg_json.to_json())
     with pytest.raises(UsaeError, match="does not match config.json"):

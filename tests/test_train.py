@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from usae.config import resolve, with_train
-from usae.data import ArraySource
+from usae.sources import ArraySource
 from usae.errors import UsaeError
 from usae.store import store_from_arrays
 from usae.train import Trainer, lr_at
@@ -251,7 +251,7 @@ def test_corrupt_checkpoint_fails_clearly_on_resume(arrays, tmp_path):
 
 
 def test_keep_freed_memory_is_a_safe_process_setting():
-    from usae.memory import default_malloc, keep_freed_memory
+    from usae.malloc import default_malloc, keep_freed_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")

@@ -15,7 +15,7 @@ _LAZY = {
     "SAEConfig": "usae.config",
     "TrainConfig": "usae.config",
     "Trainer": "usae.train",
-    "ArraySource": "usae.data",
+    "ArraySource": "usae.sources",
     "UsaeError": "usae.errors",
 }
 

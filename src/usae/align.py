@@ -17,11 +17,20 @@ from usae.errors import UsaeError
 
 
 def square_grid(n_tokens: int) -> tuple[int, tuple[int, int]]:
-    """The reference's rule for (tokens, d) arrays: prefix = tokens - floor(sqrt(tokens))²."""
+    """The reference's rule for (tokens, d) arrays: prefix = tokens - floor(sqrt(tokens))²;
+    returns ``(prefix, (side, side))``."""
     side = math.isqrt(n_tokens)
     if side == 0:
         raise UsaeError(f"cannot infer a patch grid from {n_tokens} tokens")
     return n_tokens - side * side, (side, side)
+
+
+def exact_square_grid(n_tokens: int, what: str = "the layer") -> tuple[int, int]:
+    """``(side, side)`` for a token count that must be a perfect square (no prefix)."""
+    prefix, grid = square_grid(n_tokens)
+    if prefix:
+        raise UsaeError(f"{what}: {n_tokens} tokens are not a square grid; pass the grid")
+    return grid
 
 
 def common_grid(grids: dict[str, tuple[int, int]], tolerance: float = 0.1) -> tuple[int, int]:

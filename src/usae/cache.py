@@ -21,35 +21,11 @@ from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Backbone, Preprocess
 from usae.errors import UsaeError
-from usae.images import list_images, load_rgb
+from usae.images import list_images, load_rgb, normalize, resize_crop
+from usae.options import CacheOptions, merged
 from usae.store import ModelEntry, StoreWriter
 
 log = logging.getLogger(__name__)
-
-
-def preprocess_image(img: "Image.Image", p: Preprocess) -> Tensor:  # noqa: F821
-    """PIL RGB -> normalized (3, H, W): resize the short side (antialiased), center-crop."""
-    return normalize(resize_crop(img, p), p)
-
-
-def resize_crop(img: "Image.Image", p: Preprocess) -> Tensor:  # noqa: F821
-    """PIL RGB -> (3, H, W) float in [0, 1]: short side to ``p.resize``, center crop."""
-    from PIL import Image
-
-    modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-             "lanczos": Image.LANCZOS}
-    w, h = img.size
-    ch, cw = p.crop
-    scale = max(p.resize / min(w, h), ch / h, cw / w)
-    new = (max(cw, round(w * scale)), max(ch, round(h * scale)))
-    img = img.resize(new, modes.get(p.interpolation, Image.BICUBIC))  # PIL filters antialias
-    left, top = (new[0] - cw) // 2, (new[1] - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-
-def normalize(x: Tensor, p: Preprocess) -> Tensor:
-    return (x - torch.tensor(p.mean).view(3, 1, 1)) / torch.tensor(p.std).view(3, 1, 1)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -99,25 +75,27 @@ def extract_batch(backbones: list[Backbone], pixels: dict[str, Tensor],
 
 
 def cache(models: str | list[str], images: str | Path, out: str | Path,
-          dtype: str = "float16", batch_size: int = 32, workers: int = 2,
-          align: str = "resample", keep_cls: bool = False, device: str = "cpu",
-          val_fraction: float = 0.1, seed: int = 0, pretrained: bool | None = None,
-          progress: bool = True, timings: dict[str, float] | None = None) -> dict[str, Any]:
+          options: CacheOptions | None = None, *, pretrained: bool | None = None,
+          progress: bool = True, timings: dict[str, float] | None = None,
+          **changes: Any) -> dict[str, Any]:
     """Extract aligned activations of several models for a folder of images into a store.
 
-    ``timings``, when given, receives ``seconds`` and ``images_per_s`` of the extraction loop.
+    ``options`` (or keyword ``changes`` to the defaults, e.g. ``batch_size=16``): see
+    ``CacheOptions``. ``timings``, when given, receives ``seconds``, ``images_per_s`` and
+    ``forward_seconds`` of the extraction loop.
     """
+    o = merged(CacheOptions, options, changes)
     specs = expand_specs(models)
-    entries = list_images(images, val_fraction=val_fraction, seed=seed)
-    backbones, target = build_backbones(specs, pretrained=pretrained, align=align)
+    entries = list_images(images, val_fraction=o.val_fraction, seed=o.seed)
+    backbones, target = build_backbones(specs, pretrained=pretrained, align=o.align)
     for b in backbones:
-        b.to(device)
-    writer = StoreWriter(out, model_entries(backbones, target, keep_cls), entries, dtype,
-                         extra={"source": str(Path(images).resolve()), "align": align})
+        b.to(o.device)
+    writer = StoreWriter(out, model_entries(backbones, target, o.keep_cls), entries, o.dtype,
+                         extra={"source": str(Path(images).resolve()), "align": o.align})
     todo = [e["path"] for e in entries[writer.done:]]
     if writer.done:
         log.info("resuming %s: %d of %d images already stored", out, writer.done, len(entries))
-    stats = run_extraction(writer, backbones, target, todo, batch_size, workers, keep_cls,
+    stats = run_extraction(writer, backbones, target, todo, o.batch_size, o.workers, o.keep_cls,
                            progress)
     manifest = writer.finalize()
     if timings is not None:

@@ -1,4 +1,10 @@
-"""The ``usae`` command: thin argument parsing over the Python API."""
+"""The ``usae`` command: argument parsing generated from the option dataclasses.
+
+Flags and defaults of ``cache``, ``eval`` and ``explore`` come from ``usae.options``, those of
+``train`` from ``usae.config``; every ``--help`` shows the defaults. Handlers live in
+``usae.commands`` (one API call each). Every user mistake ends as one line,
+``usae <command>: error: <what> — <what to do>``, with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,12 @@ import logging
 import os
 import sys
 
+from usae import __version__
 from usae.errors import UsaeError
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps epilogs as written and shows every default."""
+
 
 def _config_keys_help() -> str:
     from usae.config import SAEConfig, TrainConfig, field_help
@@ -21,110 +32,120 @@ def _config_keys_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from usae.config import PRESETS
+def _sub(sub, name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, formatter_class=_Formatter,
+                          **kwargs)
 
-    p = argparse.ArgumentParser(prog="usae", description="Universal Sparse Autoencoders: one "
-                                "sparse concept space shared by several vision models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("demo", help="offline end-to-end demo on real pretrained CNNs and photos")
-    s.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+def _add_demo(sub) -> None:
+    s = _sub(sub, "demo", "offline end-to-end demo on real pretrained CNNs and photos")
+    s.add_argument("--out", default="demo-output", help="output folder")
     s.add_argument("--images", type=int, default=320, help="number of training crops")
     s.add_argument("--steps", type=int, default=0, help="training steps (0: the demo default)")
     s.add_argument("--models", default="demo", help="model specs or the 'demo' preset")
     s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
 
-    s = sub.add_parser("cache", help="extract activations of several models into a store",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="model specs: see README (presets: paper, demo)")
+
+def _add_cache(sub) -> None:
+    from usae.options import CacheOptions, add_arguments
+
+    s = _sub(sub, "cache", "extract activations of several models into a store",
+             epilog="model specs: see README (presets: paper, demo)")
     s.add_argument("--models", required=True, help="SPEC[,SPEC...] or a preset: paper, demo")
     s.add_argument("--images", required=True, help="folder of images (class subfolders and "
                    "train/val levels allowed) or a text file listing image paths")
     s.add_argument("--out", required=True, help="store folder; re-running resumes")
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
-                   help="image-decoding processes (default: half the cores, 1 to 4)")
-    s.add_argument("--align", default="resample", choices=["resample", "resize_input"],
-                   help="resample feature grids to the smallest (paper), or resize inputs so "
-                   "grids match")
-    s.add_argument("--keep-cls", action="store_true", help="keep the CLS token as an extra row")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=0)
+    add_arguments(s, CacheOptions)
 
-    st = sub.add_parser("store", help="inspect or import activation stores")
+
+def _add_store(sub) -> None:
+    st = _sub(sub, "store", "inspect or import activation stores")
     ssub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
-    s = ssub.add_parser("info", help="print the store's models, images and splits as JSON")
+    s = _sub(ssub, "info", "print the store's models, images and splits as JSON")
     s.add_argument("store")
-    s = ssub.add_parser("import-npz", help="import the reference's per-image .npz cache")
+    s = _sub(ssub, "import-npz", "import the reference's per-image .npz cache")
     s.add_argument("src", help="folder tree of <image>_combined.npz or <image>_<NAME>.npz")
     s.add_argument("--out", required=True)
     s.add_argument("--models", required=True, help="NAME[,NAME...]")
-    s.add_argument("--split", default=None, help="split the images go to (default: seeded "
+    s.add_argument("--split", default=None, help="split the images go to (default: a seeded "
                    "10%% val)")
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
-    s = sub.add_parser("train", help="train a universal SAE on a store",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_config_keys_help())
+
+def _add_train(sub) -> None:
+    from usae.config import TRAIN_PRESETS
+
+    s = _sub(sub, "train", "train a universal SAE on a store", epilog=_config_keys_help())
     s.add_argument("--store", required=True)
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--config", help="JSON or YAML file of config keys")
-    s.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper: exactly the reference's rule (default)")
-    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--preset", default="paper", choices=sorted(TRAIN_PRESETS),
+                   help="paper: exactly the reference's rule")
+    s.add_argument("--max-steps", type=int, default=None, help="stop after N steps "
+                   "(default: the config's max_steps, else epochs)")
     s.add_argument("--resume", action="store_true", help="continue from RUN's checkpoint")
+    s.add_argument("--force", action="store_true", help="replace a run already in --out")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
-    s.add_argument("--split", default="train", help="training split (default train)")
-    s.add_argument("--device", default=None, help="cpu or cuda")
+    s.add_argument("--split", default="train", help="training split")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     s.add_argument("--independent", action="store_true",
                    help="train one ordinary TopK SAE per model instead (control)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("import-reference", help="convert the paper's released checkpoints")
-    s.add_argument("config", help="the reference YAML (model_zoo with checkpoint_path...)")
-    s.add_argument("--out", required=True)
 
+def _add_codec(sub) -> None:
     for name, what in (("encode", "raw activations (N, d) -> codes (N, n)"),
                        ("decode", "codes (N, n) -> raw activations of one model (N, d)")):
-        s = sub.add_parser(name, help=what)
+        s = _sub(sub, name, what)
         s.add_argument("run")
         s.add_argument("--model", required=True)
         s.add_argument("--input" if name == "encode" else "--codes", required=True,
                        dest="input", help=".npy file")
         s.add_argument("--out", required=True, help=".npy file (float32)")
-        s.add_argument("--device", default="cpu")
+        s.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
 
-    s = sub.add_parser("eval", help="cross-model R2, universality metrics and plots")
+
+def _add_analysis(sub) -> None:
+    from usae.options import EvalOptions, ExploreOptions, add_arguments
+
+    s = _sub(sub, "eval", "cross-model R2, universality metrics and plots")
     s.add_argument("run")
     s.add_argument("--store", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--split", default="val", help="split to evaluate, or 'all' (default val)")
-    s.add_argument("--threshold", type=float, default=0.1, help="firing threshold tau")
-    s.add_argument("--batch-images", type=int, default=32)
-    s.add_argument("--device", default="cpu")
+    add_arguments(s, EvalOptions)
     s.add_argument("--independent", default=None, help="run folder of independent SAEs to "
                    "match against (Hungarian on cosine)")
     s.add_argument("--compare", nargs="*", default=None, metavar="RUN",
                    help="other runs (the shuffled-pairing control, training variants) to "
-                   "evaluate on the same split and summarize beside this one")
-    s.add_argument("--no-plots", action="store_true")
+                   "evaluate on the same split, reported beside this one")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
-    s = sub.add_parser("explore", help="write a static concept explorer")
+    s = _sub(sub, "explore", "write a static concept explorer")
     s.add_argument("run")
     s.add_argument("--store", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--eval", default=None, help="an eval folder to reuse (default: run eval)")
-    s.add_argument("--top", type=int, default=10, help="top images per concept")
-    s.add_argument("--split", default="all")
+    s.add_argument("--eval", default=None, help="an eval folder to reuse (default: evaluate "
+                   "the run into OUT/eval)")
+    add_arguments(s, ExploreOptions)
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
-    s = sub.add_parser("serve", help="serve an explorer folder on 127.0.0.1")
+    s = _sub(sub, "serve", "serve an explorer folder on 127.0.0.1")
     s.add_argument("dir")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="usae", description="Universal Sparse Autoencoders: one "
+                                "sparse concept space shared by several vision models.")
+    p.add_argument("--version", action="version", version=f"usae {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_cache, _add_store, _add_train, _add_codec, _add_analysis):
+        add(sub)
+    s = _sub(sub, "import-reference", "convert the paper's released checkpoints")
+    s.add_argument("config", help="the reference YAML (model_zoo with checkpoint_path...)")
+    s.add_argument("--out", required=True)
     return p
 
 
@@ -144,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsaeError as err:
         print(f"usae {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"usae {args.command}: interrupted; re-run to resume", file=sys.stderr)
+    except BrokenPipeError:
+        # `usae store info S | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as err:
+        detail = str(err) or "re-run the same command to resume"
+        print(f"usae {args.command}: interrupted: {detail}", file=sys.stderr)
         return 130
 
 

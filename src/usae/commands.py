@@ -1,4 +1,5 @@
-"""CLI command handlers: each turns parsed arguments into one call of the Python API."""
+"""CLI command handlers: each turns parsed arguments into one call of the Python API and
+prints what was written (only after it was written)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,32 @@ from pathlib import Path
 import numpy as np
 
 from usae.errors import UsaeError
+from usae.files import atomic_write_with
 
 log = logging.getLogger("usae")
 
 
 def _load_npy(path: str) -> np.ndarray:
+    """A numeric .npy array (nothing is unpickled)."""
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsaeError(f"{path} does not exist") from None
-    except (OSError, ValueError) as err:
-        raise UsaeError(f"{path} is not a readable .npy array: {err}") from None
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise UsaeError(f"{path} holds Python objects (a pickled array); usae reads only "
+                            "numeric .npy files — save it with a float dtype") from None
+        raise UsaeError(f"{path} is not a .npy array ({err}) — save it with numpy.save"
+                        ) from None
+    except OSError as err:
+        raise UsaeError(f"{path} is not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+        raise UsaeError(f"{path} has dtype {getattr(array, 'dtype', type(array))}; expected a "
+                        "numeric (float or integer) array")
+    return array
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    from usae.io import atomic_write_with
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
@@ -33,31 +44,30 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     atomic_write_with(Path(path), write)
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
+def _codec(args: argparse.Namespace, encode: bool) -> tuple[tuple[int, ...], str]:
     import torch
 
+    from usae.options import check_device
     from usae.sae import UniversalSAE
 
+    check_device(args.device)
     sae = UniversalSAE.load(args.run, device=args.device)
-    x = _load_npy(args.input)
     sae.index(args.model)
-    codes = sae.encode(args.model, torch.from_numpy(np.asarray(x, dtype=np.float32)))
-    _save_npy(args.out, codes.numpy().astype(np.float32))
-    print(f"wrote {args.out}: codes {tuple(codes.shape)} float32")
+    x = torch.from_numpy(np.asarray(_load_npy(args.input), dtype=np.float32))
+    out = sae.encode(args.model, x) if encode else sae.decode(args.model, x)
+    _save_npy(args.out, out.numpy().astype(np.float32))
+    return tuple(out.shape), "codes" if encode else "activations"
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    shape, what = _codec(args, encode=True)
+    print(f"wrote {args.out}: {what} {shape} float32")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    import torch
-
-    from usae.sae import UniversalSAE
-
-    sae = UniversalSAE.load(args.run, device=args.device)
-    sae.index(args.model)
-    codes = _load_npy(args.input)
-    x = sae.decode(args.model, torch.from_numpy(np.asarray(codes, dtype=np.float32)))
-    _save_npy(args.out, x.numpy().astype(np.float32))
-    print(f"wrote {args.out}: activations {tuple(x.shape)} float32")
+    shape, what = _codec(args, encode=False)
+    print(f"wrote {args.out}: {what} {shape} float32")
     return 0
 
 
@@ -73,7 +83,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     if args.store_command == "info":
         from usae.store import Store
 
-        print(json.dumps(Store(args.store).info(), indent=2))
+        print(json.dumps(Store(args.store).info(), indent=2), flush=True)
         return 0
     if args.store_command == "import-npz":
         from usae.npz_import import import_npz
@@ -82,64 +92,43 @@ def cmd_store(args: argparse.Namespace) -> int:
         manifest = import_npz(args.src, args.out, models, split=args.split, dtype=args.dtype)
         print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
         return 0
-    raise UsaeError("usage: usae store {info,import-npz} ...")
-
-
-def build_run_config(store_models, store_dims, args: argparse.Namespace):
-    """Preset + --config + --set. With --resume the run's own config is the base, so only
-    the keys given again are compared with it."""
-    from dataclasses import asdict, replace
-
-    from usae.config import load_config_file, parse_set, resolve
-
-    overrides = {}
-    preset, old = args.preset, None
-    saved = Path(args.out) / "config.json"
-    if getattr(args, "resume", False) and saved.exists():
-        from usae.sae import load_run_config
-
-        old = load_run_config(args.out)
-        overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
-        overrides.update(asdict(old.train))
-        preset = "paper"  # the saved values already include their preset's; no second layer
-    if args.config:
-        overrides.update(load_config_file(args.config))
-    overrides.update(parse_set(args.set))
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
-    if args.device:
-        overrides["device"] = args.device
-    cfg = resolve(tuple(store_models), tuple(store_dims), preset, overrides)
-    return replace(cfg, preset=old.preset) if old is not None else cfg
+    raise UsaeError("a store command is needed — usage: usae store {info,import-npz} ...")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from usae.store import Store, StoreSource
-    from usae.train import train_run
+    from usae.train import train_from_store
 
-    store = Store(args.store)
-    cfg = build_run_config(store.models, store.dims, args)
-    source = StoreSource(store, split=args.split)
-    val = None
-    if cfg.train.eval_every:
-        try:
-            val = StoreSource(store, split="val")
-        except UsaeError:
-            log.warning("no val split in the store: the held-out R2 matrix is off")
-    train_run(cfg, source, args.out, val_source=val, resume=args.resume,
-              independent=args.independent, progress=not args.no_progress,
-              store_manifest=store.manifest)
-    print(f"wrote {args.out}: config.json, model.safetensors, metrics.jsonl")
+    summary = train_from_store(args.store, args.out, preset=args.preset,
+                               config_file=args.config, sets=args.set,
+                               max_steps=args.max_steps, device=args.device,
+                               resume=args.resume, force=args.force, split=args.split,
+                               independent=args.independent, progress=not args.no_progress)
+    print(_train_summary(summary))
     return 0
+
+
+def _train_summary(s: dict) -> str:
+    if "independent" in s:
+        return f"wrote {s['run']}: one independent SAE per model ({', '.join(s['independent'])})"
+    lines = [f"wrote {s['run']}: config.json, model.safetensors, metrics.jsonl, checkpoint",
+             f"  {s['steps']} steps, {s['tokens']:,} tokens in {s['elapsed_s']:.1f}s "
+             f"({s['tokens_per_s']:,} tokens/s)"]
+    if s.get("loss") is not None:
+        recon = ", ".join(f"{m} {v:.4f}" for m, v in (s.get("recon") or {}).items())
+        lines.append(f"  last logged loss {s['loss']:.4f} (reconstruction: {recon})")
+    if s.get("val_r2"):
+        r2 = np.asarray(s["val_r2"])
+        off = r2[~np.eye(len(r2), dtype=bool)]
+        lines.append(f"  held-out R2: self {np.diag(r2).mean():.3f}"
+                     + (f", cross {off.mean():.3f}" if off.size else ""))
+    return "\n".join(lines)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from usae.cache import cache
+    from usae.options import CacheOptions, from_args
 
-    manifest = cache(args.models, args.images, args.out, dtype=args.dtype,
-                     batch_size=args.batch_size, workers=args.workers, align=args.align,
-                     keep_cls=args.keep_cls, device=args.device,
-                     val_fraction=args.val_fraction, seed=args.seed)
+    manifest = cache(args.models, args.images, args.out, from_args(CacheOptions, args))
     skipped = sum(1 for i in manifest["images"] if i.get("skipped"))
     print(f"wrote {args.out}: {manifest['n_images']} images ({skipped} skipped), models "
           f"{list(manifest['models'])}")
@@ -170,24 +159,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from usae.evaluate import evaluate
+    from usae.options import EvalOptions, from_args
 
-    report = evaluate(args.run, args.store, args.out, split=args.split,
-                      threshold=args.threshold, batch_images=args.batch_images,
-                      device=args.device, plots=not args.no_plots,
-                      independent=args.independent, compare=args.compare)
+    opts = from_args(EvalOptions, args)
+    report = evaluate(args.run, args.store, args.out, opts, independent=args.independent,
+                      compare=args.compare, force=args.force)
     s = report["summary"]
     cross = "n/a" if s["cross_r2_mean"] is None else f"{s['cross_r2_mean']:.3f}"
-    print(f"wrote {args.out}: report.json, concepts.csv, plots — R2 self "
-          f"{s['self_r2_mean']:.3f}, cross {cross}, "
+    written = "report.json, concepts.csv" + (", plots" if opts.plots else "")
+    print(f"wrote {args.out}: {written} — R2 self {s['self_r2_mean']:.3f}, cross {cross}, "
           f"{report['concept_classes']['universal']} universal concepts")
     return 0
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from usae.explorer.build import build_explorer
+    from usae.options import ExploreOptions, from_args
 
-    index = build_explorer(args.run, args.store, args.out, eval_dir=args.eval, top=args.top,
-                           split=args.split)
+    index = build_explorer(args.run, args.store, args.out, eval_dir=args.eval,
+                           options=from_args(ExploreOptions, args), force=args.force)
     print(f"wrote {index}: open it in a browser, or run: usae serve {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -16,6 +17,7 @@ from usae.errors import UsaeError
 
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
 STANDARDIZE = ("scalar", "per_dim", "center_per_dim")
+DATA_KEYS = ("models", "dims")  # set from the data, never by the user
 
 
 def _help(text: str, default: Any) -> Any:
@@ -50,6 +52,9 @@ class SAEConfig:
                             f"got {self.standardize!r}")
         if self.k <= 0:
             raise UsaeError(f"config: k must be positive, got {self.k}")
+        if self.n_concepts < 0:
+            raise UsaeError(f"config: n_concepts must be positive (or 0 for 8 x max d), got "
+                            f"{self.n_concepts}")
         if self.models and self.k > self.n:
             raise UsaeError(f"config: k={self.k} is larger than the number of concepts n={self.n}")
 
@@ -91,6 +96,8 @@ class TrainConfig:
     device: str = _help("cpu or cuda.", "cpu")
     log_every: int = _help("Write metrics.jsonl every N steps.", 10)
     checkpoint_every: int = _help("Checkpoint every N steps (and always at the end).", 500)
+    checkpoint_minutes: float = _help("Also checkpoint when this many minutes have passed "
+                                      "since the last one (SIGINT/SIGTERM always save).", 10.0)
     eval_every: int = _help("Held-out R2 matrix every N steps; 0 disables.", 0)
     eval_batches: int = _help("Batches used for the held-out R2 matrix.", 4)
     keep_freed_memory: bool = _help("CPU: keep freed memory for reuse (glibc), avoiding page "
@@ -100,6 +107,10 @@ class TrainConfig:
     wandb: bool = _help("Also log to Weights & Biases (lazy import, offline-safe).", False)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsaeError(f"config: {f.name} must be a finite number, got {value}")
         checks = {
             "criterion": ("l1", "l2"),
             "aux": ("reference", "gao", "none"),
@@ -117,7 +128,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UsaeError(f"config: {name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "log_every", "checkpoint_every", "eval_every",
-                     "aux_k", "weight_decay", "grad_clip", "aux_coef"):
+                     "aux_k", "weight_decay", "grad_clip", "aux_coef", "checkpoint_minutes",
+                     "min_lr", "dead_after_tokens"):
             if getattr(self, name) < 0:
                 raise UsaeError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.log_every == 0 or self.checkpoint_every == 0:
@@ -147,7 +159,7 @@ class RunConfig:
 
 
 # Each preset lists only its differences from the paper's defaults.
-PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # The paper plus the one improvement that won clearly in docs/RESULTS.md: every decoder
     # steps every iteration (cross R2 0.36 vs -0.05 at equal steps on the demo store).
@@ -219,6 +231,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise UsaeError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip() in DATA_KEYS:
+            raise UsaeError(f"--set {key.strip()}=...: models and dims come from the store, "
+                            "they cannot be set")
         out[key.strip()] = value.strip()
     return out
 
@@ -245,17 +260,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     for key, value in obj.items():
         if key in ("sae", "train") and isinstance(value, dict):
             flat.update(value)
-        elif key != "preset":
+        elif key not in ("preset", "store", "status"):  # a run's config.json works too
             flat[key] = value
+    for key in DATA_KEYS:  # they come from the data
+        flat.pop(key, None)
     return flat
 
 
 def resolve(models: tuple[str, ...], dims: tuple[int, ...], preset: str = "paper",
             overrides: dict[str, Any] | None = None) -> RunConfig:
     """Preset, then overrides, then validation: the one way configs are built."""
-    if preset not in PRESETS:
-        raise UsaeError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    merged = {**PRESETS[preset], **(overrides or {})}
+    if preset not in TRAIN_PRESETS:
+        raise UsaeError(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    merged = {**TRAIN_PRESETS[preset], **(overrides or {})}
     sae_kw, train_kw = split_overrides(merged)
     sae_kw = {**sae_kw, "models": tuple(models), "dims": tuple(int(d) for d in dims)}
     return RunConfig(sae=from_dict(SAEConfig, sae_kw), train=from_dict(TrainConfig, train_kw),

@@ -3,19 +3,19 @@
 - Independent SAEs (the paper's Fig. 7): match each model's USAE dictionary to an ordinary
   TopK SAE trained on the same model alone, by Hungarian assignment on cosine similarity,
   against a random-Gaussian dictionary matched the same way.
-- Comparisons: other runs (the shuffled-pairing control, training variants) evaluated on the
-  same split, summarized side by side.
+
+Pure functions of dictionaries: run comparisons live in ``usae.evaluate``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from usae import run as run_folder
 from usae.errors import UsaeError
 from usae.sae import UniversalSAE
 
@@ -36,7 +36,7 @@ def independent_consistency(sae: UniversalSAE, independent_run: str | Path,
     """Per model: fraction of USAE concepts matched with cosine > ``threshold``, mean cosine,
     and the same for a random Gaussian dictionary (the chance level)."""
     root = Path(independent_run)
-    if not (root / "independent.json").exists():
+    if not (root / run_folder.INDEPENDENT_FILE).exists():
         raise UsaeError(f"{root} is not an independent run (train it with --independent)")
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {"cosine_threshold": threshold, "models": {}}
@@ -53,32 +53,3 @@ def independent_consistency(sae: UniversalSAE, independent_run: str | Path,
                             "random_matched_fraction": float((rand > threshold).mean()),
                             "random_mean_cosine": float(rand.mean())}
     return out
-
-
-def compare_runs(report: dict[str, Any], run: Path, others: list[str | Path], store: str | Path,
-                 split: str, threshold: float, batch_images: int, device: str
-                 ) -> list[dict[str, Any]]:
-    """Evaluate other runs on the same split; one summary row per run, this run first."""
-    from usae.evaluate import evaluate
-
-    rows = [_summary(run, report)]
-    for other in others:
-        sub = Path(other)
-        rep = evaluate(sub, store, sub / "eval", split=split, threshold=threshold,
-                       batch_images=batch_images, device=device, plots=False, progress=False)
-        rows.append(_summary(sub, rep))
-    return rows
-
-
-def _summary(run: Path, report: dict[str, Any]) -> dict[str, Any]:
-    try:
-        cfg = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    train = cfg.get("train", {})
-    return {"run": str(run), "preset": cfg.get("preset"),
-            "shuffle_pairing": train.get("shuffle_pairing"),
-            "decoder_update": train.get("decoder_update"), "schedule": train.get("schedule"),
-            "standardize": cfg.get("sae", {}).get("standardize"),
-            **report["summary"],
-            "dead_fraction_mean": float(np.mean(list(report["dead_fraction"].values())))}

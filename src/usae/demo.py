@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from usae import run as run_folder
 from usae.errors import UsaeError
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,16 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
         overrides.update({"n_concepts": 256, "batch_images": 4})
     cfg = resolve(store.models, store.dims, "demo", overrides)
     log.info("[3/5] training a universal SAE (%s) -> %s", cfg.preset, run)
-    resume = (run / "checkpoint.safetensors").exists()
+    resume = (run / run_folder.CHECKPOINT_FILE).exists()
     try:
         train_run(cfg, source, run, resume=resume, progress=progress,
                   store_manifest=store.manifest)
     except UsaeError as err:
         if not resume or "different config" not in str(err):
             raise
-        train_run(cfg, source, run, progress=progress, store_manifest=store.manifest)
+        log.info("the demo's settings changed: training %s again", run)
+        train_run(cfg, source, run, force=True, progress=progress,
+                  store_manifest=store.manifest)
     timings["train_s"] = time.perf_counter() - t0 - sum(timings.values())
     results = {"out": str(out), "timings": timings}
     results.update(_analysis_stages(out, run, store_dir, progress))

@@ -13,18 +13,26 @@ Definitions (τ = ``threshold``, default 0.1 as in the reference):
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from usae import run as run_folder
+from usae.controls import independent_consistency
 from usae.errors import UsaeError
-from usae.metrics import R2Accumulator
-from usae.sae import UniversalSAE, sparse_decode
+from usae.files import (atomic_save_safetensors, atomic_write_json, atomic_write_text,
+                        replace_folder)
+from usae.metrics import R2Accumulator, cross_model_update
+from usae.options import EvalOptions, merged
+from usae.sae import UniversalSAE
+from usae.store import Store
 
 log = logging.getLogger(__name__)
 UNIVERSAL_FE = 0.85  # FE at or above: fires about equally in every model
@@ -99,20 +107,15 @@ def _entropy(fires_mn: np.ndarray) -> np.ndarray:
     return np.where(total > 0, np.abs(fe), np.nan)  # abs: no "-0.0" for one-model concepts
 
 
-def check_run_matches_store(sae: UniversalSAE, run: Path, store) -> None:
+def check_run_matches_store(sae: UniversalSAE, run: Path, store: Store) -> None:
     """Errors for different models or dims; a warning for a different layer or alignment."""
     if tuple(store.models) != sae.models:
         raise UsaeError(f"the run has models {list(sae.models)} but the store has "
-                        f"{list(store.models)}")
+                        f"{list(store.models)} — evaluate on a store cached with the same models")
     for m, d_run, d_store in zip(sae.models, sae.cfg.dims, store.dims):
         if d_run != d_store:
             raise UsaeError(f"model {m!r}: the run has d={d_run} but the store has d={d_store}")
-    import json
-
-    try:
-        recorded = json.loads((run / "config.json").read_text()).get("store", {}).get("models")
-    except (OSError, ValueError):
-        recorded = None
+    recorded = (run_folder.store_record(run) or {}).get("models")
     if not recorded:
         return
     for m in sae.models:
@@ -124,73 +127,89 @@ def check_run_matches_store(sae: UniversalSAE, run: Path, store) -> None:
                             m, key, was[key], now[key])
 
 
-def _batches(store, rows: np.ndarray, batch_images: int) -> Iterator[tuple[np.ndarray, dict]]:
-    for start in range(0, len(rows), batch_images):
-        r = rows[start:start + batch_images]
-        yield r, {m: store.read(m, r) for m in store.models}
+def eval_rows(store: Store, split: str) -> tuple[np.ndarray, str]:
+    """Rows of ``split``; without a ``val`` split, every image (with a warning)."""
+    if split == "val" and "val" not in store.splits():
+        log.warning("warning: the store has no 'val' split; evaluating on every image")
+        return store.rows("all"), "all"
+    return store.rows(split), split
 
 
 @torch.no_grad()
-def evaluate(run: str | Path, store_path: str | Path, out: str | Path, split: str = "val",
-             threshold: float = 0.1, batch_images: int = 32, device: str = "cpu",
-             top: int = 16, plots: bool = True, progress: bool = True,
-             independent: str | Path | None = None,
-             compare: list[str | Path] | None = None) -> dict[str, Any]:
-    """Evaluate a run on a store split; write report.json, concepts.csv, top images, plots."""
-    from usae.store import Store
+def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
+             options: EvalOptions | None = None, *, progress: bool = True,
+             independent: str | Path | None = None, compare: list[str | Path] | None = None,
+             force: bool = False, **changes: Any) -> dict[str, Any]:
+    """Evaluate a run on a store split; write report.json, concepts.csv, top images, plots.
 
-    run, out = Path(run), Path(out)
+    ``options`` (or keyword ``changes`` such as ``split="all"``): see ``EvalOptions``. The
+    output folder is written whole or not at all; a non-empty folder that is not an earlier
+    eval is refused unless ``force``. ``compare``: other runs evaluated on the same split,
+    their reports in ``out/compare/<i>-<name>/``.
+    """
+    o = merged(EvalOptions, options, changes)
+    run = Path(run)
     store = Store(store_path)
-    sae = UniversalSAE.load(run, device=device)
+    sae = UniversalSAE.load(run, device=o.device)
     check_run_matches_store(sae, run, store)
-    split_used = split
-    try:
-        rows = store.rows(split)
-    except UsaeError:
-        if split != "val":
-            raise
-        log.warning("the store has no 'val' split; evaluating on every image")
-        rows, split_used = store.rows("all"), "all"
-    stats = _stream(sae, store, rows, threshold, batch_images, top, progress)
-    report, concept_rows = _report(sae, stats, threshold, split_used, rows)
-    if independent:
-        from usae.controls import independent_consistency
+    rows, split_used = eval_rows(store, o.split)
+    with replace_folder(out, "report.json", force, what="eval") as tmp:
+        stats = _stream(sae, store, rows, o, progress)
+        report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
+        if independent:
+            report["independent"] = independent_consistency(sae, independent)
+        if compare:
+            report["comparison"] = compare_runs(report, run, compare, store_path, tmp / "compare",
+                                                replace(o, split=split_used, plots=False))
+        _write(tmp, report, concept_rows, stats, sae.models)
+        if o.plots:
+            from usae.plots import make_plots
 
-        report["independent"] = independent_consistency(sae, independent)
-    if compare:
-        from usae.controls import compare_runs
-
-        report["comparison"] = compare_runs(report, run, compare, store_path, split_used,
-                                            threshold, batch_images, device)
-    _write(out, report, concept_rows, stats, sae.models)
-    if plots:
-        from usae.plots import make_plots
-
-        make_plots(out, report, concept_rows)
+            make_plots(tmp, report, concept_rows)
     return report
 
 
-def _stream(sae: UniversalSAE, store, rows: np.ndarray, threshold: float, batch_images: int,
-            top: int, progress: bool) -> dict[str, Any]:
+def compare_runs(report: dict[str, Any], run: Path, others: list[str | Path],
+                 store_path: str | Path, out: Path, options: EvalOptions) -> list[dict[str, Any]]:
+    """Evaluate other runs (the shuffled-pairing control, training variants) on the same split,
+    each into ``out/<i>-<name>/``; one summary row per run, this run first."""
+    rows = [_comparison_row(run, report)]
+    for i, other in enumerate(others):
+        other = Path(other)
+        rep = evaluate(other, store_path, out / f"{i}-{other.name}", options, progress=False)
+        rows.append(_comparison_row(other, rep))
+    return rows
+
+
+def _comparison_row(run: Path, report: dict[str, Any]) -> dict[str, Any]:
+    try:
+        cfg = run_folder.read_run_json(run)
+    except UsaeError:
+        cfg = {}
+    train = cfg.get("train", {})
+    return {"run": run.name, "preset": cfg.get("preset"),
+            "shuffle_pairing": train.get("shuffle_pairing"),
+            "decoder_update": train.get("decoder_update"), "schedule": train.get("schedule"),
+            "standardize": cfg.get("sae", {}).get("standardize"),
+            **report["summary"],
+            "dead_fraction_mean": float(np.mean(list(report["dead_fraction"].values())))}
+
+
+def _stream(sae: UniversalSAE, store: Store, rows: np.ndarray, o: EvalOptions,
+            progress: bool) -> dict[str, Any]:
     from usae.progress import bar as progress_bar
 
     models = sae.models
     r2 = R2Accumulator(models, sae.cfg.dims)
-    concepts = ConceptAccumulator(models, sae.cfg.n, threshold, top)
+    concepts = ConceptAccumulator(models, sae.cfg.n, o.threshold, o.top_images)
     dicts = {m: sae.normalized_dict(m) for m in models}
     device = sae.device_of()
     bar = progress_bar(total=len(rows), desc="eval", unit="img", disable=not progress)
-    for batch_rows, raw in _batches(store, rows, batch_images):
-        raw = {m: raw[m].reshape(-1, raw[m].shape[-1]).to(device) for m in models}
-        r2.update_targets(raw)
-        codes = {}
-        for i, mi in enumerate(models):
-            enc = sae.encode_standardized(mi, sae.standardize(mi, raw[mi]))
-            codes[mi] = (enc.values_nk, enc.indices_nk)
-            for j, mj in enumerate(models):
-                xhat = sae.unstandardize(mj, sparse_decode(enc.values_nk, enc.indices_nk,
-                                                           dicts[mj]))
-                r2.update_error(i, j, raw[mj], xhat)
+    for start in range(0, len(rows), o.batch_images):
+        batch_rows = rows[start:start + o.batch_images]
+        raw = {m: store.read(m, batch_rows).reshape(-1, store.dims[j]).to(device)
+               for j, m in enumerate(models)}
+        codes = cross_model_update(r2, sae, raw, dicts)
         concepts.update(codes, torch.from_numpy(batch_rows), store.tokens)
         bar.update(len(batch_rows))
     bar.close()
@@ -198,34 +217,41 @@ def _stream(sae: UniversalSAE, store, rows: np.ndarray, threshold: float, batch_
             "dict_norms": {m: dicts[m].norm(dim=1).double().cpu() for m in models}}
 
 
-def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: str,
-            rows: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    models = sae.models
-    r2: R2Accumulator = stats["r2"]
+def _concept_arrays(models: tuple[str, ...], stats: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-concept numbers from the accumulators: fires, energy, entropy, co-fires, classes."""
     c: ConceptAccumulator = stats["concepts"]
     tokens = max(c.tokens, 1)
     fires = c.fires.numpy()
     mean_code = (c.code_sum / tokens).numpy()
     energy_mn = np.stack([np.abs(mean_code[j]) * stats["dict_norms"][m].numpy()
                           for j, m in enumerate(models)])
-    energy = energy_mn.sum(0)
     fe = _entropy(fires)
     cofires = c.cofires.numpy()
-    dead = (c.active.numpy() == 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         cfp = np.where(fires > 0, cofires[None, :] / np.where(fires > 0, fires, 1), np.nan)
-    universal = np.nan_to_num(fe, nan=-1) >= UNIVERSAL_FE
-    specific = (~np.isnan(fe)) & (fe <= SPECIFIC_FE)
-    owner = np.argmax(fires, axis=0)
+    return {"fires": fires, "energy_mn": energy_mn, "energy": energy_mn.sum(0), "fe": fe,
+            "cofires": cofires, "cfp": cfp, "dead": c.active.numpy() == 0,
+            "universal": np.nan_to_num(fe, nan=-1) >= UNIVERSAL_FE,
+            "specific": (~np.isnan(fe)) & (fe <= SPECIFIC_FE),
+            "owner": np.argmax(fires, axis=0)}
+
+
+def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: str,
+            rows: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    models = sae.models
+    r2: R2Accumulator = stats["r2"]
+    c: ConceptAccumulator = stats["concepts"]
+    a = _concept_arrays(models, stats)
+    tokens = max(c.tokens, 1)
     off = ~np.eye(len(models), dtype=bool)
-    r2_mat = r2.r2()
+    r2_mat, fe = r2.r2(), a["fe"]
     report = {
         "models": list(models),
         "r2": _round(r2_mat),
         "r2_paper": _round(r2.r2_paper()),
         "mse": _round(r2.mse()),
         "l0": {m: float(c.l0_sum[j] / tokens) for j, m in enumerate(models)},
-        "dead_fraction": {m: float(dead[j].mean()) for j, m in enumerate(models)},
+        "dead_fraction": {m: float(a["dead"][j].mean()) for j, m in enumerate(models)},
         "n_tokens": int(c.tokens),
         "n_images": int(len(rows)),
         "n_concepts": int(sae.cfg.n),
@@ -240,28 +266,31 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
         "concept_classes": {
             "thresholds": {"universal_fe_at_least": UNIVERSAL_FE,
                            "model_specific_fe_at_most": SPECIFIC_FE},
-            "universal": int(universal.sum()),
-            "model_specific": {m: int((specific & (owner == j)).sum())
+            "universal": int(a["universal"].sum()),
+            "model_specific": {m: int((a["specific"] & (a["owner"] == j)).sum())
                                for j, m in enumerate(models)},
             "never_fire": int(np.isnan(fe).sum()),
         },
     }
-    concept_rows = []
-    for k in range(sae.cfg.n):
-        row: dict[str, Any] = {"concept": k, "energy": float(energy[k]),
-                               "firing_entropy": "" if np.isnan(fe[k]) else float(fe[k])}
-        for j, m in enumerate(models):
-            row[f"fires_{m}"] = int(fires[j, k])
-        row["cofires"] = int(cofires[k])
-        for j, m in enumerate(models):
-            row[f"cofire_proportion_{m}"] = "" if np.isnan(cfp[j, k]) else float(cfp[j, k])
-        row["class"] = ("universal" if universal[k] else
-                        f"specific:{models[owner[k]]}" if specific[k] else
-                        "dead" if np.isnan(fe[k]) else "mixed")
-        for j, m in enumerate(models):
-            row[f"energy_{m}"] = float(energy_mn[j, k])
-        concept_rows.append(row)
-    return report, concept_rows
+    return report, [_concept_row(models, a, k) for k in range(sae.cfg.n)]
+
+
+def _concept_row(models: tuple[str, ...], a: dict[str, np.ndarray], k: int) -> dict[str, Any]:
+    """One line of concepts.csv (empty cells for undefined entropies and proportions)."""
+    fe, cfp = a["fe"], a["cfp"]
+    row: dict[str, Any] = {"concept": k, "energy": float(a["energy"][k]),
+                           "firing_entropy": "" if np.isnan(fe[k]) else float(fe[k])}
+    for j, m in enumerate(models):
+        row[f"fires_{m}"] = int(a["fires"][j, k])
+    row["cofires"] = int(a["cofires"][k])
+    for j, m in enumerate(models):
+        row[f"cofire_proportion_{m}"] = "" if np.isnan(cfp[j, k]) else float(cfp[j, k])
+    row["class"] = ("universal" if a["universal"][k] else
+                    f"specific:{models[a['owner'][k]]}" if a["specific"][k] else
+                    "dead" if np.isnan(fe[k]) else "mixed")
+    for j, m in enumerate(models):
+        row[f"energy_{m}"] = float(a["energy_mn"][j, k])
+    return row
 
 
 def _round(a: np.ndarray) -> list[list[float]]:
@@ -270,12 +299,8 @@ def _round(a: np.ndarray) -> list[list[float]]:
 
 def _write(out: Path, report: dict[str, Any], concept_rows: list[dict[str, Any]],
            stats: dict[str, Any], models: tuple[str, ...]) -> None:
-    from usae.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(concept_rows[0]))
     writer.writeheader()

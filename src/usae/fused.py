@@ -10,7 +10,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from usae.losses import reference_aux_codes_
+
+def reference_aux_codes_(rest_nc: Tensor) -> Tensor:
+    """In place: keep the top n/2 entries per row of ``rest_nc = relu(pre) - z`` (>= 0).
+
+    Equal, as a set, to the reference's ``topk(relu(pre) - z, n // 2)`` wherever it matters:
+    entries equal to zero decode to nothing and get zero gradient, so ties among zeros are
+    irrelevant. Rows with more than n/2 positive entries are cut at their (n/2)-th largest
+    value, found by partial selection (``kthvalue``), only on the rows that need it.
+    """
+    n = rest_nc.shape[1]
+    half = n // 2
+    over = (rest_nc > 0).sum(dim=1, dtype=torch.int32) > half
+    if bool(over.any()):
+        rows = over.nonzero().squeeze(1)
+        sub = rest_nc.index_select(0, rows)
+        # the half-th largest value = the (n - half + 1)-th smallest
+        thr = torch.kthvalue(sub, n - half + 1, dim=1).values
+        sub.masked_fill_(sub < thr.unsqueeze(1), 0.0)
+        rest_nc.index_copy_(0, rows, sub)
+    return rest_nc
 
 
 def _weight_grad(a_nc: Tensor, grad_out: Tensor, cat: Tensor, widths: list[int],

@@ -8,14 +8,21 @@ is held out as ``val``. A file that cannot be decoded is skipped with its reason
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from usae.errors import UsaeError
+from usae.splits import SPLIT_NAMES, assign_splits
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from usae.backbones.base import Preprocess
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-SPLIT_NAMES = {"train", "val", "validation", "test"}
 
 
 def list_images(src: str | Path, val_fraction: float = 0.1, seed: int = 0) -> list[dict[str, Any]]:
@@ -64,21 +71,7 @@ def _from_list_file(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def assign_splits(entries: list[dict[str, Any]], given: list[str | None], seed: int,
-                  val_fraction: float = 0.1) -> None:
-    """Use the given splits; when none are given, hold out a seeded ``val_fraction``."""
-    if any(s is not None for s in given):
-        for e, s in zip(entries, given):
-            e["split"] = s or "train"
-        return
-    n = len(entries)
-    n_val = int(round(n * val_fraction)) if n > 1 else 0
-    val = set(np.random.default_rng([seed, 104729]).permutation(n)[:n_val].tolist())
-    for i, e in enumerate(entries):
-        e["split"] = "val" if i in val else "train"
-
-
-def load_rgb(path: str | Path) -> "Image.Image":  # noqa: F821
+def load_rgb(path: str | Path) -> "Image.Image":
     """Open any image as 8-bit RGB, EXIF orientation applied; raises ``UsaeError`` when the
     file is not a decodable image (the caller records the reason and skips it)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -95,3 +88,29 @@ def load_rgb(path: str | Path) -> "Image.Image":  # noqa: F821
         raise UsaeError(f"{type(err).__name__}: {err}") from None
     except Image.DecompressionBombError as err:
         raise UsaeError(f"decompression bomb: {err}") from None
+
+
+# ---- transforms: the preprocessing every backbone declares --------------------------------
+def preprocess_image(img: "Image.Image", p: "Preprocess") -> Tensor:
+    """PIL RGB -> normalized (3, H, W): resize the short side (antialiased), center-crop."""
+    return normalize(resize_crop(img, p), p)
+
+
+def resize_crop(img: "Image.Image", p: "Preprocess") -> Tensor:
+    """PIL RGB -> (3, H, W) float in [0, 1]: short side to ``p.resize``, center crop."""
+    from PIL import Image
+
+    modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS}
+    w, h = img.size
+    ch, cw = p.crop
+    scale = max(p.resize / min(w, h), ch / h, cw / w)
+    new = (max(cw, round(w * scale)), max(ch, round(h * scale)))
+    img = img.resize(new, modes.get(p.interpolation, Image.BICUBIC))  # PIL filters antialias
+    left, top = (new[0] - cw) // 2, (new[1] - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def normalize(x: Tensor, p: "Preprocess") -> Tensor:
+    return (x - torch.tensor(p.mean).view(3, 1, 1)) / torch.tensor(p.std).view(3, 1, 1)

@@ -62,6 +62,22 @@ class R2Accumulator:
         return self.sse / (max(self.count, 1) * np.asarray(self.dims, np.float64)[None, :])
 
 
+def cross_model_update(acc: R2Accumulator, sae: UniversalSAE, raw: dict[str, Tensor],
+                       dicts: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Encode every model's raw batch ``(N, d_m)``, decode the codes into every model's raw
+    space, and add the errors to ``acc``. Returns each model's sparse codes
+    ``(values_nk, indices_nk)``. ``dicts``: each model's normalized dictionary (n, d_m)."""
+    acc.update_targets(raw)
+    codes = {}
+    for i, mi in enumerate(sae.models):
+        enc = sae.encode_standardized(mi, sae.standardize(mi, raw[mi]))
+        codes[mi] = (enc.values_nk, enc.indices_nk)
+        for j, mj in enumerate(sae.models):
+            xhat = sae.unstandardize(mj, sparse_decode(enc.values_nk, enc.indices_nk, dicts[mj]))
+            acc.update_error(i, j, raw[mj], xhat)
+    return codes
+
+
 @torch.no_grad()
 def r2_matrix(sae: UniversalSAE, batches: Iterable[dict[str, Tensor]]) -> R2Accumulator:
     """Cross-model reconstruction over raw batches (eval mode; BatchNorm uses running stats)."""
@@ -72,14 +88,8 @@ def r2_matrix(sae: UniversalSAE, batches: Iterable[dict[str, Tensor]]) -> R2Accu
     dicts = {m: sae.normalized_dict(m) for m in sae.models}
     try:
         for raw in batches:
-            raw = {m: raw[m].to(device, torch.float32) for m in sae.models}
-            acc.update_targets(raw)
-            for i, mi in enumerate(sae.models):
-                enc = sae.encode_standardized(mi, sae.standardize(mi, raw[mi]))
-                for j, mj in enumerate(sae.models):
-                    xhat = sae.unstandardize(mj, sparse_decode(enc.values_nk, enc.indices_nk,
-                                                               dicts[mj]))
-                    acc.update_error(i, j, raw[mj], xhat)
+            cross_model_update(acc, sae, {m: raw[m].to(device, torch.float32)
+                                          for m in sae.models}, dicts)
     finally:
         sae.train(was_training)
     return acc

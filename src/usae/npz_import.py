@@ -18,7 +18,7 @@ import torch
 
 from usae.align import common_grid, resample_tokens, square_grid
 from usae.errors import UsaeError
-from usae.images import assign_splits
+from usae.splits import assign_splits
 from usae.store import ModelEntry, StoreWriter
 
 

@@ -124,7 +124,7 @@ def import_reference(yaml_path: str | Path, out_dir: str | Path) -> UniversalSAE
             sae.set_standardization(name, torch.tensor(mean), torch.tensor(std))
     run_cfg = RunConfig(sae=sae_cfg, train=TrainConfig(), preset="paper")
     sae.save(out_dir, run_cfg)
-    from usae.io import atomic_write_json
+    from usae.files import atomic_write_json
 
     atomic_write_json(Path(out_dir) / "reference.json", {
         "source": str(yaml_path.resolve()),

@@ -7,7 +7,6 @@ only on request.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from usae import run as run_folder
 from usae.config import RunConfig, SAEConfig
 from usae.errors import UsaeError
 
 STD_EPS = 1e-5  # the reference's (x - mean) / (std + 1e-5)
 DICT_EPS = 1e-8  # the reference's W / (||W_row|| + 1e-8)
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class EncodeOut(NamedTuple):
@@ -172,38 +170,24 @@ class UniversalSAE(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, run_dir: str | Path, run_cfg: RunConfig | None = None) -> None:
-        """Write ``model.safetensors`` (and ``config.json`` when given), atomically."""
-        from usae.io import atomic_save_safetensors, atomic_write_json
-
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        """Write ``model.safetensors`` and, when given, ``config.json`` marked final."""
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        run_folder.save_weights(run_dir, self.state_dict())
         if run_cfg is not None:
-            atomic_write_json(run_dir / CONFIG_FILE, run_cfg.to_json())
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_save_safetensors(run_dir / WEIGHTS_FILE, tensors)
+            run_folder.write_config(run_dir, run_cfg, run_folder.final_status())
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "UniversalSAE":
-        """Load a run folder written by ``usae train`` or ``usae import-reference``."""
-        from usae.io import load_safetensors
-
-        run_cfg = load_run_config(run_dir)
+        """Load a run folder written by ``usae train`` or ``usae import-reference``; warns when
+        the run is partial (its training was interrupted)."""
+        run_cfg = run_folder.read_config(run_dir)
+        run_folder.warn_if_partial(run_dir)
         sae = cls(run_cfg.sae)
-        state = load_safetensors(Path(run_dir) / WEIGHTS_FILE)
+        state = run_folder.load_weights(run_dir)
         try:
             sae.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise UsaeError(f"{Path(run_dir) / WEIGHTS_FILE} does not match config.json: "
-                            f"{str(err).splitlines()[0]}") from None
+            detail = " ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+            raise UsaeError(f"{Path(run_dir) / run_folder.WEIGHTS_FILE} does not match "
+                            f"config.json: {detail or err}") from None
         return sae.to(device).eval()
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.exists():
-        raise UsaeError(f"{run_dir} is not a usae run: {CONFIG_FILE} is missing")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsaeError(f"{path} is corrupt: {err}") from None
-    return RunConfig.from_json(obj)

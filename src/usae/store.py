@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from usae.data import ModelStats, StatsAccumulator, epoch_permutation, pairing_permutations
+from usae.align import square_grid
 from usae.errors import UsaeError
-from usae.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from usae.files import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from usae.sources import ModelStats, StatsAccumulator, epoch_permutation, pairing_permutations
+from usae.splits import assign_splits
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,11 +60,22 @@ def to_storage(x: np.ndarray | Tensor, dtype: str) -> np.ndarray:
     return t.to(getattr(torch, dtype)).numpy()
 
 
+def storage_tensor(a: np.ndarray, dtype: str) -> Tensor:
+    """On-disk representation -> a tensor of the storage dtype (no copy when contiguous):
+    bfloat16 is stored as its 16 bits and viewed back as ``torch.bfloat16``."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def from_storage(a: np.ndarray, dtype: str) -> Tensor:
     """On-disk representation -> float32 tensor."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(a)).float()
+    return storage_tensor(a, dtype).float()
+
+
+def contiguous_runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """``[(lo, hi)]`` position ranges of ``sorted_rows`` whose values are consecutive."""
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    return [(lo, hi) for lo, hi in zip([0, *breaks], [*breaks, len(sorted_rows)]) if hi > lo]
 
 
 class StoreWriter:
@@ -96,25 +109,34 @@ class StoreWriter:
         if manifest_path.exists():
             old = read_manifest(self.path)
             if old["state"] == "final":
-                raise UsaeError(f"{self.path} is a finalized store; it is never modified "
-                                "(choose another --out)")
+                raise UsaeError(f"{self.path} is a finalized store; it is never modified — "
+                                "choose another --out")
             self._check_same(old)
-            self._load_progress()
-            return
-        if self.path.exists() and any(self.path.iterdir()):
-            raise UsaeError(f"{self.path} exists and is not a usae store; choose an empty folder")
-        self.path.mkdir(parents=True, exist_ok=True)
+            if (self.path / PROGRESS).exists():
+                self._load_progress()
+                return
+            # stopped between the manifest and the first progress file: nothing committed
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise UsaeError(f"{self.path} exists and is not a usae store — choose an empty "
+                            "folder")
+        else:
+            # the manifest comes first, so every later file is recognized as ours on re-run
+            atomic_write_json(manifest_path, self.manifest)
+        self._reserve()
+        self._save_progress()
+
+    def _reserve(self) -> None:
+        """Allocate every model's array at its full size (fails early when space is short)."""
         n = len(self.manifest["images"])
         for m in self.models:
             size = n * m.tokens * m.d * DTYPES[self.dtype][1]
-            with open(acts_file(self.path, m.name), "wb") as fh:
-                try:
+            try:
+                with open(acts_file(self.path, m.name), "wb") as fh:
                     os.posix_fallocate(fh.fileno(), 0, size)
-                except OSError as err:
-                    raise UsaeError(f"cannot reserve {size / 1e9:.2f} GB for {m.name!r} in "
-                                    f"{self.path}: {err.strerror}") from None
-        atomic_write_json(manifest_path, self.manifest)
-        self._save_progress()
+            except OSError as err:
+                raise UsaeError(f"cannot reserve {_human_bytes(size)} for {m.name!r} in "
+                                f"{self.path}: {err.strerror} — free some space and re-run "
+                                "the same command") from None
 
     def _check_same(self, old: dict[str, Any]) -> None:
         for key in ("dtype", "models"):
@@ -227,6 +249,14 @@ class StoreWriter:
         return self.manifest
 
 
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
 def content_hash(path: Path, manifest: dict[str, Any]) -> str:
     """SHA-256 over the image list and the first and last MiB of every array (cheap, stable)."""
     h = hashlib.sha256(json.dumps([i["path"] for i in manifest["images"]]).encode())
@@ -278,6 +308,14 @@ class Store:
             self._arrays[m] = np.memmap(file, dtype=np_dtype, mode="r",
                                         shape=(n, info["tokens"], info["d"]))
 
+    def grid(self) -> list[int]:
+        """The aligned token grid ``[h, w]`` (square from the token count for imports)."""
+        info = self.manifest["models"][self.models[0]]
+        if info.get("aligned_grid"):
+            return list(info["aligned_grid"])
+        tokens = self.tokens - (1 if info.get("keep_cls") else 0)
+        return list(square_grid(tokens)[1])
+
     def array(self, model: str) -> np.ndarray:
         """Raw memory-mapped (n_rows, tokens, d) array in storage dtype."""
         return self._arrays[model]
@@ -288,14 +326,14 @@ class Store:
         if not hasattr(os, "posix_fadvise") or len(rows) == 0:
             return
         rows = np.sort(np.asarray(rows))
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = contiguous_runs(rows)
         for m in self.models:
             arr = self._arrays[m]
             row_bytes = arr.shape[1] * arr.shape[2] * arr.itemsize
             fd = os.open(acts_file(self.path, m), os.O_RDONLY)
             try:
-                for run in np.split(rows, breaks):
-                    os.posix_fadvise(fd, int(run[0]) * row_bytes, len(run) * row_bytes,
+                for lo, hi in runs:
+                    os.posix_fadvise(fd, int(rows[lo]) * row_bytes, (hi - lo) * row_bytes,
                                      os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
@@ -336,10 +374,8 @@ class Store:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         out = np.empty((len(rows),) + arr.shape[1:], dtype=arr.dtype)
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        for lo, hi in zip([0, *breaks], [*breaks, len(rows)]):
-            if hi > lo:
-                out[lo:hi] = arr[sorted_rows[lo]:sorted_rows[hi - 1] + 1]
+        for lo, hi in contiguous_runs(sorted_rows):
+            out[lo:hi] = arr[sorted_rows[lo]:sorted_rows[hi - 1] + 1]
         result = np.empty_like(out)
         result[order] = out
         return from_storage(result, self.dtype)
@@ -403,14 +439,13 @@ class StoreSource:
                 window = (b * batch_images) // span
                 lo = window * span if first else (window + 1) * span
                 self.store.prefetch(self._rows[order[lo:(window + 2) * span]])
-            yield {m: self._as_tensor(self.store.array(m)[self._rows[perms[m][pos] if perms
-                                                                      else pos]])
+            yield {m: self._gather(m, self._rows[perms[m][pos] if perms else pos])
                    for m in self.models}
 
-    def _as_tensor(self, a: np.ndarray) -> Tensor:
-        if self.store.dtype == "bfloat16":
-            return torch.from_numpy(a.reshape(-1, a.shape[-1]).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a.reshape(-1, a.shape[-1]))
+    def _gather(self, model: str, rows: np.ndarray) -> Tensor:
+        """(len(rows) * tokens, d) in the storage dtype."""
+        a = self.store.array(model)[rows]
+        return storage_tensor(a.reshape(-1, a.shape[-1]), self.store.dtype)
 
 
 def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: str = "float16",
@@ -418,8 +453,6 @@ def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: st
                       paths: list[str] | None = None) -> Store:
     """Write in-memory ``{model: (n_images, tokens, d)}`` arrays as a finalized store
     (``paths``: the image files the rows stand for, if any)."""
-    from usae.images import assign_splits
-
     models = list(arrays)
     n = int(np.asarray(arrays[models[0]]).shape[0])
     entries = [ModelEntry(m, int(a.shape[2]), int(a.shape[1]), {"spec": f"array:{m}"})

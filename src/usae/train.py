@@ -3,12 +3,12 @@
 One step (``decoder_update=source``, the paper):
   1. sample the source model i from a seeded generator;
   2. z = TopK(ReLU(encoder_i(x_i)));
-  3. for every model j: criterion(x_j, z·D_j) + aux_coef · aux term;
+  3. for every model j: criterion(x_j, z·D_j) + aux_coef · aux term (``usae.step``);
   4. clip model i's gradient norm, step model i's AdamW and its own LR schedule.
 
-Gradients for decoders that will not be stepped are never computed (the reference computes
-and discards them), the main decode gathers the k active rows instead of a dense matmul, and
-the auxiliary top-n/2 set is found by partial selection once per step. The maths is the same.
+The run folder (``usae.run``) is written at every checkpoint: by step count, by wall time,
+at the end, and when SIGINT or SIGTERM arrives (after the step in flight), so an interrupted
+run always resumes. A folder that already holds a run is never replaced without ``force``.
 """
 
 from __future__ import annotations
@@ -16,84 +16,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from usae import losses
-from usae.fused import multi_decode, paired_criterion, topk_reference_aux_decode
-from usae.config import RunConfig
-from usae.data import DataSource, n_batches
+from usae import run as run_folder
+from usae.checkpoint import (load_checkpoint, load_optimizer, optimizer_tensors,
+                             read_checkpoint_config, save_checkpoint)
+from usae.config import RunConfig, load_config_file, parse_set, resolve
 from usae.errors import UsaeError
-from usae.io import atomic_save_safetensors, load_safetensors
-from usae.sae import UniversalSAE, normalize_rows, sparse_decode
+from usae.files import atomic_write_text
+from usae.loggers import MetricSinks
+from usae.sae import UniversalSAE
+from usae.sources import DataSource, ModelSubset, n_batches
+from usae.step import StepOut, step_loss
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.safetensors"
-METRICS_FILE = "metrics.jsonl"
 # Keys that may change between a run and its resume without changing its maths.
-RESUMABLE_KEYS = {"log_every", "checkpoint_every", "eval_every", "eval_batches", "device",
-                  "tensorboard", "wandb", "keep_freed_memory"}
+RESUMABLE_KEYS = {"log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
+                  "eval_batches", "device", "tensorboard", "wandb", "keep_freed_memory"}
 
 
-class StepOut(NamedTuple):
-    """One training step's scalars: total loss and the per-decoder reconstruction terms."""
-
-    loss: float
-    source: int
-    recon: list[float]
-    aux: float
-    l0: float
-
-
-def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunConfig,
-              dead_c: Tensor | None = None) -> tuple[Tensor, StepOut, Tensor]:
-    """Loss of one universal step on standardized batches ``xs`` (each (N, d_j)).
-
-    Returns (loss, scalars, fired_c) where ``fired_c`` marks concepts that fired in the batch.
-    """
-    tc = cfg.train
-    models = sae.models
-    src = models[source]
-    trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
-    dicts = [normalize_rows(sae.dictionaries[m]) if t
-             else normalize_rows(sae.dictionaries[m].detach())
-             for m, t in zip(models, trainable)]
-    widths = [d.shape[1] for d in dicts]
-
-    cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]
-    aux_all = None
-    if tc.aux == "reference":
-        pre_nc = sae.encoders[src](xs[src])
-        values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
-                                                                   widths, trainable)
-    else:
-        pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
-        if tc.aux == "gao" and dead_c is not None:
-            aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
-            codes = losses.gao_aux_codes(torch.relu(pre_nc), dead_c, aux_k)
-            if codes is not None:
-                aux_all = multi_decode(codes, cat, widths, trainable)
-    xhat_all = torch.cat([sparse_decode(values_nk, indices_nk, d) for d in dicts], dim=1)
-    x_all = torch.cat([xs[m] for m in models], dim=1)
-    total, recon, aux_parts = paired_criterion(
-        x_all, xhat_all, aux_all, widths, tc.aux_coef if aux_all is not None else 0.0,
-        squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
-    recon, aux_sum = recon.tolist(), float(aux_parts.sum())
-    active_nk = values_nk.detach() > 0
-    fired = torch.zeros(sae.cfg.n, dtype=torch.bool, device=indices_nk.device)
-    fired[indices_nk[active_nk]] = True
-    l0 = float(active_nk.sum(1).float().mean())
-    return total, StepOut(float(total.detach()), source, recon, aux_sum, l0), fired
-
-
-# ---- schedules ----------------------------------------------------------------------------
 def lr_at(t: int, warmup: int, total: int, peak: float, floor: float) -> float:
     """Linear warmup from ``floor`` over ``warmup`` steps, then cosine down to ``floor``."""
     if t < warmup:
@@ -103,34 +54,45 @@ def lr_at(t: int, warmup: int, total: int, peak: float, floor: float) -> float:
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-# ---- optimizer state in safetensors ---------------------------------------------------------
-def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    out = {}
-    for p_idx, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"opt.{name}.{p_idx}.{key}"] = torch.as_tensor(value).detach().clone()
-    return out
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the trainer saved a checkpoint at ``step`` first."""
+
+    def __init__(self, step: int, signame: str) -> None:
+        super().__init__(f"{signame} at step {step}; a checkpoint of step {step} was saved — "
+                         "re-run with --resume to continue")
+        self.step = step
 
 
-def _load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
-    sd = opt.state_dict()
-    prefix = f"opt.{name}."
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix):
-            p_idx, field = key[len(prefix):].split(".", 1)
-            state.setdefault(int(p_idx), {})[field] = value
-    sd["state"] = state
-    opt.load_state_dict(sd)
+class _StopSignals:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one
+    interrupts at once (the last checkpoint stays valid: every write is atomic)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
-# ---- the trainer ----------------------------------------------------------------------------
 class Trainer:
     """Trains a universal SAE from a ``DataSource`` into a run folder, with resume.
 
-    The trainer keeps every piece of state it needs in ``checkpoint.safetensors`` (one atomic
-    file: weights, optimizer moments, RNG state and a JSON position), so a killed run resumes
-    to exactly the losses of an uninterrupted one.
+    Every piece of state lives in ``checkpoint.safetensors`` (weights, optimizer moments,
+    RNG state and position), so a killed run resumes to exactly the losses of an
+    uninterrupted one.
     """
 
     def __init__(self, run_cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
@@ -141,10 +103,11 @@ class Trainer:
         self.extra_config = extra_config or {}
         tc = run_cfg.train
         if tc.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsaeError(f"device {tc.device!r} requested but CUDA is not available")
+            raise UsaeError(f"device {tc.device!r} requested but CUDA is not available — "
+                            "use --device cpu")
         self.device = torch.device(tc.device)
         if tc.keep_freed_memory and self.device.type == "cpu":
-            from usae.memory import keep_freed_memory
+            from usae.malloc import keep_freed_memory
 
             keep_freed_memory()
         torch.manual_seed(tc.seed)
@@ -154,79 +117,62 @@ class Trainer:
                            for m in self.sae.models}
         self.model_gen = torch.Generator().manual_seed(tc.seed)
         self.step = 0
+        self.total = 0
         self.sched_counts = [0] * len(self.sae.models)
         self.tokens = 0
         self.elapsed = 0.0
         self.since_fired = torch.zeros(run_cfg.sae.n, dtype=torch.long, device=self.device)
-        self._writers: list[Any] = []
+        self.last_row: dict[str, Any] = {}
 
     # -- state --------------------------------------------------------------------------
-    def _position(self) -> dict[str, Any]:
-        return {"step": self.step, "sched_counts": self.sched_counts, "tokens": self.tokens,
-                "elapsed_s": self.elapsed}
-
     def save_checkpoint(self) -> None:
+        """Checkpoint, weights, then config.json with the status: final at the last step."""
         tensors = {f"model.{k}": v for k, v in self.sae.state_dict().items()}
         for m, opt in self.optimizers.items():
-            tensors.update(_optimizer_tensors(m, opt))
+            tensors.update(optimizer_tensors(m, opt))
         tensors["rng.model_gen"] = self.model_gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["since_fired"] = self.since_fired
-        meta = {"position": json.dumps(self._position()),
-                "config": json.dumps(self.cfg.to_json())}
-        atomic_save_safetensors(self.out / CHECKPOINT_FILE, tensors, metadata=meta)
-        self.sae.save(self.out)  # model.safetensors; config.json below, with the data's origin
-        from usae.io import atomic_write_json
-
-        atomic_write_json(self.out / "config.json", {**self.cfg.to_json(), **self.extra_config})
+        position = {"step": self.step, "sched_counts": self.sched_counts,
+                    "tokens": self.tokens, "elapsed_s": self.elapsed}
+        save_checkpoint(self.out / run_folder.CHECKPOINT_FILE, tensors, position, self.cfg)
+        run_folder.save_weights(self.out, self.sae.state_dict())
+        status = (run_folder.final_status if self.step >= self.total
+                  else run_folder.partial_status)(self.step, self.total)
+        run_folder.write_config(self.out, self.cfg, status, self.extra_config)
 
     def load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT_FILE
-        if not path.exists():
-            raise UsaeError(f"--resume: no {CHECKPOINT_FILE} in {self.out}")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-            saved_cfg = RunConfig.from_json(json.loads(meta["config"]))
-            position = json.loads(meta["position"])
-        except UsaeError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise UsaeError(f"checkpoint {path} is corrupt: {err}") from None
-        self._check_same_config(saved_cfg)
-        tensors = load_safetensors(path)
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.sae.load_state_dict(state)
+        """Restore every piece of state from the run's checkpoint."""
+        ckpt = load_checkpoint(self.out / run_folder.CHECKPOINT_FILE)
+        self._check_same_config(ckpt.config)
+        tensors = ckpt.tensors
+        self.sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                                  if k.startswith("model.")})
         for m, opt in self.optimizers.items():
-            _load_optimizer(m, opt, {k: v.to(self.device) if not k.endswith(".step") else v
-                                     for k, v in tensors.items()})
+            load_optimizer(m, opt, tensors, self.device)
         self.model_gen.set_state(tensors["rng.model_gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.since_fired = tensors["since_fired"].to(self.device)
-        self.step = int(position["step"])
-        self.sched_counts = [int(c) for c in position["sched_counts"]]
-        self.tokens = int(position["tokens"])
-        self.elapsed = float(position["elapsed_s"])
+        self.step = int(ckpt.position["step"])
+        self.sched_counts = [int(c) for c in ckpt.position["sched_counts"]]
+        self.tokens = int(ckpt.position["tokens"])
+        self.elapsed = float(ckpt.position["elapsed_s"])
         self._truncate_metrics()
 
     def _check_same_config(self, saved: RunConfig) -> None:
-        diffs = []
         now_sae, old_sae = asdict(self.cfg.sae), asdict(saved.sae)
-        for key in now_sae:
-            if now_sae[key] != old_sae.get(key):
-                diffs.append(f"{key}: {old_sae.get(key)!r} -> {now_sae[key]!r}")
         now_t, old_t = asdict(self.cfg.train), asdict(saved.train)
-        for key in now_t:
-            if key not in RESUMABLE_KEYS and now_t[key] != old_t.get(key):
-                diffs.append(f"{key}: {old_t.get(key)!r} -> {now_t[key]!r}")
+        diffs = [f"{key}: {old_sae.get(key)!r} -> {now_sae[key]!r}"
+                 for key in now_sae if now_sae[key] != old_sae.get(key)]
+        diffs += [f"{key}: {old_t.get(key)!r} -> {now_t[key]!r}" for key in now_t
+                  if key not in RESUMABLE_KEYS and now_t[key] != old_t.get(key)]
         if diffs:
-            raise UsaeError("cannot resume with a different config (" + "; ".join(diffs) + ")")
+            raise UsaeError("cannot resume with a different config (" + "; ".join(diffs) +
+                            ") — drop those options, or train into a new folder")
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint: they will be recomputed."""
-        path = self.out / METRICS_FILE
+        path = self.out / run_folder.METRICS_FILE
         if not path.exists():
             return
         kept = []
@@ -236,9 +182,25 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 break  # a line cut by a kill: everything after it is stale too
-        from usae.io import atomic_write_text
-
         atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+    def _prepare_folder(self, resume: bool, force: bool) -> None:
+        """Refuse to replace an existing run or a foreign folder unless ``force``."""
+        out = self.out
+        if resume:
+            if not (out / run_folder.CHECKPOINT_FILE).exists():
+                raise UsaeError(f"--resume: {out} has no {run_folder.CHECKPOINT_FILE} to "
+                                "resume from — train without --resume to start it")
+            return
+        if out.exists() and any(out.iterdir()) and not force:
+            what = ("holds a run" if run_folder.has_run_files(out)
+                    else "exists and is not empty")
+            raise UsaeError(f"{out} {what} — pass --resume to continue it, --force to replace "
+                            "it, or choose another --out")
+        if force:
+            for name in run_folder.RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
 
     # -- training -----------------------------------------------------------------------
     def _set_standardization(self, source: DataSource) -> None:
@@ -248,13 +210,19 @@ class Trainer:
             self.sae.set_standardization(m, torch.from_numpy(mean_d).float(),
                                          torch.from_numpy(std_d).float())
 
-    def _check_source(self, source: DataSource) -> None:
+    def _check_source(self, source: DataSource) -> int:
+        """Checks models and dims; returns the number of full batches per epoch."""
         if tuple(source.models) != self.sae.models:
             raise UsaeError(f"data has models {list(source.models)} but the config has "
                             f"{list(self.sae.models)}")
         for m, d_src, d_cfg in zip(self.sae.models, source.dims, self.cfg.sae.dims):
             if d_src != d_cfg:
                 raise UsaeError(f"model {m!r}: data has d={d_src} but the config has d={d_cfg}")
+        per_epoch = n_batches(source, self.cfg.train.batch_images)
+        if per_epoch == 0:
+            raise UsaeError(f"the training data has {source.n_images()} images, fewer than one "
+                            f"batch of {self.cfg.train.batch_images} — lower batch_images")
+        return per_epoch
 
     def _stream(self, source: DataSource, per_epoch: int) -> Iterator[dict[str, Tensor]]:
         tc = self.cfg.train
@@ -265,64 +233,68 @@ class Trainer:
 
     def total_steps(self, source: DataSource) -> int:
         tc = self.cfg.train
-        per_epoch = n_batches(source, tc.batch_images)
-        return tc.max_steps or tc.epochs * per_epoch
+        return tc.max_steps or tc.epochs * n_batches(source, tc.batch_images)
 
     def fit(self, source: DataSource, val_source: DataSource | None = None,
-            resume: bool = False) -> UniversalSAE:
-        """Train until ``max_steps`` (or ``epochs``); checkpoint on the way and at the end."""
-        tc = self.cfg.train
-        self._check_source(source)
-        per_epoch = n_batches(source, tc.batch_images)
-        if per_epoch == 0:
-            raise UsaeError(f"the training data has {source.n_images()} images, fewer than one "
-                            f"batch of {tc.batch_images}; lower batch_images")
-        total = self.total_steps(source)
-        warmup = tc.warmup_steps or per_epoch
-        self.out.mkdir(parents=True, exist_ok=True)
+            resume: bool = False, force: bool = False) -> UniversalSAE:
+        """Train until ``max_steps`` (or ``epochs``); checkpoint on the way and at the end.
+
+        Raises ``TrainingInterrupted`` after saving a checkpoint when SIGINT/SIGTERM arrives.
+        """
+        per_epoch = self._check_source(source)
+        self.total = self.total_steps(source)
+        warmup = self.cfg.train.warmup_steps or per_epoch
+        self._prepare_folder(resume, force)
         if resume:
             self.load_checkpoint()
         else:
             self._set_standardization(source)
-            (self.out / METRICS_FILE).unlink(missing_ok=True)
-            (self.out / CHECKPOINT_FILE).unlink(missing_ok=True)
-        self._open_writers()
-        bar = None
-        if self.progress and self.step < total:
-            from usae.progress import bar as progress_bar
-
-            bar = progress_bar(total=total, initial=self.step, desc="train", unit="step")
-        metrics_fh = open(self.out / METRICS_FILE, "a")
-        stream = self._stream(source, per_epoch)
+        sinks = MetricSinks(self.out, self.cfg.train.tensorboard, self.cfg.train.wandb,
+                            self.cfg.to_json())
         try:
-            while self.step < total:
+            self._loop(source, val_source, per_epoch, warmup, sinks)
+        finally:
+            sinks.close()
+        if self.step >= self.total and not run_folder.is_final(self.out):
+            self.save_checkpoint()
+        return self.sae
+
+    def _loop(self, source: DataSource, val_source: DataSource | None, per_epoch: int,
+              warmup: int, sinks: MetricSinks) -> None:
+        from usae.progress import bar as progress_bar
+
+        tc = self.cfg.train
+        bar = progress_bar(total=self.total, initial=self.step, desc="train", unit="step",
+                           disable=not self.progress or self.step >= self.total)
+        stream = self._stream(source, per_epoch)
+        last_save = time.monotonic()
+        with open(self.out / run_folder.METRICS_FILE, "a") as metrics_fh, \
+                _StopSignals() as stop:
+            while self.step < self.total:
                 t0 = time.perf_counter()
-                raw = next(stream)
-                out = self.train_step(raw, warmup, total)
+                out = self.train_step(next(stream), warmup, self.total)
                 self.elapsed += time.perf_counter() - t0
-                if self.step % tc.log_every == 0 or self.step == total:
+                if self.step % tc.log_every == 0 or self.step == self.total:
                     row = self._metrics_row(out)
                     if tc.eval_every and val_source is not None and self.step % tc.eval_every == 0:
                         row["val_r2"] = self._val_r2(val_source)
                     metrics_fh.write(json.dumps(row) + "\n")
                     metrics_fh.flush()
-                    self._log_writers(row)
-                if self.step % tc.checkpoint_every == 0 or self.step == total:
+                    sinks.log(row)
+                    self.last_row = row
+                    bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False,
+                                    tok_s=f"{self.tokens / max(self.elapsed, 1e-9):,.0f}")
+                bar.update(1)
+                due = (self.step % tc.checkpoint_every == 0 or self.step == self.total or
+                       time.monotonic() - last_save >= 60 * tc.checkpoint_minutes)
+                if due or stop.received:
                     metrics_fh.flush()
                     self.save_checkpoint()
-                if bar is not None:
-                    bar.update(1)
-                    if self.step % tc.log_every == 0:
-                        bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False,
-                                        tok_s=f"{self.tokens / max(self.elapsed, 1e-9):,.0f}")
-        finally:
-            metrics_fh.close()
-            if bar is not None:
-                bar.close()
-            self._close_writers()
-        if not (self.out / CHECKPOINT_FILE).exists():
-            self.save_checkpoint()
-        return self.sae
+                    last_save = time.monotonic()
+                if stop.received:
+                    bar.close()
+                    raise TrainingInterrupted(self.step, stop.received)
+        bar.close()
 
     def train_step(self, raw: dict[str, Tensor], warmup: int, total: int) -> StepOut:
         """One universal step on a raw batch; advances every piece of trainer state."""
@@ -341,7 +313,7 @@ class Trainer:
         loss, out, fired = step_loss(self.sae, xs, source, self.cfg, dead)
         if not torch.isfinite(loss):
             raise UsaeError(f"the loss became {float(loss)} at step {self.step + 1} "
-                            f"(source model {models[source]!r}); lower lr")
+                            f"(source model {models[source]!r}) — lower lr")
         loss.backward()
         stepped = range(len(models)) if tc.decoder_update == "all" else [source]
         for j in stepped:
@@ -385,68 +357,100 @@ class Trainer:
         limited = (b for b, _ in zip(batches, range(tc.eval_batches)))
         return np.round(r2_matrix(self.sae, limited).r2(), 5).tolist()
 
-    # -- optional loggers (lazy, off by default) ----------------------------------------
-    def _open_writers(self) -> None:
-        tc = self.cfg.train
-        if tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsaeError("tensorboard=true needs `pip install tensorboard`") from None
-            self._writers.append(("tb", SummaryWriter(str(self.out / "tb"))))
-        if tc.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UsaeError("wandb=true needs `pip install wandb`") from None
-            # offline unless the user asks otherwise: no account is ever required
-            run = wandb.init(project="usae", dir=str(self.out), config=self.cfg.to_json(),
-                             mode=os.environ.get("WANDB_MODE", "offline"))
-            self._writers.append(("wandb", run))
+    def summary(self) -> dict[str, Any]:
+        """Steps, tokens, time and the last logged losses (and held-out R² if measured)."""
+        row = self.last_row
+        return {"run": str(self.out), "steps": self.step, "total_steps": self.total,
+                "tokens": self.tokens, "elapsed_s": round(self.elapsed, 2),
+                "tokens_per_s": round(self.tokens / max(self.elapsed, 1e-9)),
+                "loss": row.get("loss"), "recon": row.get("recon"), "val_r2": row.get("val_r2")}
 
-    def _log_writers(self, row: dict[str, Any]) -> None:
-        for kind, writer in self._writers:
-            scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-            if kind == "tb":
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, row["step"])
-            else:
-                writer.log(scalars, step=row["step"])
 
-    def _close_writers(self) -> None:
-        for _, writer in self._writers:
-            (writer.close if hasattr(writer, "close") else writer.finish)()
-        self._writers = []
+# ---- the API the CLI calls --------------------------------------------------------------
+def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
+                       preset: str = "paper", config_file: str | None = None,
+                       sets: list[str] | None = None, max_steps: int | None = None,
+                       device: str | None = None, resume: bool = False) -> RunConfig:
+    """Preset, then ``--config``, then ``--set``. With ``resume`` the run's own config (from
+    its checkpoint) is the base, so only the keys given again are compared with it."""
+    overrides: dict[str, Any] = {}
+    old = None
+    if resume:
+        old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
+        overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
+        overrides.update(asdict(old.train))
+        preset = "paper"  # the saved values already include their preset's; no second layer
+    if config_file:
+        overrides.update(load_config_file(config_file))
+    overrides.update(parse_set(sets or []))
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    if device:
+        overrides["device"] = device
+    cfg = resolve(tuple(models), tuple(dims), preset, overrides)
+    return replace(cfg, preset=old.preset) if old is not None else cfg
+
+
+def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "paper",
+                     config_file: str | None = None, sets: list[str] | None = None,
+                     max_steps: int | None = None, device: str | None = None,
+                     resume: bool = False, force: bool = False, split: str = "train",
+                     independent: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``usae train``: resolve the config, train on a store split, return a summary."""
+    from usae.store import Store, StoreSource
+
+    store = Store(store_path)
+    cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
+                             max_steps, device, resume)
+    source = StoreSource(store, split=split)
+    val = None
+    if cfg.train.eval_every:
+        if "val" in store.splits():
+            val = StoreSource(store, split="val")
+        else:
+            log.warning("warning: the store has no val split, so the held-out R2 matrix is "
+                        "not logged")
+    return train_run(cfg, source, out, val_source=val, resume=resume, force=force,
+                     independent=independent, progress=progress,
+                     store_manifest=store.manifest)
+
+
+def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
+    if store_manifest is None:
+        return {}
+    return {"store": {"content_hash": store_manifest.get("content_hash"),
+                      "models": {m: {k: v for k, v in info.items() if k != "stats"}
+                                 for m, info in store_manifest["models"].items()}}}
 
 
 def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
-              val_source: DataSource | None = None, resume: bool = False,
+              val_source: DataSource | None = None, resume: bool = False, force: bool = False,
               independent: bool = False, progress: bool = True,
-              store_manifest: dict[str, Any] | None = None) -> UniversalSAE | None:
+              store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a universal SAE (or, with ``independent``, one ordinary TopK SAE per model, each
-    in ``RUN/<model>/`` with the same n, k and data) and record where the data came from."""
-    extra = {}
-    if store_manifest is not None:
-        extra["store"] = {"content_hash": store_manifest.get("content_hash"),
-                          "models": {m: {k: v for k, v in info.items() if k != "stats"}
-                                     for m, info in store_manifest["models"].items()}}
+    in ``RUN/<model>/`` with the same n, k and data); returns the training summary."""
+    extra = _store_extra(store_manifest)
     if not independent:
-        return Trainer(cfg, out_dir, progress=progress, extra_config=extra).fit(
-            source, val_source, resume=resume)
-    from dataclasses import replace
-
-    from usae.data import ModelSubset
-
+        trainer = Trainer(cfg, out_dir, progress=progress, extra_config=extra)
+        trainer.fit(source, val_source, resume=resume, force=force)
+        return trainer.summary()
     out = Path(out_dir)
+    if not resume and out.exists() and any(out.iterdir()):
+        if not force:
+            raise UsaeError(f"{out} exists and is not empty — pass --resume to continue it, "
+                            "--force to replace it, or choose another --out")
+        shutil.rmtree(out)
+    summaries = {}
     for m, d in zip(cfg.sae.models, cfg.sae.dims):
         sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
                                            n_concepts=cfg.sae.n))
         log.info("independent SAE for %s", m)
-        Trainer(sub_cfg, out / m, progress=progress, extra_config=extra).fit(
-            ModelSubset(source, (m,)), ModelSubset(val_source, (m,)) if val_source else None,
-            resume=resume)
-    from usae.io import atomic_write_json
+        trainer = Trainer(sub_cfg, out / m, progress=progress, extra_config=extra)
+        trainer.fit(ModelSubset(source, (m,)),
+                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume)
+        summaries[m] = trainer.summary()
+    from usae.files import atomic_write_json
 
-    atomic_write_json(out / "independent.json", {"models": list(cfg.sae.models),
-                                                 "config": cfg.to_json(), **extra})
-    return None
+    atomic_write_json(out / run_folder.INDEPENDENT_FILE, {"models": list(cfg.sae.models),
+                                                          "config": cfg.to_json(), **extra})
+    return {"run": str(out), "independent": summaries}

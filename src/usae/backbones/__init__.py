@@ -17,13 +17,10 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from usae.backbones.base import Backbone, Preprocess
+from usae.backbones.base import HALF, IMAGENET, Backbone, Preprocess
 from usae.errors import UsaeError
 
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-PRESETS: dict[str, list[str]] = {
+MODEL_PRESETS: dict[str, list[str]] = {
     # The reference's three models, preprocessing and 224 px inputs (DINOv2 gives 16x16).
     "paper": [
         "timm:vit_base_patch16_siglip_224.webli?name=siglip",
@@ -65,7 +62,7 @@ def parse_spec(text: str) -> ModelSpec:
     text = text.strip()
     if ":" not in text:
         raise UsaeError(f"model spec {text!r} must look like KIND:NAME (kinds: timm, hf, "
-                        "effnet), or be a preset: " + ", ".join(PRESETS))
+                        "effnet), or be a preset: " + ", ".join(MODEL_PRESETS))
     kind, rest = text.split(":", 1)
     target, _, query = rest.partition("?")
     if kind not in ("timm", "hf", "effnet"):
@@ -89,7 +86,7 @@ def expand_specs(models: str | list[str]) -> list[ModelSpec]:
     for item in (i.strip() for i in items):
         if not item:
             continue
-        specs.extend(parse_spec(s) for s in PRESETS[item]) if item in PRESETS else \
+        specs.extend(parse_spec(s) for s in MODEL_PRESETS[item]) if item in MODEL_PRESETS else \
             specs.append(parse_spec(item))
     if not specs:
         raise UsaeError("no models given")
@@ -169,5 +166,5 @@ def build_backbones(specs: list[ModelSpec], pretrained: bool | None = None,
     return backbones, target
 
 
-__all__ = ["Backbone", "ModelSpec", "PRESETS", "build_backbone", "build_backbones",
+__all__ = ["Backbone", "ModelSpec", "MODEL_PRESETS", "build_backbone", "build_backbones",
            "expand_specs", "parse_spec"]

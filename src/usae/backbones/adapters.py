@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from usae.align import feature_map_to_tokens
-from usae.backbones.base import Backbone, LayerHook, Preprocess, probe_shape
+from usae.align import exact_square_grid, feature_map_to_tokens
+from usae.backbones.base import CLIP, HALF, IMAGENET, Backbone, LayerHook, Preprocess, probe_shape
 from usae.errors import UsaeError
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
 def _tokens_from(out: Tensor) -> Tensor:
@@ -37,21 +32,13 @@ class GenericBackbone(Backbone):
         module.eval()
         self._hook = LayerHook(module, layer, stop=True)
         self._module = module
-        shape = probe_shape(module, self._run, preprocess.crop)
-        tokens = shape[1] - n_prefix
-        if grid is None:
-            side = math.isqrt(tokens)
-            if side * side != tokens:
-                raise UsaeError(f"{name}: {tokens} patch tokens are not a square grid; pass grid")
-            grid = (side, side)
+        shape = probe_shape(module, self._features, preprocess.crop)
+        grid = grid or exact_square_grid(shape[1] - n_prefix, name)
         super().__init__(name=name, spec=spec, module=module, d=int(shape[2]),
                          n_prefix=n_prefix, grid=grid, layer=layer, preprocess=preprocess)
 
-    def _run(self, pixels: Tensor) -> Tensor:
-        return _tokens_from(self._hook.run_until(self._module, pixels))
-
     def _features(self, pixels_bchw: Tensor) -> Tensor:
-        return self._run(pixels_bchw)
+        return _tokens_from(self._hook.run_until(self._module, pixels_bchw))
 
 
 class TimmBackbone(Backbone):
@@ -90,22 +77,18 @@ class TimmBackbone(Backbone):
         n_prefix = int(getattr(module, "num_prefix_tokens", 0))
         grid = tuple(getattr(getattr(module, "patch_embed", None), "grid_size", ()) or ())
         self._module = module
-        shape = probe_shape(module, self._features_raw, preprocess.crop)
+        shape = probe_shape(module, self._features, preprocess.crop)
         if not grid:  # a CNN in timm: read the grid from the feature map
-            side = math.isqrt(shape[1])
-            grid = (side, shape[1] // max(side, 1))
+            grid = exact_square_grid(shape[1], model_name)
         super().__init__(name=name or model_name.split(".")[0], spec=spec or f"timm:{model_name}",
                          module=module, d=int(shape[2]), n_prefix=n_prefix,
                          grid=(int(grid[0]), int(grid[1])), layer=layer or "forward_features",
                          preprocess=preprocess)
 
-    def _features_raw(self, pixels: Tensor) -> Tensor:
-        if self._hook is None:
-            return _tokens_from(self._module.forward_features(pixels))
-        return _tokens_from(self._hook.run_until(self._module.forward_features, pixels))
-
     def _features(self, pixels_bchw: Tensor) -> Tensor:
-        return self._features_raw(pixels_bchw)
+        if self._hook is None:
+            return _tokens_from(self._module.forward_features(pixels_bchw))
+        return _tokens_from(self._hook.run_until(self._module.forward_features, pixels_bchw))
 
 
 HF_NORMS = {"dinov2": IMAGENET, "vit": HALF, "siglip": HALF, "siglip_vision_model": HALF,
@@ -241,14 +224,11 @@ class EffNetLiteBackbone(Backbone):
         size = img_size or EFFNET_SIZES[variant]
         pre = Preprocess(crop=(size, size), resize=size, interpolation="bicubic",
                          mean=EFFNET_NORM[0], std=EFFNET_NORM[1])
-        shape = probe_shape(model, self._features_any, pre.crop)
-        side = math.isqrt(shape[1])
+        shape = probe_shape(model, self._features, pre.crop)
         super().__init__(name=name or f"effnet_{variant}", spec=spec or f"effnet:{variant}",
                          module=model, d=int(shape[2]), n_prefix=0,
-                         grid=(side, shape[1] // side), layer=layer, preprocess=pre)
-
-    def _features_any(self, pixels: Tensor) -> Tensor:
-        return _tokens_from(self._hook.run_until(self._model.extract_features, pixels))
+                         grid=exact_square_grid(shape[1], f"EfficientNet-{variant}"),
+                         layer=layer, preprocess=pre)
 
     def _features(self, pixels_bchw: Tensor) -> Tensor:
-        return self._features_any(pixels_bchw)
+        return _tokens_from(self._hook.run_until(self._model.extract_features, pixels_bchw))

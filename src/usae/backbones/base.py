@@ -17,6 +17,12 @@ from torch import Tensor, nn
 from usae.errors import UsaeError
 
 
+# Normalization constants (mean, std) of the families we know, in one place.
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize the short side to ``resize`` (then center-crop ``crop``), normalize."""
@@ -24,8 +30,8 @@ class Preprocess:
     crop: tuple[int, int] = (224, 224)
     resize: int = 224
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET[0]
+    std: tuple[float, float, float] = IMAGENET[1]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

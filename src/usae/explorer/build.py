@@ -26,6 +26,13 @@ import numpy as np
 import torch
 
 from usae.errors import UsaeError
+from usae.evaluate import evaluate, read_concepts_csv
+from usae.files import load_safetensors, replace_folder
+from usae.images import load_rgb
+from usae.options import EvalOptions, ExploreOptions, merged
+from usae.progress import bar as progress_bar
+from usae.sae import UniversalSAE
+from usae.store import Store
 
 log = logging.getLogger(__name__)
 CHUNK = 64
@@ -72,8 +79,6 @@ def _token_codes(sae, store, rows: np.ndarray, batch: int = 64) -> dict[str, np.
 
 def _thumbnail(src: str, dst: Path, crop_frac: tuple[float, float]) -> bool:
     """The centre region the models saw, as a THUMB px square JPEG; False when unreadable."""
-    from usae.images import load_rgb
-
     try:
         img = load_rgb(src)
     except (UsaeError, OSError):
@@ -89,120 +94,165 @@ def _thumbnail(src: str, dst: Path, crop_frac: tuple[float, float]) -> bool:
 
 
 def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
-                   eval_dir: str | Path | None = None, top: int = 10, split: str = "all",
-                   progress: bool = True) -> Path:
-    """Write the explorer for a run and store into ``out``; returns ``out/index.html``."""
-    from usae.evaluate import evaluate, read_concepts_csv
-    from usae.io import load_safetensors
-    from usae.progress import bar as progress_bar
-    from usae.sae import UniversalSAE
-    from usae.store import Store
+                   eval_dir: str | Path | None = None, options: ExploreOptions | None = None,
+                   *, progress: bool = True, force: bool = False, **changes: Any) -> Path:
+    """Write the explorer for a run and store into ``out``; returns ``out/index.html``.
 
+    ``options`` (or keyword ``changes`` such as ``top=5``): see ``ExploreOptions``. Without
+    ``eval_dir`` the run is evaluated first (into ``out/eval``). The folder is written whole
+    or not at all; a non-empty folder that is not an explorer is refused unless ``force``.
+    """
+    o = merged(ExploreOptions, options, changes)
     run, out = Path(run), Path(out)
     store = Store(store_path)
     sae = UniversalSAE.load(run)
+    with replace_folder(out, "index.html", force, what="explorer") as tmp:
+        report, concepts, top_images = _eval_inputs(run, store_path, sae, eval_dir, tmp, o,
+                                                    progress)
+        union, thumbs = _write_site(tmp, run, store, sae, top_images, o, progress)
+        for png in Path(eval_dir if eval_dir is not None else tmp / "eval").glob("*.png"):
+            shutil.copy(png, tmp / "plots" / png.name)
+        _write_overview(tmp, run, store, sae, report, concepts, union, thumbs, o)
+    log.info("explorer: %d concepts -> %s", sae.cfg.n, out / "index.html")
+    return out / "index.html"
+
+
+def _eval_inputs(run: Path, store_path: str | Path, sae: UniversalSAE,
+                 eval_dir: str | Path | None, tmp: Path, o: ExploreOptions, progress: bool
+                 ) -> tuple[dict[str, Any], list[dict[str, str]], dict[str, torch.Tensor]]:
+    """The eval's report and concepts, and top images ranked on ``o.split``."""
+    ranks = EvalOptions(split=o.split, top_images=max(o.top, 16))
     if eval_dir is None:
-        eval_dir = out / "eval"
-        evaluate(run, store_path, eval_dir, split=split, top=max(top, 16), progress=progress)
+        eval_dir = tmp / "eval"
+        evaluate(run, store_path, eval_dir, ranks, progress=progress)
     eval_dir = Path(eval_dir)
     for name in ("report.json", "concepts.csv", "top_images.safetensors"):
         if not (eval_dir / name).exists():
-            raise UsaeError(f"{eval_dir} lacks {name}; run `usae eval` first")
+            raise UsaeError(f"{eval_dir} lacks {name} — run `usae eval` first")
     report = json.loads((eval_dir / "report.json").read_text())
     if report["models"] != list(sae.models):
         raise UsaeError(f"{eval_dir} was computed for models {report['models']}, not "
                         f"{list(sae.models)}")
     concepts = read_concepts_csv(eval_dir / "concepts.csv")
-    if report.get("split") != split:
-        # metrics stay those of the given eval (e.g. held-out); top images come from `split`
-        import tempfile
+    if report.get("split") == o.split:
+        return report, concepts, load_safetensors(eval_dir / "top_images.safetensors")
+    # metrics stay those of the given eval (e.g. held-out); top images come from `split`
+    ranked = tmp / ".ranking"
+    evaluate(run, store_path, ranked, merged(EvalOptions, ranks, {"plots": False}),
+             progress=progress)
+    top_images = load_safetensors(ranked / "top_images.safetensors")
+    shutil.rmtree(ranked)
+    report["top_images_split"] = o.split
+    return report, concepts, top_images
 
-        with tempfile.TemporaryDirectory() as tmp:
-            evaluate(run, store_path, tmp, split=split, top=max(top, 16), plots=False,
-                     progress=progress)
-            top_images = load_safetensors(Path(tmp) / "top_images.safetensors")
-        report["top_images_split"] = split
-    else:
-        top_images = load_safetensors(eval_dir / "top_images.safetensors")
+
+def _write_site(out: Path, run: Path, store: Store, sae: UniversalSAE,
+                top_images: dict[str, torch.Tensor], o: ExploreOptions, progress: bool
+                ) -> tuple[list[int], dict[int, str]]:
+    """The app, thumbnails and the lazily loaded concept chunks; returns the rows shown and
+    their thumbnails."""
     models = list(sae.models)
-    keys = ["mean", *models]
-
     for sub in ("data", "thumbs", "plots"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for f in STATIC.iterdir():
         shutil.copy(f, out / f.name)
-    for png in eval_dir.glob("*.png"):
-        shutil.copy(png, out / "plots" / png.name)
-
-    rankings = [_rankings(top_images, keys, k, top) for k in range(sae.cfg.n)]
-    union = sorted({r for rk in rankings for rows in rk.values() for r in rows})
+    rankings = [_rankings(top_images, ["mean", *models], k, o.top) for k in range(sae.cfg.n)]
+    union = _union(rankings)
+    thumbs = _thumbnails(out, store, union, progress)
+    by_concept = _codes_by_concept(sae, store, union)
     pos = {r: i for i, r in enumerate(union)}
-    coo = _token_codes(sae, store, np.asarray(union, dtype=np.int64)) if union else {}
-    by_concept = {}
-    for m in models:
-        a = coo.get(m, np.zeros((0, 4)))
-        order = np.argsort(a[:, 2], kind="stable")
-        a = a[order]
-        bounds = np.searchsorted(a[:, 2], np.arange(sae.cfg.n + 1))
-        by_concept[m] = (a, bounds)
+    for c0 in range(0, sae.cfg.n, CHUNK):
+        chunk = {k: _concept_entry(out, run, models, store.tokens, rankings[k], by_concept, pos,
+                                   k) for k in range(c0, min(c0 + CHUNK, sae.cfg.n))}
+        _js(out / "data" / f"concepts_{c0 // CHUNK}.js", "USAE_CHUNK",
+            {"chunk": c0 // CHUNK, "concepts": chunk})
+    return union, thumbs
 
+
+def _union(rankings: list[dict[str, list[int]]]) -> list[int]:
+    return sorted({r for rk in rankings for rows in rk.values() for r in rows})
+
+
+def _thumbnails(out: Path, store: Store, union: list[int], progress: bool) -> dict[int, str]:
     images = store.manifest["images"]
-    first = store.manifest["models"][models[0]]
+    first = store.manifest["models"][store.models[0]]
     crop = first.get("preprocess", {}).get("crop", [1, 1])
     crop_frac = (1.0, float(crop[1]) / float(crop[0])) if crop[0] >= crop[1] else \
         (float(crop[0]) / float(crop[1]), 1.0)
     bar = progress_bar(total=len(union), desc="thumbnails", unit="img", disable=not progress)
     thumbs = {}
     for r in union:
-        path = images[r]["path"]
-        if _thumbnail(path, out / "thumbs" / f"{r}.jpg", crop_frac):
+        if _thumbnail(images[r]["path"], out / "thumbs" / f"{r}.jpg", crop_frac):
             thumbs[r] = f"thumbs/{r}.jpg"
         bar.update(1)
     bar.close()
+    return thumbs
 
-    tokens = store.tokens
-    grid = store.manifest["models"][models[0]].get("aligned_grid") or \
-        [int(round(tokens ** 0.5))] * 2
-    cam_dir = run / "cam"
-    for c0 in range(0, sae.cfg.n, CHUNK):
-        chunk = {}
-        for k in range(c0, min(c0 + CHUNK, sae.cfg.n)):
-            imgs = sorted({r for rows in rankings[k].values() for r in rows})
-            maps = np.zeros((len(models), len(imgs), tokens), np.float64)
-            lut = np.full(len(union), -1, dtype=np.int64)
-            lut[[pos[r] for r in imgs]] = np.arange(len(imgs))
-            for j, m in enumerate(models):
-                a, bounds = by_concept[m]
-                seg = a[bounds[k]:bounds[k + 1]]
-                where = lut[seg[:, 0].astype(np.int64)]
-                ok = where >= 0
-                maps[j, where[ok], seg[ok, 1].astype(np.int64)] = seg[ok, 3]
-            scale = float(maps.max()) if maps.size else 0.0
-            q = np.zeros_like(maps, dtype=np.uint8) if scale <= 0 else \
-                np.round(maps / scale * 255).astype(np.uint8)
-            entry: dict[str, Any] = {
-                "images": imgs, "rankings": rankings[k], "scale": scale,
-                "maps": {m: base64.b64encode(q[j].tobytes()).decode()
-                         for j, m in enumerate(models)},
-            }
-            cams = {m: f"cam/{k}/{m}.png" for m in models
-                    if (cam_dir / str(k) / f"{m}.png").exists()}
-            if cams:
-                for m, rel in cams.items():
-                    dst = out / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(cam_dir / str(k) / f"{m}.png", dst)
-                entry["cam"] = cams
-            chunk[k] = entry
-        _js(out / "data" / f"concepts_{c0 // CHUNK}.js", "USAE_CHUNK", {"chunk": c0 // CHUNK,
-                                                                         "concepts": chunk})
+
+def _codes_by_concept(sae: UniversalSAE, store: Store, union: list[int]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per model, the COO codes of the shown images sorted by concept, and the bounds."""
+    coo = _token_codes(sae, store, np.asarray(union, dtype=np.int64)) if union else {}
+    by_concept = {}
+    for m in sae.models:
+        a = coo.get(m, np.zeros((0, 4)))
+        a = a[np.argsort(a[:, 2], kind="stable")]
+        by_concept[m] = (a, np.searchsorted(a[:, 2], np.arange(sae.cfg.n + 1)))
+    return by_concept
+
+
+def _concept_entry(out: Path, run: Path, models: list[str], tokens: int,
+                   rankings: dict[str, list[int]],
+                   by_concept: dict[str, tuple[np.ndarray, np.ndarray]], pos: dict[int, int],
+                   k: int) -> dict[str, Any]:
+    """Concept k's page data: image lists, uint8 token maps on one scale, CAM images."""
+    imgs = sorted({r for rows in rankings.values() for r in rows})
+    maps = np.zeros((len(models), len(imgs), tokens), np.float64)
+    lut = np.full(len(pos), -1, dtype=np.int64)
+    lut[[pos[r] for r in imgs]] = np.arange(len(imgs))
+    for j, m in enumerate(models):
+        a, bounds = by_concept[m]
+        seg = a[bounds[k]:bounds[k + 1]]
+        where = lut[seg[:, 0].astype(np.int64)]
+        ok = where >= 0
+        maps[j, where[ok], seg[ok, 1].astype(np.int64)] = seg[ok, 3]
+    scale = float(maps.max()) if maps.size else 0.0
+    q = np.zeros_like(maps, dtype=np.uint8) if scale <= 0 else \
+        np.round(maps / scale * 255).astype(np.uint8)
+    entry: dict[str, Any] = {"images": imgs, "rankings": rankings, "scale": scale,
+                             "maps": {m: base64.b64encode(q[j].tobytes()).decode()
+                                      for j, m in enumerate(models)}}
+    entry.update(_cam_entry(out, run / "cam" / str(k), models, k))
+    return entry
+
+
+def _cam_entry(out: Path, cam_dir: Path, models: list[str], k: int) -> dict[str, Any]:
+    """Copies concept k's CAM images (when present) and returns their page data."""
+    cams = {m: f"cam/{k}/{m}.png" for m in models if (cam_dir / f"{m}.png").exists()}
+    if not cams:
+        return {}
+    (out / "cam" / str(k)).mkdir(parents=True, exist_ok=True)
+    for m, rel in cams.items():
+        shutil.copy(cam_dir / f"{m}.png", out / rel)
+    entry: dict[str, Any] = {"cam": cams}
+    if (cam_dir / "cam.json").exists():
+        entry["cam_checks"] = json.loads((cam_dir / "cam.json").read_text()).get("checks", {})
+    return entry
+
+
+def _write_overview(out: Path, run: Path, store: Store, sae: UniversalSAE,
+                    report: dict[str, Any], concepts: list[dict[str, str]], union: list[int],
+                    thumbs: dict[int, str], o: ExploreOptions) -> None:
+    models = list(sae.models)
+    images = store.manifest["images"]
 
     def col(name: str, cast=float) -> list:
         return [None if c[name] == "" else cast(c[name]) for c in concepts]
 
     overview = {
-        "run": str(run.resolve()), "models": models, "report": report, "grid": grid,
-        "chunk": CHUNK, "n_concepts": sae.cfg.n, "top": top,
+        # the run's name only: a shared site must not show the building machine's paths
+        "run": run.resolve().name, "models": models, "report": report,
+        "grid": store.grid(), "chunk": CHUNK, "n_concepts": sae.cfg.n, "top": o.top,
         "plots": sorted(p.name for p in (out / "plots").glob("*.png")),
         "table": {"energy": col("energy"), "firing_entropy": col("firing_entropy"),
                   "cofires": col("cofires", int), "class": [c["class"] for c in concepts],
@@ -212,5 +262,3 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
                             "thumb": thumbs.get(r)} for r in union},
     }
     _js(out / "data" / "overview.js", "USAE_OVERVIEW", overview, assign=True)
-    log.info("explorer: %d concepts, %d images -> %s", sae.cfg.n, len(union), out / "index.html")
-    return out / "index.html"

@@ -37,7 +37,9 @@ class ExplorerHandler(http.server.SimpleHTTPRequestHandler):
 def make_server(directory: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
     directory = Path(directory)
     if not (directory / "index.html").exists():
-        raise UsaeError(f"{directory} has no index.html; build it with `usae explore`")
+        raise UsaeError(f"{directory} has no index.html — build it with `usae explore`")
+    if not 0 <= int(port) <= 65535:
+        raise UsaeError(f"--port must be between 0 and 65535, got {port}")
     handler = functools.partial(ExplorerHandler, directory=str(directory.resolve()))
     try:
         return http.server.ThreadingHTTPServer((HOST, port), handler)

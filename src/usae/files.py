@@ -1,0 +1,119 @@
+"""Atomic file writes and safe tensor loading (safetensors only: nothing is unpickled)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from usae.errors import UsaeError
+
+
+def atomic_write_with(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync, rename."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
+        raise
+
+
+def write_error(path: Path, err: OSError) -> UsaeError:
+    """A failed write as a one-line error that says what to do."""
+    hint = ("free some space and re-run the same command (finished work is kept)"
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "check the folder's permissions and re-run")
+    return UsaeError(f"cannot write {path}: {err.strerror or err} — {hint}")
+
+
+@contextlib.contextmanager
+def replace_folder(out: str | Path, marker: str, force: bool = False,
+                   what: str = "output") -> Iterator[Path]:
+    """Build a folder in a temporary sibling and swap it in only when the block succeeds.
+
+    ``out`` may be absent or empty, hold ``marker`` (written earlier by the same command: it
+    is replaced), or, with ``force``, hold anything. Otherwise it is refused untouched.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsaeError(f"{out} is a file, not a folder — choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / marker).exists() and not force:
+        raise UsaeError(f"{out} is not empty and is not a usae {what} folder — pass --force "
+                        "to replace it, or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as err:
+        raise write_error(out, err) from None
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise write_error(out, err) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write_with(Path(path), write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_with(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise UsaeError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise UsaeError(f"{path} is not a valid safetensors file: {err}") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsaeError(f"missing {what} {path}") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsaeError(f"{what} {path} is corrupt: {err}") from None

@@ -1,0 +1,145 @@
+"""Options of the commands other than ``train`` (whose options are ``config.TrainConfig``).
+
+Each command's options are one frozen dataclass; every field carries its help text and its
+limits in ``metadata``. The CLI builds its flags and ``--help`` defaults from these classes,
+and the Python functions take their defaults from them, so an option is defined once.
+Validation lives in ``__post_init__``: a bad value is a one-line ``UsaeError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, get_type_hints
+
+from usae.errors import UsaeError
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def default_workers() -> int:
+    """Image-decoding processes: half the cores this process may use, 1 to 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+def opt(text: str, default: Any, *, choices: tuple | None = None, minimum: float | None = None,
+        maximum: float | None = None, below: float | None = None) -> Any:
+    """A field with help text and limits (``below``: strictly less than)."""
+    return field(default=default, metadata={"help": text, "choices": choices, "min": minimum,
+                                            "max": maximum, "below": below})
+
+
+def check_device(device: str) -> None:
+    """``cpu`` or an available ``cuda[:i]``."""
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise UsaeError(f"--device must be cpu or cuda[:i], got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsaeError(f"--device {device} was requested but CUDA is not available — use "
+                            "--device cpu")
+
+
+def validate(obj: Any) -> None:
+    """Apply every field's choices and limits; finite floats only."""
+    for f in fields(obj):
+        value, meta, flag = getattr(obj, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsaeError(f"{flag} must be a finite number, got {value}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UsaeError(f"{flag} must be one of {list(meta['choices'])}, got {value!r}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise UsaeError(f"{flag} must be at least {meta['min']}, got {value}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise UsaeError(f"{flag} must be at most {meta['max']}, got {value}")
+        if meta.get("below") is not None and value >= meta["below"]:
+            raise UsaeError(f"{flag} must be less than {meta['below']}, got {value}")
+    if hasattr(obj, "device"):
+        check_device(obj.device)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """``usae cache``."""
+
+    dtype: str = opt("Stored precision.", "float16", choices=STORE_DTYPES)
+    batch_size: int = opt("Images per forward batch.", 32, minimum=1)
+    workers: int = opt("Image-decoding processes (0: decode in the main process). Default: "
+                       "from the machine, half its cores, 1 to 4.",
+                       default_workers(), minimum=0)
+    align: str = opt("resample: feature grids are resampled to the smallest (paper); "
+                     "resize_input: inputs are resized so grids match.", "resample",
+                     choices=("resample", "resize_input"))
+    keep_cls: bool = opt("Keep the CLS token as an extra row.", False)
+    device: str = opt("cpu or cuda[:i].", "cpu")
+    val_fraction: float = opt("Held-out fraction when the images have no split folders.", 0.1,
+                              minimum=0.0, below=1.0)
+    seed: int = opt("Seed of the held-out split.", 0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``usae eval``."""
+
+    split: str = opt("Split to evaluate, or 'all'.", "val")
+    threshold: float = opt("Firing threshold tau.", 0.1, minimum=0.0)
+    batch_images: int = opt("Images per evaluation batch.", 32, minimum=1)
+    device: str = opt("cpu or cuda[:i].", "cpu")
+    top_images: int = opt("Top images kept per concept (top_images.safetensors).", 16,
+                          minimum=1)
+    plots: bool = opt("Write PNG plots.", True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class ExploreOptions:
+    """``usae explore``."""
+
+    top: int = opt("Top images shown per concept.", 10, minimum=1)
+    split: str = opt("Split whose images are ranked for the concept pages.", "all")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def merged(cls: type, base: Any | None, changes: dict[str, Any]) -> Any:
+    """``base`` (or the defaults) with ``changes`` applied, validated."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option(s) {unknown}")
+    return replace(base if base is not None else cls(), **changes)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field, help text with the default; booleans become switches."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            if f.default is True:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                    action="store_false", help=f"do not: {text[0].lower()}"
+                                    f"{text[1:]}")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+            continue
+        parser.add_argument(flag, dest=f.name, type=hints[f.name],
+                            default=f.default if f.default is not MISSING else None,
+                            help=f"{text} (default: %(default)s)")
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The options dataclass from parsed arguments (validated)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

@@ -1,0 +1,110 @@
+"""The run folder: its file names, its config, its weights, and whether it is finished.
+
+Layout of ``RUN/``::
+
+    config.json             the RunConfig, the store it was trained on, and ``status``
+    model.safetensors       inference weights (encoders, dictionaries, standardization)
+    checkpoint.safetensors  weights + optimizer moments + RNG + position (training only)
+    metrics.jsonl           one JSON object per logged step
+    independent.json        marks a folder of independent SAEs (one sub-run per model)
+
+``status`` is ``{"state": "partial" | "final", "step": s, "total_steps": T}``. It is written
+last at every save, so a run is *final* only once its last save has fully landed; commands
+that read a partial run warn and say which step its weights hold. Runs written before the
+marker existed (no ``status``) count as final.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from usae.config import RunConfig
+from usae.errors import UsaeError
+from usae.files import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+INDEPENDENT_FILE = "independent.json"
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, METRICS_FILE)
+
+
+def read_run_json(run: str | Path) -> dict[str, Any]:
+    """The raw ``config.json`` of a run (RunConfig keys plus ``store`` and ``status``)."""
+    path = Path(run) / CONFIG_FILE
+    if not path.exists():
+        raise UsaeError(f"{run} is not a usae run: {CONFIG_FILE} is missing")
+    obj = read_json(path, "run config")
+    if not isinstance(obj, dict):
+        raise UsaeError(f"{path} is corrupt: expected a JSON object")
+    return obj
+
+
+def read_config(run: str | Path) -> RunConfig:
+    """The run's ``RunConfig``."""
+    return RunConfig.from_json(read_run_json(run))
+
+
+def write_config(run: str | Path, cfg: RunConfig, status: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write ``config.json`` atomically: the config, ``extra`` keys, then ``status``."""
+    atomic_write_json(Path(run) / CONFIG_FILE, {**cfg.to_json(), **(extra or {}),
+                                                "status": status})
+
+
+def final_status(step: int = 0, total_steps: int = 0) -> dict[str, Any]:
+    return {"state": "final", "step": step, "total_steps": total_steps}
+
+
+def partial_status(step: int, total_steps: int) -> dict[str, Any]:
+    return {"state": "partial", "step": step, "total_steps": total_steps}
+
+
+def run_status(run: str | Path) -> dict[str, Any]:
+    """The run's status; runs without one (older versions, imports) are final."""
+    status = read_run_json(run).get("status")
+    return status if isinstance(status, dict) and "state" in status else final_status()
+
+
+def is_final(run: str | Path) -> bool:
+    return run_status(run)["state"] == "final"
+
+
+def warn_if_partial(run: str | Path) -> None:
+    """Log a warning when a run's weights are those of an unfinished training."""
+    status = run_status(run)
+    if status["state"] != "final":
+        log.warning("warning: %s is a partial run: its weights are from step %s of %s "
+                    "(training was interrupted; `usae train --resume` finishes it)",
+                    run, status.get("step"), status.get("total_steps"))
+
+
+def store_record(run: str | Path) -> dict[str, Any] | None:
+    """What the run recorded about its training store (models' specs, layers, grids)."""
+    try:
+        record = read_run_json(run).get("store")
+    except UsaeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def save_weights(run: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``model.safetensors`` atomically."""
+    atomic_save_safetensors(Path(run) / WEIGHTS_FILE, state)
+
+
+def load_weights(run: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` (safetensors only: nothing is unpickled)."""
+    return load_safetensors(Path(run) / WEIGHTS_FILE)
+
+
+def has_run_files(path: str | Path) -> bool:
+    """True when the folder holds any file a training run writes."""
+    path = Path(path)
+    return any((path / name).exists() for name in (*RUN_FILES, INDEPENDENT_FILE))

@@ -1,0 +1,107 @@
+"""The training step's maths, in one place: criteria, auxiliary codes and the step loss.
+
+``step_loss`` is what the trainer differentiates. It relies on ``usae.fused`` (this module's
+private kernels: fused autograd functions that spend GEMMs only where a gradient is used).
+The naive formulations that tests and benchmarks compare against live in ``usae.oracles``,
+outside the library's import path.
+
+Criteria share one signature, ``criterion(target, estimate) -> scalar``. The auxiliary terms
+follow the reference (Kempner's ``overcomplete``): the top n/2 entries of ``relu(pre) - z``
+decode a prediction of the residual ``x - x_hat``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from usae.config import RunConfig
+from usae.fused import (multi_decode, paired_criterion, reference_aux_codes_,
+                        topk_reference_aux_decode)
+from usae.sae import UniversalSAE, normalize_rows, sparse_decode
+
+
+def l1(target: Tensor, estimate: Tensor) -> Tensor:
+    """The paper's criterion: mean |target - estimate|."""
+    return (target - estimate).abs().mean()
+
+
+def l2(target: Tensor, estimate: Tensor) -> Tensor:
+    """Mean squared error."""
+    return (target - estimate).square().mean()
+
+
+CRITERIA = {"l1": l1, "l2": l2}
+
+
+def reference_aux_codes(post_nc: Tensor, indices_nk: Tensor) -> Tensor:
+    """Dense (N, n) auxiliary codes, top n/2 of ``relu(pre) - z``, differentiable in ``post``."""
+    mask = reference_aux_codes_(post_nc.detach().scatter(1, indices_nk, 0.0)) > 0
+    return post_nc * mask
+
+
+def gao_aux_codes(post_nc: Tensor, dead_c: Tensor, aux_k: int) -> Tensor | None:
+    """AuxK (Gao et al. 2024): the top ``aux_k`` pre-activations among dead latents.
+
+    Returns dense (N, n) codes, or None when no latent is dead.
+    """
+    if not bool(dead_c.any()):
+        return None
+    masked = post_nc.masked_fill(~dead_c.unsqueeze(0), 0.0)
+    k = min(aux_k, int(dead_c.sum()))
+    vals, idx = torch.topk(masked, k, dim=1, sorted=False)
+    return torch.zeros_like(post_nc).scatter(1, idx, vals)
+
+
+
+class StepOut(NamedTuple):
+    """One training step's scalars: total loss and the per-decoder reconstruction terms."""
+
+    loss: float
+    source: int
+    recon: list[float]
+    aux: float
+    l0: float
+
+
+def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunConfig,
+              dead_c: Tensor | None = None) -> tuple[Tensor, StepOut, Tensor]:
+    """Loss of one universal step on standardized batches ``xs`` (each (N, d_j)).
+
+    Returns (loss, scalars, fired_c) where ``fired_c`` marks concepts that fired in the batch.
+    """
+    tc = cfg.train
+    models = sae.models
+    src = models[source]
+    trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
+    dicts = [normalize_rows(sae.dictionaries[m]) if t
+             else normalize_rows(sae.dictionaries[m].detach())
+             for m, t in zip(models, trainable)]
+    widths = [d.shape[1] for d in dicts]
+
+    cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]
+    aux_all = None
+    if tc.aux == "reference":
+        pre_nc = sae.encoders[src](xs[src])
+        values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
+                                                                   widths, trainable)
+    else:
+        pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
+        if tc.aux == "gao" and dead_c is not None:
+            aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
+            codes = gao_aux_codes(torch.relu(pre_nc), dead_c, aux_k)
+            if codes is not None:
+                aux_all = multi_decode(codes, cat, widths, trainable)
+    xhat_all = torch.cat([sparse_decode(values_nk, indices_nk, d) for d in dicts], dim=1)
+    x_all = torch.cat([xs[m] for m in models], dim=1)
+    total, recon, aux_parts = paired_criterion(
+        x_all, xhat_all, aux_all, widths, tc.aux_coef if aux_all is not None else 0.0,
+        squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
+    recon, aux_sum = recon.tolist(), float(aux_parts.sum())
+    active_nk = values_nk.detach() > 0
+    fired = torch.zeros(sae.cfg.n, dtype=torch.bool, device=indices_nk.device)
+    fired[indices_nk[active_nk]] = True
+    l0 = float(active_nk.sum(1).float().mean())
+    return total, StepOut(float(total.detach()), source, recon, aux_sum, l0), fired
