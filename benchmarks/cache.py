@@ -18,9 +18,8 @@ import torch
 
 from usae.backbones import build_backbones, expand_specs
 from usae.cache import cache
-from usae.images import preprocess_image
 from usae.demo import make_crops
-from usae.images import list_images, load_rgb
+from usae.images import list_images, load_rgb, preprocess_image
 
 
 def main() -> None:

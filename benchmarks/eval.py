@@ -66,7 +66,8 @@ def main() -> None:
     import torch
 
     from usae.config import resolve
-    from usae.store import StoreSource, store_from_arrays
+    from usae.sources import StoreSource
+    from usae.store_writer import store_from_arrays
     from usae.train import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-eval-"))

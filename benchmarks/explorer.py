@@ -60,7 +60,8 @@ def main() -> None:
     from usae.evaluate import evaluate
     from usae.explorer.build import build_explorer
     from usae.images import list_images
-    from usae.store import StoreSource, store_from_arrays
+    from usae.sources import StoreSource
+    from usae.store_writer import store_from_arrays
     from usae.train import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-explorer-"))

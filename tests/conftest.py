@@ -29,4 +29,11 @@ def shared_latent_arrays(n_images: int = 48, tokens: int = 4, dims=(12, 8, 10), 
 
 @pytest.fixture
 def arrays() -> dict[str, np.ndarray]:
+    """Three linear views (d = 12, 8, 10) of one sparse latent, 48 images x 4 tokens."""
     return shared_latent_arrays()
+
+
+@pytest.fixture(scope="session")
+def make_arrays():
+    """The factory behind ``arrays``, for other sizes: ``make_arrays(n_images=40, ...)``."""
+    return shared_latent_arrays

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from usae.store import store_from_arrays
+from usae.store_writer import store_from_arrays
 
 USAE = [sys.executable, "-m", "usae.cli"]
 COMMANDS = ["demo", "cache", "store", "train", "import-reference", "encode", "decode", "eval",

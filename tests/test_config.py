@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from usae.config import TRAIN_PRESETS, RunConfig, SAEConfig, load_config_file, parse_set, resolve
+from usae.config import (
+    TRAIN_PRESETS,
+    RunConfig,
+    SAEConfig,
+    load_config_file,
+    parse_set,
+    resolve,
+)
 from usae.errors import UsaeError
 
 

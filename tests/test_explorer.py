@@ -17,7 +17,8 @@ from usae.config import resolve
 from usae.evaluate import evaluate
 from usae.explorer.build import build_explorer
 from usae.explorer.serve import make_server
-from usae.store import Store, StoreSource
+from usae.sources import StoreSource
+from usae.store import Store
 from usae.train import train_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

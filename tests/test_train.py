@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from usae.config import resolve, with_train
-from usae.sources import ArraySource
 from usae.errors import UsaeError
-from usae.store import store_from_arrays
+from usae.sources import ArraySource
+from usae.store_writer import store_from_arrays
 from usae.train import Trainer, lr_at
 
 

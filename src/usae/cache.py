@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,7 +22,9 @@ from usae.backbones.base import Backbone, Preprocess
 from usae.errors import UsaeError
 from usae.images import list_images, load_rgb, normalize, resize_crop
 from usae.options import CacheOptions, merged
-from usae.store import ModelEntry, StoreWriter
+from usae.progress import bar as progress_bar
+from usae.store import ModelEntry
+from usae.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple
                    paths: list[str], batch_size: int, workers: int, keep_cls: bool,
                    progress: bool = True) -> dict[str, float]:
     """Decode, extract and commit ``paths`` (the images after ``writer.done``), in order."""
-    from usae.progress import bar as progress_bar
-
     dataset = ImageDataset(paths, {b.name: b.preprocess for b in backbones}, writer.done)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_collate,

@@ -16,6 +16,7 @@ import sys
 from usae import __version__
 from usae.errors import UsaeError
 
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps epilogs as written and shows every default."""
 

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from usae import run as run_folder
+from usae.cache import cache
+from usae.config import resolve
 from usae.errors import UsaeError
+from usae.evaluate import evaluate
+from usae.explorer.build import build_explorer
+from usae.sources import StoreSource
+from usae.store import Store, read_manifest
+from usae.train import train_run
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +106,6 @@ def make_crops(out: Path, n_images: int, seed: int = 0, val_fraction: float = 0.
 def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str = "demo",
              quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage into ``out``; stages already finished are reused (re-run resumes)."""
-    from usae.cache import cache
-    from usae.config import resolve
-    from usae.store import Store, StoreSource, read_manifest
-    from usae.train import train_run
-
     out = Path(out)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -155,20 +157,12 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
 
 
 def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool) -> dict[str, Any]:
-    """Eval and explorer, when those modules are present."""
+    """Eval on the held-out crops, then the explorer."""
     found: dict[str, Any] = {}
-    try:
-        from usae.evaluate import evaluate
-    except ImportError:
-        return found
     log.info("[4/5] evaluating on the held-out crops -> %s", out / "eval")
     report = evaluate(run, store_dir, out / "eval", progress=progress)
     found["report"] = out / "eval" / "report.json"
     found["r2"] = report["r2"]
-    try:
-        from usae.explorer.build import build_explorer
-    except ImportError:
-        return found
     log.info("[5/5] writing the concept explorer -> %s", out / "explorer")
     build_explorer(run, store_dir, out / "explorer", eval_dir=out / "eval", progress=progress)
     found["explorer"] = out / "explorer" / "index.html"

@@ -27,10 +27,16 @@ from torch import Tensor
 from usae import run as run_folder
 from usae.controls import independent_consistency
 from usae.errors import UsaeError
-from usae.files import (atomic_save_safetensors, atomic_write_json, atomic_write_text,
-                        replace_folder)
+from usae.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    replace_folder,
+)
 from usae.metrics import R2Accumulator, cross_model_update
 from usae.options import EvalOptions, merged
+from usae.plots import make_plots
+from usae.progress import bar as progress_bar
 from usae.sae import UniversalSAE
 from usae.store import Store
 
@@ -163,8 +169,6 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
                                                 replace(o, split=split_used, plots=False))
         _write(tmp, report, concept_rows, stats, sae.models)
         if o.plots:
-            from usae.plots import make_plots
-
             make_plots(tmp, report, concept_rows)
     return report
 
@@ -197,8 +201,6 @@ def _comparison_row(run: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 def _stream(sae: UniversalSAE, store: Store, rows: np.ndarray, o: EvalOptions,
             progress: bool) -> dict[str, Any]:
-    from usae.progress import bar as progress_bar
-
     models = sae.models
     r2 = R2Accumulator(models, sae.cfg.dims)
     concepts = ConceptAccumulator(models, sae.cfg.n, o.threshold, o.top_images)

@@ -117,3 +117,12 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UsaeError(f"missing {what} {path}") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UsaeError(f"{what} {path} is corrupt: {err}") from None
+
+
+def human_bytes(size: float) -> str:
+    """1234567 -> '1.23 MB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size} B"

@@ -18,8 +18,10 @@ import torch
 
 from usae.align import common_grid, resample_tokens, square_grid
 from usae.errors import UsaeError
+from usae.progress import bar as progress_bar
 from usae.splits import assign_splits
-from usae.store import ModelEntry, StoreWriter
+from usae.store import ModelEntry
+from usae.store_writer import StoreWriter
 
 
 def find_npz(src: Path, models: list[str]) -> dict[str, dict[str, tuple[Path, str]]]:
@@ -84,8 +86,6 @@ def import_npz(src: str | Path, out: str | Path, models: list[str], split: str |
     images = [{"path": k, "label": None} for k in keys]
     assign_splits(images, [split] * len(images) if split else [None] * len(images), seed)
     writer = StoreWriter(out, entries, images, dtype, extra={"source": str(src.resolve())})
-    from usae.progress import bar as progress_bar
-
     bar = progress_bar(total=len(keys), initial=writer.done, desc="import-npz", unit="img",
                        disable=not progress)
     for start in range(writer.done, len(keys), batch):

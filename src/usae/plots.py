@@ -9,6 +9,7 @@ import numpy as np
 
 
 def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]) -> list[Path]:
+    """Write the eval's PNG plots into ``out``; none when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -16,15 +17,21 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    models = report["models"]
     paths = []
-
-    def save(fig, name: str) -> None:
+    for name, draw in (("r2_matrix.png", _r2_matrix), ("firing_entropy.png", _firing_entropy),
+                       ("cofires_vs_energy.png", _cofires_vs_energy),
+                       ("cofire_proportion_by_rank.png", _cofire_proportion),
+                       ("dead_and_l0.png", _dead_and_l0)):
+        fig = draw(plt, report, concepts)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         paths.append(out / name)
+    return paths
 
+
+def _r2_matrix(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+    models = report["models"]
     r2 = np.asarray(report["r2"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(models), 1.2 + 1.0 * len(models)))
     im = ax.imshow(r2, vmin=min(0.0, r2.min()), vmax=1.0, cmap="viridis")
@@ -38,8 +45,10 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     ax.set_ylabel("encoded from")
     ax.set_title(f"R² on {report['split']} ({report['n_tokens']:,} tokens)")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    save(fig, "r2_matrix.png")
+    return fig
 
+
+def _firing_entropy(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
     fe = np.array([float(c["firing_entropy"]) for c in concepts if c["firing_entropy"] != ""])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.hist(fe, bins=np.linspace(0, 1, 26), color="#4477aa", edgecolor="white")
@@ -49,8 +58,10 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     ax.set_ylabel("concepts")
     ax.set_title(f"Firing entropy ({len(fe)} firing concepts of {len(concepts)})")
     ax.legend(fontsize=8)
-    save(fig, "firing_entropy.png")
+    return fig
 
+
+def _cofires_vs_energy(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
     energy = np.array([float(c["energy"]) for c in concepts])
     cof = np.array([float(c["cofires"]) for c in concepts])
     ok = (energy > 0) & (cof > 0)
@@ -71,11 +82,14 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     ax.set_xlabel("co-fires (tokens where every model fires)")
     ax.set_ylabel("energy")
     ax.set_title("Co-fires vs energy")
-    save(fig, "cofires_vs_energy.png")
+    return fig
 
+
+def _cofire_proportion(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+    energy = np.array([float(c["energy"]) for c in concepts])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     order = np.argsort(-energy)
-    for m in models:
+    for m in report["models"]:
         vals = np.array([float(concepts[k][f"cofire_proportion_{m}"] or "nan") for k in order])
         ax.plot(np.arange(1, len(vals) + 1), vals, lw=1, label=m)
     ax.set_xscale("log")
@@ -83,16 +97,19 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     ax.set_ylabel("co-fire proportion")
     ax.set_title("Co-fire proportion by concept rank")
     ax.legend(fontsize=8)
-    save(fig, "cofire_proportion_by_rank.png")
+    return fig
 
+
+def _dead_and_l0(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+    models = report["models"]
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
     colors = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377"]
-    axes[0].bar(models, [report["dead_fraction"][m] for m in models], color=colors[:len(models)])
+    colors = [colors[i % len(colors)] for i in range(len(models))]
+    axes[0].bar(models, [report["dead_fraction"][m] for m in models], color=colors)
     axes[0].set_title("dead fraction")
     axes[0].set_ylim(0, 1)
-    axes[1].bar(models, [report["l0"][m] for m in models], color=colors[:len(models)])
+    axes[1].bar(models, [report["l0"][m] for m in models], color=colors)
     axes[1].set_title("L0 (active concepts / token)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
-    save(fig, "dead_and_l0.png")
-    return paths
+    return fig

@@ -17,6 +17,7 @@ import torch
 
 from usae.config import RunConfig, SAEConfig, TrainConfig
 from usae.errors import UsaeError
+from usae.files import atomic_write_json
 from usae.sae import UniversalSAE
 
 LINEAR = "encoder.final_block.0."
@@ -124,8 +125,6 @@ def import_reference(yaml_path: str | Path, out_dir: str | Path) -> UniversalSAE
             sae.set_standardization(name, torch.tensor(mean), torch.tensor(std))
     run_cfg = RunConfig(sae=sae_cfg, train=TrainConfig(), preset="paper")
     sae.save(out_dir, run_cfg)
-    from usae.files import atomic_write_json
-
     atomic_write_json(Path(out_dir) / "reference.json", {
         "source": str(yaml_path.resolve()),
         "models": {m: {"og_model": zoo[m].get("og_model"), "num_tokens": zoo[m].get("num_tokens"),

@@ -16,6 +16,7 @@ marker existed (no ``status``) count as final.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ import torch
 
 from usae.config import RunConfig
 from usae.errors import UsaeError
-from usae.files import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from usae.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -108,3 +115,38 @@ def has_run_files(path: str | Path) -> bool:
     """True when the folder holds any file a training run writes."""
     path = Path(path)
     return any((path / name).exists() for name in (*RUN_FILES, INDEPENDENT_FILE))
+
+
+def prepare_folder(out: Path, resume: bool, force: bool) -> None:
+    """Before training: ``resume`` needs a checkpoint; otherwise a folder that holds anything
+    is refused unless ``force`` (which removes only the files a run writes)."""
+    if resume:
+        if not (out / CHECKPOINT_FILE).exists():
+            raise UsaeError(f"--resume: {out} has no {CHECKPOINT_FILE} to resume from — train "
+                            "without --resume to start it")
+        return
+    if out.exists() and not out.is_dir():
+        raise UsaeError(f"{out} is a file, not a folder — choose another --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        what = "holds a run" if has_run_files(out) else "exists and is not empty"
+        raise UsaeError(f"{out} {what} — pass --resume to continue it, --force to replace it, "
+                        "or choose another --out")
+    if force:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop metric lines written after ``step`` (the checkpoint): they will be recomputed."""
+    path = out / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is stale too
+    atomic_write_text(path, "".join(k + "\n" for k in kept))

@@ -7,7 +7,7 @@ model belongs to the same image and the same aligned token. Order is a pure func
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -15,61 +15,8 @@ import torch
 from torch import Tensor
 
 from usae.errors import UsaeError
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    """Per-model activation statistics over all tokens (float64 accumulations)."""
-
-    mean: float
-    std: float
-    mean_d: np.ndarray
-    std_d: np.ndarray
-
-    def for_mode(self, mode: str) -> tuple[np.ndarray, np.ndarray]:
-        """(mean_d, std_d) to standardize with, for a ``SAEConfig.standardize`` mode."""
-        d = self.mean_d.shape[0]
-        if mode == "scalar":
-            return np.full(d, self.mean), np.full(d, self.std)
-        if mode == "per_dim":
-            return self.mean_d, self.std_d
-        if mode == "center_per_dim":
-            return self.mean_d, np.full(d, float(np.sqrt(np.mean(self.std_d ** 2))))
-        raise UsaeError(f"unknown standardize mode {mode!r}")
-
-    def to_json(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "mean_d": self.mean_d.tolist(),
-                "std_d": self.std_d.tolist()}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "ModelStats":
-        return cls(float(obj["mean"]), float(obj["std"]), np.asarray(obj["mean_d"], np.float64),
-                   np.asarray(obj["std_d"], np.float64))
-
-
-class StatsAccumulator:
-    """Streaming sum / sum of squares in float64, per dimension."""
-
-    def __init__(self, d: int) -> None:
-        self.count = 0
-        self.sum_d = np.zeros(d, np.float64)
-        self.sumsq_d = np.zeros(d, np.float64)
-
-    def update(self, x_nd: np.ndarray | Tensor) -> None:
-        x = np.asarray(x_nd, dtype=np.float64).reshape(-1, self.sum_d.shape[0])
-        self.count += x.shape[0]
-        self.sum_d += x.sum(0)
-        self.sumsq_d += np.square(x).sum(0)
-
-    def result(self) -> ModelStats:
-        if self.count == 0:
-            raise UsaeError("cannot compute statistics over zero tokens")
-        n = self.count
-        mean_d = self.sum_d / n
-        var_d = np.maximum(self.sumsq_d / n - mean_d ** 2, 0.0)
-        mean = float(self.sum_d.sum() / (n * mean_d.size))
-        var = max(float(self.sumsq_d.sum() / (n * mean_d.size)) - mean ** 2, 0.0)
-        return ModelStats(mean, float(np.sqrt(var)), mean_d, np.sqrt(var_d))
+from usae.stats import ModelStats, StatsAccumulator
+from usae.store import Store, storage_tensor
 
 
 class DataSource(Protocol):
@@ -192,3 +139,70 @@ class ModelSubset:
                 shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
         for batch in self.source.batches(batch_images, seed, epoch, start, shuffle_pairing):
             yield {m: batch[m] for m in self.models}
+
+
+class StoreSource:
+    """A ``DataSource`` over one split of a store, read in shuffled chunks.
+
+    Each epoch shuffles chunks of ``chunk_images`` consecutive images, fills a buffer of
+    ``buffer_chunks`` chunks with contiguous reads, shuffles images inside the buffer, and
+    yields batches of whole images. Order is a pure function of (seed, epoch).
+    """
+
+    def __init__(self, store: Store | str | Path, split: str = "train", chunk_images: int = 64,
+                 buffer_chunks: int = 8) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.split = split
+        self._rows = self.store.rows(split)
+        self.models = self.store.models
+        self.dims = self.store.dims
+        self.chunk_images = chunk_images
+        self.buffer_chunks = buffer_chunks
+
+    def n_images(self) -> int:
+        return len(self._rows)
+
+    def tokens_per_image(self) -> int:
+        return self.store.tokens
+
+    def stats(self) -> dict[str, ModelStats]:
+        return self.store.stats()
+
+    def image_order(self, seed: int, epoch: int) -> np.ndarray:
+        """Positions into this split's rows, chunk-shuffled then buffer-shuffled."""
+        n = len(self._rows)
+        c = self.chunk_images
+        chunks = [np.arange(s, min(s + c, n)) for s in range(0, n, c)]
+        chunk_order = epoch_permutation(len(chunks), seed, epoch, salt=1)
+        rng = np.random.default_rng([seed, epoch, 2])
+        out = []
+        for g in range(0, len(chunk_order), self.buffer_chunks):
+            buf = np.concatenate([chunks[i] for i in chunk_order[g:g + self.buffer_chunks]])
+            out.append(buf[rng.permutation(len(buf))])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
+                shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
+        """Batches of ``batch_images`` whole images: ``{model: (B * tokens, d)}`` in the
+        storage dtype (fp16/bf16/fp32; the trainer converts on its device). One gather of
+        whole-image rows per model and batch, from a window of a few contiguous chunks."""
+        order = self.image_order(seed, epoch)
+        perms = (pairing_permutations(self.models, len(self._rows), seed)
+                 if shuffle_pairing else None)
+        span = self.chunk_images * self.buffer_chunks
+        window = -1
+        for b in range(start, len(order) // batch_images):
+            pos = order[b * batch_images:(b + 1) * batch_images]
+            if perms is None and (b * batch_images) // span != window:
+                # this window (when starting) and the next one, read ahead while we gather
+                first = window < 0
+                window = (b * batch_images) // span
+                lo = window * span if first else (window + 1) * span
+                self.store.prefetch(self._rows[order[lo:(window + 2) * span]])
+            yield {m: self._gather(m, self._rows[perms[m][pos] if perms else pos])
+                   for m in self.models}
+
+    def _gather(self, model: str, rows: np.ndarray) -> Tensor:
+        """(len(rows) * tokens, d) in the storage dtype."""
+        a = self.store.array(model)[rows]
+        return storage_tensor(a.reshape(-1, a.shape[-1]), self.store.dtype)

@@ -18,8 +18,12 @@ import torch
 from torch import Tensor
 
 from usae.config import RunConfig
-from usae.fused import (multi_decode, paired_criterion, reference_aux_codes_,
-                        topk_reference_aux_decode)
+from usae.fused import (
+    multi_decode,
+    paired_criterion,
+    reference_aux_codes_,
+    topk_reference_aux_decode,
+)
 from usae.sae import UniversalSAE, normalize_rows, sparse_decode
 
 

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,15 +27,25 @@ import torch
 from torch import Tensor
 
 from usae import run as run_folder
-from usae.checkpoint import (load_checkpoint, load_optimizer, optimizer_tensors,
-                             read_checkpoint_config, save_checkpoint)
+from usae.checkpoint import (
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    read_checkpoint_config,
+    save_checkpoint,
+)
 from usae.config import RunConfig, load_config_file, parse_set, resolve
 from usae.errors import UsaeError
-from usae.files import atomic_write_text
+from usae.files import atomic_write_json
+from usae.interrupts import StopSignals, TrainingInterrupted
 from usae.loggers import MetricSinks
+from usae.malloc import keep_freed_memory
+from usae.metrics import r2_matrix
+from usae.progress import bar as progress_bar
 from usae.sae import UniversalSAE
-from usae.sources import DataSource, ModelSubset, n_batches
+from usae.sources import DataSource, ModelSubset, StoreSource, n_batches
 from usae.step import StepOut, step_loss
+from usae.store import Store
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resume without changing its maths.
@@ -52,39 +60,6 @@ def lr_at(t: int, warmup: int, total: int, peak: float, floor: float) -> float:
     span = max(total - warmup, 1)
     progress = min((t - warmup) / span, 1.0)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; the trainer saved a checkpoint at ``step`` first."""
-
-    def __init__(self, step: int, signame: str) -> None:
-        super().__init__(f"{signame} at step {step}; a checkpoint of step {step} was saved — "
-                         "re-run with --resume to continue")
-        self.step = step
-
-
-class _StopSignals:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one
-    interrupts at once (the last checkpoint stays valid: every write is atomic)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Trainer:
@@ -107,8 +82,6 @@ class Trainer:
                             "use --device cpu")
         self.device = torch.device(tc.device)
         if tc.keep_freed_memory and self.device.type == "cpu":
-            from usae.malloc import keep_freed_memory
-
             keep_freed_memory()
         torch.manual_seed(tc.seed)
         self.sae = UniversalSAE(run_cfg.sae).to(self.device)
@@ -157,7 +130,7 @@ class Trainer:
         self.sched_counts = [int(c) for c in ckpt.position["sched_counts"]]
         self.tokens = int(ckpt.position["tokens"])
         self.elapsed = float(ckpt.position["elapsed_s"])
-        self._truncate_metrics()
+        run_folder.truncate_metrics(self.out, self.step)
 
     def _check_same_config(self, saved: RunConfig) -> None:
         now_sae, old_sae = asdict(self.cfg.sae), asdict(saved.sae)
@@ -169,38 +142,6 @@ class Trainer:
         if diffs:
             raise UsaeError("cannot resume with a different config (" + "; ".join(diffs) +
                             ") — drop those options, or train into a new folder")
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the checkpoint: they will be recomputed."""
-        path = self.out / run_folder.METRICS_FILE
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: everything after it is stale too
-        atomic_write_text(path, "".join(k + "\n" for k in kept))
-
-    def _prepare_folder(self, resume: bool, force: bool) -> None:
-        """Refuse to replace an existing run or a foreign folder unless ``force``."""
-        out = self.out
-        if resume:
-            if not (out / run_folder.CHECKPOINT_FILE).exists():
-                raise UsaeError(f"--resume: {out} has no {run_folder.CHECKPOINT_FILE} to "
-                                "resume from — train without --resume to start it")
-            return
-        if out.exists() and any(out.iterdir()) and not force:
-            what = ("holds a run" if run_folder.has_run_files(out)
-                    else "exists and is not empty")
-            raise UsaeError(f"{out} {what} — pass --resume to continue it, --force to replace "
-                            "it, or choose another --out")
-        if force:
-            for name in run_folder.RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
 
     # -- training -----------------------------------------------------------------------
     def _set_standardization(self, source: DataSource) -> None:
@@ -244,7 +185,7 @@ class Trainer:
         per_epoch = self._check_source(source)
         self.total = self.total_steps(source)
         warmup = self.cfg.train.warmup_steps or per_epoch
-        self._prepare_folder(resume, force)
+        run_folder.prepare_folder(self.out, resume, force)
         if resume:
             self.load_checkpoint()
         else:
@@ -261,15 +202,13 @@ class Trainer:
 
     def _loop(self, source: DataSource, val_source: DataSource | None, per_epoch: int,
               warmup: int, sinks: MetricSinks) -> None:
-        from usae.progress import bar as progress_bar
-
         tc = self.cfg.train
         bar = progress_bar(total=self.total, initial=self.step, desc="train", unit="step",
                            disable=not self.progress or self.step >= self.total)
         stream = self._stream(source, per_epoch)
         last_save = time.monotonic()
         with open(self.out / run_folder.METRICS_FILE, "a") as metrics_fh, \
-                _StopSignals() as stop:
+                StopSignals() as stop:
             while self.step < self.total:
                 t0 = time.perf_counter()
                 out = self.train_step(next(stream), warmup, self.total)
@@ -349,8 +288,6 @@ class Trainer:
                 "dead_fraction": float((self.since_fired >= tc.dead_after_tokens).float().mean())}
 
     def _val_r2(self, val_source: DataSource) -> list[list[float]]:
-        from usae.metrics import r2_matrix
-
         tc = self.cfg.train
         bs = min(tc.batch_images, max(val_source.n_images(), 1))
         batches = val_source.batches(bs, tc.seed, 0)
@@ -397,8 +334,6 @@ def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "
                      resume: bool = False, force: bool = False, split: str = "train",
                      independent: bool = False, progress: bool = True) -> dict[str, Any]:
     """``usae train``: resolve the config, train on a store split, return a summary."""
-    from usae.store import Store, StoreSource
-
     store = Store(store_path)
     cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
                              max_steps, device, resume)
@@ -449,8 +384,6 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
         trainer.fit(ModelSubset(source, (m,)),
                     ModelSubset(val_source, (m,)) if val_source else None, resume=resume)
         summaries[m] = trainer.summary()
-    from usae.files import atomic_write_json
-
     atomic_write_json(out / run_folder.INDEPENDENT_FILE, {"models": list(cfg.sae.models),
                                                           "config": cfg.to_json(), **extra})
     return {"run": str(out), "independent": summaries}

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
+from usae.align import common_grid
+from usae.backbones import adapters
 from usae.backbones.base import HALF, IMAGENET, Backbone, Preprocess
 from usae.errors import UsaeError
 
@@ -117,8 +119,6 @@ def build_backbone(spec: ModelSpec | str, pretrained: bool | None = None,
 
 
 def _build(spec: ModelSpec, pretrained: bool | None, img_size: int | None) -> Backbone:
-    from usae.backbones import adapters
-
     opts = spec.options
     pre = _truthy(opts.get("pretrained"), True) if pretrained is None else pretrained
     size = img_size or (int(opts["img_size"]) if opts.get("img_size") else None)
@@ -149,8 +149,6 @@ def build_backbones(specs: list[ModelSpec], pretrained: bool | None = None,
     each model whose grid differs is rebuilt with an input size that gives the common grid,
     so features need no resampling (DINOv2/14 at 196 px gives 14x14).
     """
-    from usae.align import common_grid
-
     backbones = [build_backbone(s, pretrained) for s in specs]
     target = common_grid({b.name: b.grid for b in backbones})
     if align == "resize_input":

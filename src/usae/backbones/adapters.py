@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from usae.align import exact_square_grid, feature_map_to_tokens
-from usae.backbones.base import CLIP, HALF, IMAGENET, Backbone, LayerHook, Preprocess, probe_shape
+from usae.backbones.base import (
+    CLIP,
+    HALF,
+    IMAGENET,
+    Backbone,
+    LayerHook,
+    Preprocess,
+    probe_shape,
+)
 from usae.errors import UsaeError
 
 

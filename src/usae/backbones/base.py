@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from usae.errors import UsaeError
 
-
 # Normalization constants (mean, std) of the families we know, in one place.
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

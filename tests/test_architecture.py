@@ -1,0 +1,112 @@
+"""The structure docs/ARCHITECTURE.md promises: no import cycles, layers that do not reach
+upwards, small modules and short functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "usae"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``usae`` module a file imports, at any depth (lazy imports count)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("usae"):
+            out.add(node.module)
+            for alias in node.names:  # `from usae import run` imports the module usae.run
+                out.add(f"{node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("usae"))
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in SRC.rglob("*.py")}
+    return {name: {m for m in imports_of(p) if m in files and m != name}
+            for name, p in files.items()}
+
+
+def test_no_import_cycle_inside_usae():
+    g = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(g[node]):
+            if nxt == "usae":  # the package's lazy __getattr__ table, not a real edge
+                continue
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node)
+
+
+# Layers: a module must not import what sits above it in the data flow.
+FORBIDDEN = {
+    "usae.train": {"usae.evaluate", "usae.controls", "usae.explorer.build", "usae.plots",
+                   "usae.cache", "usae.demo"},
+    "usae.step": {"usae.train", "usae.evaluate", "usae.store"},
+    "usae.sae": {"usae.train", "usae.step", "usae.store", "usae.evaluate"},
+    "usae.store": {"usae.images", "usae.train", "usae.sae", "usae.backbones"},
+    "usae.controls": {"usae.evaluate"},
+    "usae.run": {"usae.sae", "usae.train", "usae.evaluate"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_layers_do_not_import_upwards(module):
+    g = graph()
+    assert not (g[module] & FORBIDDEN[module]), f"{module} imports {g[module] & FORBIDDEN[module]}"
+
+
+def test_the_library_never_imports_the_test_oracles():
+    g = graph()
+    users = [m for m, deps in g.items() if "usae.oracles" in deps]
+    assert users == []
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: p.name)
+def test_modules_are_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES
+
+
+def long_functions(path: Path) -> list[str]:
+    """Functions over the limit whose first body line is not a comment saying why."""
+    lines = path.read_text().splitlines()
+    out = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            justified = any(line.strip().startswith("# long:")
+                            for line in lines[node.lineno - 3:node.lineno + 3])
+            if length > MAX_FUNCTION_LINES and not justified:
+                out.append(f"{node.name} ({length} lines)")
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: p.name)
+def test_functions_are_short_or_say_why(path):
+    assert long_functions(path) == []
