@@ -36,13 +36,20 @@ def full_step(sae, opt, loss_fn, src_model: str, clip: float) -> float:
     return float(loss.detach())
 
 
-def sgemm_peak(size: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def sgemm_peak(size: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best / 1e9
 
@@ -59,6 +66,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32 * 196)
     ap.add_argument("--n", type=int, default=6144)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on both)")
     ap.add_argument("--glibc-default-malloc", action="store_true",
                     help="do not apply the trainer's keep_freed_memory setting")
     args = ap.parse_args()
@@ -70,8 +78,8 @@ def main() -> None:
         keep_freed_memory()
     torch.manual_seed(0)
     cfg = resolve(MODELS, DIMS, "paper", {"n_concepts": args.n, "k": 32})
-    base = UniversalSAE(cfg.sae)
-    xs = {m: torch.randn(args.tokens, d) for m, d in zip(MODELS, DIMS)}
+    base = UniversalSAE(cfg.sae).to(args.device)
+    xs = {m: torch.randn(args.tokens, d).to(args.device) for m, d in zip(MODELS, DIMS)}
 
     # Agreement: identical weights, identical batch, forward loss and the stepped gradients.
     ours_sae, dense_sae = copy.deepcopy(base), copy.deepcopy(base)
@@ -87,8 +95,10 @@ def main() -> None:
     grad_rel = float((g_o - g_d).norm() / g_d.norm())
 
     def timed(fn) -> float:
+        sync(args.device)
         t0 = time.perf_counter()
         fn()
+        sync(args.device)
         return time.perf_counter() - t0
 
     ours_t, dense_t, ours_fl = [], [], []
@@ -116,7 +126,7 @@ def main() -> None:
         vcfg = with_train(cfg, **changes)
         sae = copy.deepcopy(base)
         opt = {m: torch.optim.AdamW(sae.model_parameters(m), lr=3e-4) for m in MODELS}
-        dead = torch.ones(cfg.sae.n, dtype=torch.bool) if changes.get("aux") == "gao" else None
+        dead = torch.ones(cfg.sae.n, dtype=torch.bool, device=args.device) if changes.get("aux") == "gao" else None
         times = []
         for rep in range(2):
             src = rep % len(MODELS)
@@ -125,12 +135,13 @@ def main() -> None:
                 MODELS[src], 1.0)))
         variants[name] = round(args.tokens / min(times), 1)
 
-    peak = sgemm_peak()
+    peak = sgemm_peak(device=args.device)
     ours_s = sum(ours_t) / len(ours_t)
     dense_s = sum(dense_t) / len(dense_t)
     result = {
         "benchmark": "train_step", "tokens": args.tokens, "n_concepts": cfg.sae.n, "k": 32,
-        "dims": list(DIMS), "threads": torch.get_num_threads(),
+        "dims": list(DIMS), "threads": torch.get_num_threads(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "ours_s": round(ours_s, 3), "dense_s": round(dense_s, 3),
         "speedup": round(dense_s / ours_s, 3),
         "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel,

@@ -19,6 +19,16 @@ log = logging.getLogger("usae")
 def _load_npy(path: str) -> np.ndarray:
     """A numeric .npy array (nothing is unpickled)."""
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except FileNotFoundError:
+        raise UsaeError(f"{path} does not exist") from None
+    except OSError as err:
+        raise UsaeError(f"cannot read {path}: {err.strerror}") from None
+    if magic != b"\x93NUMPY":
+        raise UsaeError(f"{path} is not a .npy file (no NumPy header) — save arrays with "
+                        "numpy.save")
+    try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsaeError(f"{path} does not exist") from None

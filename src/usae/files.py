@@ -27,6 +27,7 @@ def atomic_write_with(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
@@ -34,6 +35,23 @@ def atomic_write_with(path: Path, write) -> None:
         if isinstance(err, OSError):
             raise write_error(path, err) from None
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temp files that an atomic write left behind when its process was killed."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 def write_error(path: Path, err: OSError) -> UsaeError:

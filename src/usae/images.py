@@ -66,19 +66,29 @@ def _from_list_file(path: Path) -> list[dict[str, Any]]:
         p = Path(parts[0]).expanduser()
         if not p.is_absolute():
             p = path.parent / p
+        split = parts[2] if len(parts) > 2 and parts[2] else None
+        if split is not None and split not in SPLIT_NAMES:
+            raise UsaeError(f"{path}: unknown split {split!r} in line {raw.strip()!r} — use one "
+                            f"of {sorted(SPLIT_NAMES)}")
         out.append({"path": str(p.resolve()), "label": parts[1] if len(parts) > 1 else None,
-                    "split": parts[2] if len(parts) > 2 and parts[2] else None})
+                    "split": "val" if split == "validation" else split})
     return out
 
 
 def load_rgb(path: str | Path) -> "Image.Image":
     """Open any image as 8-bit RGB, EXIF orientation applied; raises ``UsaeError`` when the
-    file is not a decodable image (the caller records the reason and skips it)."""
+    file is not a decodable image (the caller records the reason and skips it).
+
+    High-bit-depth modes keep their content: 16-bit integers are divided by 257, 32-bit
+    integers and floats are rescaled to 0-255 (by 255 for floats in [0, 1], else by their
+    range), never clipped. Transparency is composited on white."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I") or im.mode == "F":
+                return Image.fromarray(_to_uint8(np.asarray(im), im.mode)).convert("RGB")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -88,6 +98,25 @@ def load_rgb(path: str | Path) -> "Image.Image":
         raise UsaeError(f"{type(err).__name__}: {err}") from None
     except Image.DecompressionBombError as err:
         raise UsaeError(f"decompression bomb: {err}") from None
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """A single-channel high-bit-depth array as uint8, content preserved."""
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise UsaeError(f"mode {mode} image has NaN or infinite pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if mode.startswith("I;16"):
+        scaled = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        scaled = a
+    elif lo >= 0 and hi <= 65535 and mode == "I":
+        scaled = a / 257.0  # 16-bit data opened as 32-bit integers (PNG, TIFF)
+    else:
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 # ---- transforms: the preprocessing every backbone declares --------------------------------

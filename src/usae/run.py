@@ -31,6 +31,7 @@ from usae.files import (
     atomic_write_text,
     load_safetensors,
     read_json,
+    remove_stale_temps,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ def run_status(run: str | Path) -> dict[str, Any]:
 
 
 def is_final(run: str | Path) -> bool:
-    return run_status(run)["state"] == "final"
+    """True for a finished run; False when partial or when config.json is missing."""
+    try:
+        return run_status(run)["state"] == "final"
+    except UsaeError:
+        return False
 
 
 def warn_if_partial(run: str | Path) -> None:
@@ -120,6 +125,7 @@ def has_run_files(path: str | Path) -> bool:
 def prepare_folder(out: Path, resume: bool, force: bool) -> None:
     """Before training: ``resume`` needs a checkpoint; otherwise a folder that holds anything
     is refused unless ``force`` (which removes only the files a run writes)."""
+    remove_stale_temps(out)
     if resume:
         if not (out / CHECKPOINT_FILE).exists():
             raise UsaeError(f"--resume: {out} has no {CHECKPOINT_FILE} to resume from — train "

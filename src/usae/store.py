@@ -1,4 +1,5 @@
-"""The activation store (read side and layout; ``usae.store_writer`` builds it): one folder, one memory-mapped array per model, one JSON manifest.
+"""The activation store (read side and layout; ``usae.store_writer`` builds it): one
+folder, one memory-mapped array per model, one JSON manifest.
 
 Layout::
 

@@ -24,6 +24,7 @@ from usae.files import (
     atomic_write_json,
     human_bytes,
     load_safetensors,
+    remove_stale_temps,
 )
 from usae.splits import assign_splits
 from usae.stats import StatsAccumulator
@@ -69,6 +70,7 @@ class StoreWriter:
     # -- creation and resume ------------------------------------------------------------
     def _open(self) -> None:
         manifest_path = self.path / MANIFEST
+        remove_stale_temps(self.path)
         if manifest_path.exists():
             old = read_manifest(self.path)
             if old["state"] == "final":

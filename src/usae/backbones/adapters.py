@@ -63,7 +63,13 @@ class TimmBackbone(Backbone):
         if img_size:
             kwargs["img_size"] = img_size
         try:
-            module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            try:
+                module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            except TypeError as err:  # a CNN: the input size is only a preprocessing choice
+                if "img_size" not in str(err):
+                    raise UsaeError(f"timm could not build {model_name!r}: {err}") from None
+                kwargs.pop("img_size")
+                module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         except RuntimeError as err:
             msg = str(err).splitlines()[0]
             if "Unknown model" in msg or "Invalid pretrained tag" in msg:
