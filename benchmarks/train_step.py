@@ -126,7 +126,8 @@ def main() -> None:
         vcfg = with_train(cfg, **changes)
         sae = copy.deepcopy(base)
         opt = {m: torch.optim.AdamW(sae.model_parameters(m), lr=3e-4) for m in MODELS}
-        dead = torch.ones(cfg.sae.n, dtype=torch.bool, device=args.device) if changes.get("aux") == "gao" else None
+        dead = (torch.ones(cfg.sae.n, dtype=torch.bool, device=args.device)
+                if changes.get("aux") == "gao" else None)
         times = []
         for rep in range(2):
             src = rep % len(MODELS)

@@ -3,13 +3,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from usae.align import align_tokens
+from usae.backbones import build_backbones, expand_specs
+from usae.backbones.base import Preprocess
 from usae.cache import cache
 from usae.errors import UsaeError
+from usae.images import load_rgb, normalize, preprocess_image, resize_crop
 from usae.store import Store
 
 SPECS = "effnet:lite0?img_size=64,timm:vit_tiny_patch16_224?img_size=64&pretrained=0"
@@ -100,3 +106,51 @@ def test_killed_cache_resumes_without_losing_or_duplicating(tmp_path):
     for m in full.models:
         assert np.array_equal(np.asarray(full.array(m)), np.asarray(part.array(m)))
     assert part.info()["n_images"] == 40 and part.info()["skipped"] == 1
+
+
+def test_every_stored_row_is_its_own_images_backbone_output(tmp_path):
+    """Guards which image each row belongs to: a broken file in the *middle* of a batch must
+    not shift the rows after it, and each model's row is that model's output for that image."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(3)
+    root.mkdir()
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (50 + 3 * i, 70, 3), dtype=np.uint8)).save(
+            root / f"{i:02d}.png")
+    (root / "03_broken.png").write_bytes(b"\x89PNG broken")  # sorts into the first batch
+    cache(SPECS, root, tmp_path / "store", batch_size=4, workers=0, progress=False)
+    store = Store(tmp_path / "store")
+    images = store.manifest["images"]
+    assert [Path(i["path"]).name for i in images].index("03_broken.png") == 4
+    backbones, target = build_backbones(expand_specs(SPECS))
+    for row, img in enumerate(images):
+        if img.get("skipped"):
+            assert row == 4
+            continue
+        for b in backbones:
+            px = preprocess_image(load_rgb(img["path"]), b.preprocess)[None]
+            want = align_tokens(b.extract(px), b.n_prefix, b.grid, target)[0]
+            got = store.read(b.name, np.array([row]))[0]
+            torch.testing.assert_close(got, want.half().float(), rtol=2e-3, atol=2e-3)
+
+
+def test_normalize_and_resize_crop_give_hand_computed_values():
+    """Guards the preprocessing every model declares (resize the short side, centre crop,
+    scale to [0, 1], normalize), on values worked out by hand."""
+    p = Preprocess(crop=(4, 4), resize=4, interpolation="nearest", mean=(0.5, 0.4, 0.3),
+                   std=(0.5, 0.2, 0.1))
+    x = torch.full((3, 2, 2), 0.5)
+    out = normalize(x, p)
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([0.0, 0.5, 2.0]))
+    # an 8x4 image whose red channel is the column index: short side 4 = resize, so no
+    # scaling; the 4-wide centre crop keeps columns 2..5
+    arr = np.zeros((4, 8, 3), np.uint8)
+    arr[..., 0] = np.arange(8)[None, :]
+    arr[..., 1] = np.arange(4)[:, None] * 10
+    crop = resize_crop(Image.fromarray(arr), p)
+    assert crop.shape == (3, 4, 4)
+    torch.testing.assert_close(crop[0, 0], torch.tensor([2.0, 3.0, 4.0, 5.0]) / 255)
+    torch.testing.assert_close(crop[1, :, 0], torch.tensor([0.0, 10.0, 20.0, 30.0]) / 255)
+    # a 2x larger image is halved first (nearest), then cropped the same way
+    big = np.repeat(np.repeat(arr, 2, axis=0), 2, axis=1)
+    torch.testing.assert_close(resize_crop(Image.fromarray(big), p), crop)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from usae.files import load_safetensors
 from usae.store_writer import store_from_arrays
 
 USAE = [sys.executable, "-m", "usae.cli"]
@@ -67,7 +68,12 @@ def test_store_train_encode_decode_eval_explore(arrays, tmp_path):
     assert z.shape == (10, 32) and z.dtype == np.float32 and ((z > 0).sum(1) <= 3).all()
     run("decode", tmp_path / "run", "--model", "m2", "--codes", tmp_path / "z.npy", "--out",
         tmp_path / "x2.npy")
-    assert np.load(tmp_path / "x2.npy").shape == (10, 10)
+    # decode = z @ unit-row dictionary, then the run's un-standardization, written out here
+    w = load_safetensors(tmp_path / "run" / "model.safetensors")
+    d = w["dictionaries.m2"].double().numpy()
+    want = z @ (d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-8))
+    want = want * w["scale_m2"].double().numpy() + w["mean_m2"].double().numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "x2.npy"), want, rtol=1e-4, atol=1e-4)
     bad = run("encode", tmp_path / "run", "--model", "m1", "--input", tmp_path / "x.npy",
               "--out", tmp_path / "bad.npy", check=False)
     assert bad.returncode == 2 and "m1" in bad.stderr and "(N, 8)" in bad.stderr

@@ -169,3 +169,89 @@ def test_usae_serve_prints_its_url_and_stops_on_ctrl_c(explorer):
         assert "stopped" in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def _load_js(path):
+    text = path.read_text()
+    start = text.index("(") + 1 if text.startswith("USAE_CHUNK") else text.index("=") + 1
+    end = text.rindex(")") if text.startswith("USAE_CHUNK") else text.rindex(";")
+    return json.loads(text[start:end])
+
+
+def test_concept_maps_rankings_and_scale_match_the_codes(explorer):
+    """Guards the explorer's data: the token map of each shown image is that image's codes in
+    row-major token order (a mirrored token index fails), on one scale per concept (the max
+    over models and images), and the rankings are the eval's top images."""
+    import base64
+
+    from usae.files import load_safetensors
+    from usae.sae import UniversalSAE
+
+    site, store = explorer / "site", Store(explorer / "store")
+    sae = UniversalSAE.load(explorer / "run")
+    top = load_safetensors(explorer / "eval" / "top_images.safetensors")
+    chunk = _load_js(site / "data" / "concepts_0.js")["concepts"]
+    overview = _load_js(site / "data" / "overview.js")
+    checked = 0
+    for k_str, entry in list(chunk.items())[:20]:
+        k = int(k_str)
+        want_rank = [int(r) for r, s in zip(top["rows.mean"][k, :10].tolist(),
+                                            top["scores.mean"][k, :10].tolist()) if s > 0]
+        assert entry["rankings"]["mean"] == want_rank
+        if not entry["images"]:
+            continue
+        codes = {}
+        for m in sae.models:
+            x = store.read(m, np.asarray(entry["images"]))
+            b, t, d = x.shape
+            codes[m] = sae.encode(m, x.reshape(-1, d))[:, k].reshape(b, t).numpy()
+        scale = max(float(c.max()) for c in codes.values())
+        assert entry["scale"] == pytest.approx(scale, rel=1e-5)
+        for m in sae.models:
+            got = np.frombuffer(base64.b64decode(entry["maps"][m]), np.uint8).reshape(
+                len(entry["images"]), store.tokens)
+            want = np.round(codes[m] / scale * 255) if scale > 0 else np.zeros_like(codes[m])
+            np.testing.assert_allclose(got, want, atol=1)
+        checked += 1
+    assert checked > 3
+    assert overview["grid"] == store.grid() and overview["top"] == 10
+    assert "/" not in overview["run"] and overview["run"] == "run"  # the name, not a path
+    thumb = Image.open(site / "thumbs" / next(iter(
+        p for p in (site / "thumbs").iterdir())).name)
+    assert thumb.size == (128, 128)
+
+
+def test_the_app_never_writes_html_from_data():
+    """XSS without a browser: app.js puts data in the page through textContent/attributes
+    only; none of the HTML-parsing sinks appears in it."""
+    from usae.explorer.build import STATIC
+
+    app = (STATIC / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function"):
+        assert sink not in app, sink
+
+
+def test_the_servers_own_guard_refuses_paths_and_symlinks_outside(tmp_path):
+    """The traversal guard itself (not the standard library's), including a symlink inside
+    the folder that points outside it."""
+    from usae.explorer.serve import ExplorerHandler
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("x")
+    (tmp_path / "secret.txt").write_text("outside")
+    (site / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (site / "inner.txt").write_text("in")
+    handler = ExplorerHandler.__new__(ExplorerHandler)
+    handler.directory = str(site)
+    outside = str(site.resolve() / "__outside__")
+    root = site.resolve()
+    for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/a/../../secret.txt",
+                 "/..%2fsecret.txt", "//etc/passwd/../../../secret.txt", "/link.txt"):
+        got = Path(handler.translate_path(path))
+        assert got != (tmp_path / "secret.txt").resolve(), path
+        assert got == root or root in got.parents, path  # clamped inside the folder
+    assert handler.translate_path("/link.txt") == outside  # a symlink out is refused
+    assert handler.translate_path("/inner.txt?x=1#y") == str((site / "inner.txt").resolve())
+    assert handler.translate_path("/") == str(site.resolve())

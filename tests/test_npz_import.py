@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from usae.align import resample_tokens
 from usae.errors import UsaeError
 from usae.npz_import import import_npz
 from usae.store import Store
@@ -44,8 +43,11 @@ def test_import_drops_prefix_and_resamples(tmp_path, combined):
     keys = [img["path"] for img in store.manifest["images"]]
     row = keys.index("n01/img3")
     got = store.read("dinov2", np.array([row]))[0]
-    expected = resample_tokens(torch.from_numpy(truth["n01/img3"]["dinov2"][1:])[None],
-                               (16, 16), (14, 14))[0]
+    # written out: tokens (256, d) -> map (d, 16, 16) -> antialiased bilinear 14x14 -> (196, d)
+    fmap = torch.from_numpy(truth["n01/img3"]["dinov2"][1:]).T.reshape(1, 6, 16, 16)
+    expected = torch.nn.functional.interpolate(fmap, size=(14, 14), mode="bilinear",
+                                               align_corners=False, antialias=True)
+    expected = expected.reshape(6, 196).T
     torch.testing.assert_close(got, expected)
     np.testing.assert_array_equal(store.read("vit", np.array([row]))[0].numpy(),
                                   truth["n01/img3"]["vit"][1:])

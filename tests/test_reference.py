@@ -99,7 +99,10 @@ def test_the_run_is_a_normal_run(tmp_path):
 def test_paths_relative_to_the_yaml_parent(tmp_path, monkeypatch):
     yaml_path, _ = write_reference(tmp_path, ckpt_dir="ckpts", yaml_dir="configs")
     monkeypatch.chdir(tmp_path / "configs")
-    import_reference(yaml_path, tmp_path / "run")
+    sae = import_reference(yaml_path, tmp_path / "run")
+    again = UniversalSAE.load(tmp_path / "run")
+    for m in sae.models:
+        torch.testing.assert_close(again.dictionaries[m], sae.dictionaries[m])
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):

@@ -337,3 +337,27 @@ def test_list_file_with_an_unknown_split_is_refused(tmp_path):
     (tmp_path / "list.txt").write_text("a.jpg,cat,trian\n")
     with pytest.raises(UsaeError, match="unknown split 'trian'"):
         list_images(tmp_path / "list.txt")
+
+
+def test_concepts_in_the_terminal(arrays, tmp_path, capsys):
+    """Item 8: a way to look at concepts without the browser."""
+    from usae.evaluate import evaluate
+    from usae.sources import StoreSource
+
+    store = store_from_arrays(tmp_path / "store", arrays)
+    cfg = resolve(store.models, store.dims, "paper", {"n_concepts": 16, "k": 2,
+                                                      "batch_images": 8, "max_steps": 3})
+    train_run(cfg, StoreSource(store, "train"), tmp_path / "run", progress=False)
+    evaluate(tmp_path / "run", tmp_path / "store", tmp_path / "ev", progress=False,
+             plots=False, split="all")
+    base = ["concepts", str(tmp_path / "run"), "--eval", str(tmp_path / "ev")]
+    assert main(base + ["--top", "3", "--store", str(tmp_path / "store"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    energies = [c["energy"] for c in table]
+    assert len(table) == 3 and energies == sorted(energies, reverse=True)
+    assert all(p.startswith("array/") for c in table for p in c["top_images"])
+    assert main(base + ["--concept", "2,5"]) == 0
+    out = capsys.readouterr().out
+    assert "concept     2" in out and "concept     5" in out
+    assert main(base + ["--concept", "99"]) == 2
+    assert "do not exist" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_save_load_round_trip(tmp_path):
     again = UniversalSAE.load(tmp_path)
     x = torch.randn(7, 12)
     torch.testing.assert_close(sae.encode("m0", x), again.encode("m0", x))
-    assert not (tmp_path / "model.safetensors.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_corrupt_files_fail_clearly(tmp_path):

@@ -131,6 +131,16 @@ def _add_analysis(sub) -> None:
     add_arguments(s, ExploreOptions)
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
+    s = _sub(sub, "concepts", "print concepts of an eval in the terminal")
+    s.add_argument("run", help="the run (used to check the eval belongs to it)")
+    s.add_argument("--eval", required=True, help="an eval folder of this run")
+    s.add_argument("--store", default=None, help="the store, to print top image paths")
+    s.add_argument("--top", type=int, default=10, help="how many concepts, by energy")
+    s.add_argument("--concept", default=None, help="K[,K...]: these concepts instead")
+    s.add_argument("--universal", action="store_true", help="only universal concepts")
+    s.add_argument("--images", type=int, default=3, help="top images per concept")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     s = _sub(sub, "serve", "serve an explorer folder on 127.0.0.1")
     s.add_argument("dir")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")

@@ -192,6 +192,28 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from usae.concepts import concept_table, format_table
+    from usae.run import read_config
+
+    models = list(read_config(args.run).sae.models)
+    ks = None
+    if args.concept:
+        try:
+            ks = [int(k) for k in args.concept.split(",") if k.strip()]
+        except ValueError:
+            raise UsaeError(f"--concept takes integers K[,K...], got {args.concept!r}") from None
+    if args.top < 1 or args.images < 0:
+        raise UsaeError("--top must be at least 1 and --images at least 0")
+    table = concept_table(args.eval, ks, args.top, args.universal, args.store, args.images)
+    report_models = list(table[0]["fires"]) if table else models
+    if report_models != models:
+        raise UsaeError(f"{args.eval} is an eval of models {report_models}, not of this run's "
+                        f"{models}")
+    print(json.dumps(table, indent=2) if args.json else format_table(table), flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from usae.explorer.serve import serve
 
