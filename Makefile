@@ -15,7 +15,7 @@ TORCH_DEMO := torch==2.13.0
 TORCH_DEV  := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test venv install-demo install-dev browser clean
+.PHONY: demo test venv install-demo install-dev browser mutation clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,5 +43,13 @@ browser:
 test: install-dev browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
 
+# Mutation testing of the core modules (not part of `make test`; about 45 min on 2 cores).
+# Scores and every survivor: docs/TESTING.md. `.venv/bin/mutmut results` lists survivors.
+mutation: install-dev
+	$(PIP) install -q -e ".[mutation]"
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output mutants

@@ -37,3 +37,16 @@ def arrays() -> dict[str, np.ndarray]:
 def make_arrays():
     """The factory behind ``arrays``, for other sizes: ``make_arrays(n_images=40, ...)``."""
     return shared_latent_arrays
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``usae demo --quick`` once per session (real EfficientNet-Lites, bundled photos)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    res = subprocess.run([sys.executable, "-m", "usae", "demo", "--out", str(out), "--quick"],
+                         check=True, capture_output=True, text=True, timeout=900)
+    (out.parent / "stdout.txt").write_text(res.stdout)
+    return out

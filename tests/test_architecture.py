@@ -73,6 +73,8 @@ FORBIDDEN = {
     "usae.store": {"usae.images", "usae.train", "usae.sae", "usae.backbones"},
     "usae.controls": {"usae.evaluate"},
     "usae.run": {"usae.sae", "usae.train", "usae.evaluate"},
+    "usae.hub": {"usae.sae", "usae.train", "usae.evaluate"},
+    "usae.cam": {"usae.train", "usae.store_writer"},
 }
 
 

@@ -93,13 +93,13 @@ def test_store_train_encode_decode_eval_explore(arrays, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_every_contract_output(tmp_path):
-    res = run("demo", "--out", tmp_path / "demo", "--quick")
+def test_demo_quick_writes_every_contract_output(quick_demo):
     for rel in ("store/manifest.json", "run/model.safetensors", "run/config.json",
                 "run/metrics.jsonl", "eval/report.json", "explorer/index.html"):
-        assert (tmp_path / "demo" / rel).exists(), rel
-    assert "explorer" in res.stdout and "held-out R2" in res.stdout
-    info = json.loads(run("store", "info", tmp_path / "demo" / "store").stdout)
+        assert (quick_demo / rel).exists(), rel
+    stdout = (quick_demo.parent / "stdout.txt").read_text()
+    assert "explorer" in stdout and "held-out R2" in stdout
+    info = json.loads(run("store", "info", quick_demo / "store").stdout)
     assert set(info["models"]) == {"effnet_lite0", "effnet_lite1", "effnet_lite2"}
     assert info["models"]["effnet_lite2"] == {"d": 352, "tokens": 49}
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from usae.cache import cache
+from usae.cam import run_cam
 from usae.config import resolve
 from usae.evaluate import evaluate
 from usae.explorer.build import build_explorer
@@ -24,6 +25,7 @@ from usae.train import train_run
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "explorer"
 XSS = "<img src=x onerror=window.pwned=1>"
+CAM_CONCEPT = 7
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,8 @@ def explorer(tmp_path_factory):
                                                      "batch_images": 4, "max_steps": 60})
     train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
     evaluate(root / "run", root / "store", root / "eval", split="all", progress=False)
+    run_cam(root / "run", root / "store", [CAM_CONCEPT], eval_dir=root / "eval", steps=3,
+            size=48, crops=1, progress=False)
     build_explorer(root / "run", root / "store", root / "site", eval_dir=root / "eval",
                    progress=False)
     return root
@@ -127,6 +131,34 @@ def test_explorer_from_file_and_from_serve(explorer, tmp_path):
         finally:
             server.shutdown()
             server.server_close()
+        browser.close()
+    finally:
+        p.stop()
+
+
+@pytest.mark.browser
+def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
+    pw = _browser()
+    p, args = _launch(pw)
+    try:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((explorer / "site" / "index.html").as_uri() + f"#/concept/{CAM_CONCEPT}")
+        page.wait_for_selector(".cams .tile.cam img")
+        page.wait_for_function("[...document.querySelectorAll('.cams img')].every(i => "
+                               "i.complete && i.naturalWidth > 0)")
+        assert page.eval_on_selector_all(".cams .tile.cam", "ts => ts.map(t => "
+                                         "t.dataset.model)") == ["lite0", "lite1"]
+        assert page.eval_on_selector_all(".cams img.alpha", "els => els.length") == 2
+        doc = json.loads((explorer / "run" / "cam" / str(CAM_CONCEPT) / "cam.json").read_text())
+        cells = page.eval_on_selector_all(".camchecks td", "tds => tds.map(t => t.textContent)")
+        assert cells == [f"{m} {doc['self_ratio'][m]:.2f}" for m in ("lite0", "lite1")]
+        transfer = page.eval_on_selector_all(
+            "table.transfer[data-kind=transfer] td", "tds => tds.map(t => t.textContent)")
+        assert transfer == [f"{v:.2f}" for row in doc["transfer"] for v in row]
+        assert page.locator("table.transfer").count() == 2  # the matrix and its control
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "concept_cam.png"), full_page=True)
         browser.close()
     finally:
         p.stop()

@@ -62,6 +62,7 @@ def _weights(run):
     return load_safetensors(Path(run) / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_disk_full_at_every_write_of_train_then_resume_equals_uninterrupted(arrays, tmp_path,
                                                                            monkeypatch):
     """Every write point of a small training run: ENOSPC there gives a clear UsaeError, never a
@@ -92,6 +93,7 @@ def test_disk_full_at_every_write_of_train_then_resume_equals_uninterrupted(arra
     assert k > 8
 
 
+@pytest.mark.slow
 def test_killed_at_every_write_of_cache_then_rerun_is_bit_identical(tmp_path):
     """A subprocess caches 6 images (2 per batch) and is killed (os._exit) at its k-th write;
     re-running the same command finishes a store equal to an uninterrupted one."""
@@ -228,6 +230,7 @@ def test_eval_and_explore_refuse_foreign_folders_and_replace_their_own(arrays, t
         evaluate(tmp_path / "run", tmp_path / "store", tmp_path / "afile", progress=False)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(arrays, tmp_path):
     """Item 5: Ctrl-C before the first checkpoint lost every step; now SIGINT saves one."""
     np.save(tmp_path / "m0.npy", arrays["m0"])
@@ -321,6 +324,7 @@ def test_written_files_have_ordinary_modes(arrays, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+@pytest.mark.slow
 def test_version_and_broken_pipe(arrays, tmp_path):
     r = subprocess.run([sys.executable, "-m", "usae", "--version"], capture_output=True,
                        text=True, timeout=60)
@@ -361,3 +365,30 @@ def test_concepts_in_the_terminal(arrays, tmp_path, capsys):
     assert "concept     2" in out and "concept     5" in out
     assert main(base + ["--concept", "99"]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 256 KiB filesystem (needs root and mount rights, as in CI); skipped otherwise."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_then_more_space_resumes_the_store(make_arrays, tmp_path, tiny_tmpfs):
+    """ENOSPC from a real filesystem (not injected): a clear error, then, with more space, the
+    same command completes with the same content as a store written with room to spare."""
+    arrays = make_arrays(n_images=64, tokens=16, dims=(64, 48, 32))  # ~0.6 MB in fp16
+    ref = store_from_arrays(tmp_path / "ref", arrays)
+    with pytest.raises(UsaeError, match="free some space"):
+        store_from_arrays(tiny_tmpfs / "store", arrays)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_tmpfs)], check=True)
+    store = store_from_arrays(tiny_tmpfs / "store", arrays)
+    assert store.manifest["content_hash"] == ref.manifest["content_hash"] and store.verify()

@@ -131,6 +131,20 @@ def _add_analysis(sub) -> None:
     add_arguments(s, ExploreOptions)
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
+    s = _sub(sub, "cam", "coordinated activation maximization: one image per model and concept",
+             epilog="On a 2-core CPU: --steps 40 --size 128 --crops 2 (a few seconds per model).")
+    s.add_argument("run")
+    s.add_argument("--store", required=True, help="the store the run was trained on")
+    s.add_argument("--concept", default=None, help="K[,K...]: these concepts")
+    s.add_argument("--top", type=int, default=None, help="the N most energetic universal "
+                   "concepts (from --eval, or ranked now)")
+    s.add_argument("--eval", default=None, help="an eval folder of this run (ranking and top "
+                   "natural images)")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/cam)")
+    from usae.options import CamOptions
+
+    add_arguments(s, CamOptions)
+
     s = _sub(sub, "concepts", "print concepts of an eval in the terminal")
     s.add_argument("run", help="the run (used to check the eval belongs to it)")
     s.add_argument("--eval", required=True, help="an eval folder of this run")
@@ -140,6 +154,14 @@ def _add_analysis(sub) -> None:
     s.add_argument("--universal", action="store_true", help="only universal concepts")
     s.add_argument("--images", type=int, default=3, help="top images per concept")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    s = _sub(sub, "push", "share a run on the Hugging Face Hub with a generated model card")
+    s.add_argument("run")
+    s.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME on the Hub")
+    s.add_argument("--eval", default=None, help="an eval folder of this run to share too")
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument("--dry-run", action="store_true", help="write RUN/README.md and list the "
+                   "files, without any network")
 
     s = _sub(sub, "serve", "serve an explorer folder on 127.0.0.1")
     s.add_argument("dir")

@@ -161,6 +161,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         off = r2[~np.eye(len(r2), dtype=bool)].mean() if len(r2) > 1 else float("nan")
         print(f"  eval:     {res['report']}   held-out R2: self {np.diag(r2).mean():.2f}, "
               f"cross {off:.2f}")
+    if res.get("cam"):
+        first = next(iter(res["cam"].values()))
+        ratios = ", ".join(f"{v:.1f}" for v in first["self_ratio"].values())
+        print(f"  cam:      {out / 'run' / 'cam'}   concepts {list(res['cam'])} in "
+              f"{res['cam_s']:.0f}s; concept {first['concept']}: self ratio {ratios}, transfer "
+              f"{first['transfer_offdiag_mean']:.2f} vs control "
+              f"{first['transfer_control_offdiag_mean']:.2f}")
     if "explorer" in res:
         print(f"  explorer: open {res['explorer']} in a browser, or: usae serve "
               f"{out / 'explorer'}")
@@ -192,17 +199,39 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _concept_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UsaeError(f"--concept takes integers K[,K...], got {text!r}") from None
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from usae.cam import run_cam
+    from usae.options import CamOptions, from_args
+
+    if (args.concept is None) == (args.top is None):
+        raise UsaeError("give either --concept K[,K...] or --top N")
+    results = run_cam(args.run, args.store, _concept_ids(args.concept), args.top, args.out,
+                      from_args(CamOptions, args), eval_dir=args.eval)
+    out = args.out or f"{args.run}/cam"
+    for k, doc in results.items():
+        ratios = ", ".join(f"{m} {v:.2f}" for m, v in doc["self_ratio"].items())
+        print(f"wrote {out}/{k}/: self ratio {ratios}; transfer off-diagonal "
+              f"{doc['transfer_offdiag_mean']:.2f} (random-concept control "
+              f"{doc['transfer_control_offdiag_mean']:.2f})")
+    return 0
+
+
 def cmd_concepts(args: argparse.Namespace) -> int:
     from usae.concepts import concept_table, format_table
+    from usae.hub import local_run
     from usae.run import read_config
 
-    models = list(read_config(args.run).sae.models)
-    ks = None
-    if args.concept:
-        try:
-            ks = [int(k) for k in args.concept.split(",") if k.strip()]
-        except ValueError:
-            raise UsaeError(f"--concept takes integers K[,K...], got {args.concept!r}") from None
+    models = list(read_config(local_run(args.run)).sae.models)
+    ks = _concept_ids(args.concept)
     if args.top < 1 or args.images < 0:
         raise UsaeError("--top must be at least 1 and --images at least 0")
     table = concept_table(args.eval, ks, args.top, args.universal, args.store, args.images)
@@ -211,6 +240,14 @@ def cmd_concepts(args: argparse.Namespace) -> int:
         raise UsaeError(f"{args.eval} is an eval of models {report_models}, not of this run's "
                         f"{models}")
     print(json.dumps(table, indent=2) if args.json else format_table(table), flush=True)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from usae.hub import describe_plan, push
+
+    plan = push(args.run, args.repo_id, args.eval, private=args.private, dry_run=args.dry_run)
+    print(describe_plan(plan))
     return 0
 
 

@@ -21,15 +21,20 @@ import numpy as np
 
 from usae import run as run_folder
 from usae.cache import cache
+from usae.cam import run_cam
 from usae.config import resolve
 from usae.errors import UsaeError
 from usae.evaluate import evaluate
 from usae.explorer.build import build_explorer
+from usae.options import CamOptions
 from usae.sources import StoreSource
 from usae.store import Store, read_manifest
 from usae.train import train_run
 
 log = logging.getLogger(__name__)
+# CPU-sized CAM for the demo's models (EfficientNet-Lite at their native 224-260 px inputs)
+DEMO_CAM = {"top": 3, "options": CamOptions(steps=64, size=128, crops=1, lr=0.15)}
+DEMO_CAM_QUICK = {"top": 1, "options": CamOptions(steps=4, size=64, crops=1)}
 
 SKIMAGE_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
                   "retina", "coins", "clock", "moon", "page", "text", "brick", "grass", "gravel",
@@ -113,7 +118,7 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
         n_images, steps = min(n_images, 48), steps or 40
     images = out / "images"
     if not images.exists():
-        log.info("[1/5] making %d crops of bundled photos in %s", n_images, images)
+        log.info("[1/6] making %d crops of bundled photos in %s", n_images, images)
         tmp = out / "images.partial"
         import shutil
 
@@ -125,7 +130,7 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
     store_dir = out / "store"
     if not (store_dir / "manifest.json").exists() or \
             read_manifest(store_dir)["state"] != "final":
-        log.info("[2/5] caching activations of %s -> %s", models, store_dir)
+        log.info("[2/6] caching activations of %s -> %s", models, store_dir)
         cache(models, images, store_dir, batch_size=16, workers=1, progress=progress)
     store = Store(store_dir)
     timings["cache_s"] = time.perf_counter() - t0 - sum(timings.values())
@@ -138,7 +143,7 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
     if quick:
         overrides.update({"n_concepts": 256, "batch_images": 4})
     cfg = resolve(store.models, store.dims, "demo", overrides)
-    log.info("[3/5] training a universal SAE (%s) -> %s", cfg.preset, run)
+    log.info("[3/6] training a universal SAE (%s) -> %s", cfg.preset, run)
     resume = (run / run_folder.CHECKPOINT_FILE).exists()
     try:
         train_run(cfg, source, run, resume=resume, progress=progress,
@@ -151,19 +156,27 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
                   store_manifest=store.manifest)
     timings["train_s"] = time.perf_counter() - t0 - sum(timings.values())
     results = {"out": str(out), "timings": timings}
-    results.update(_analysis_stages(out, run, store_dir, progress))
+    results.update(_analysis_stages(out, run, store_dir, progress, quick))
     results["timings"]["total_s"] = time.perf_counter() - t0
     return results
 
 
-def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool) -> dict[str, Any]:
-    """Eval on the held-out crops, then the explorer."""
+def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool,
+                     quick: bool) -> dict[str, Any]:
+    """Eval on the held-out crops, CAM for the top universal concepts, then the explorer."""
     found: dict[str, Any] = {}
-    log.info("[4/5] evaluating on the held-out crops -> %s", out / "eval")
+    log.info("[4/6] evaluating on the held-out crops -> %s", out / "eval")
     report = evaluate(run, store_dir, out / "eval", progress=progress)
     found["report"] = out / "eval" / "report.json"
     found["r2"] = report["r2"]
-    log.info("[5/5] writing the concept explorer -> %s", out / "explorer")
+    t0 = time.perf_counter()
+    cam = DEMO_CAM_QUICK if quick else DEMO_CAM
+    log.info("[5/6] coordinated activation maximization, top %d concepts -> %s",
+             cam["top"], run / "cam")
+    found["cam"] = run_cam(run, store_dir, top=cam["top"], eval_dir=out / "eval",
+                           options=cam["options"], progress=progress)
+    found["cam_s"] = time.perf_counter() - t0
+    log.info("[6/6] writing the concept explorer -> %s", out / "explorer")
     build_explorer(run, store_dir, out / "explorer", eval_dir=out / "eval", progress=progress)
     found["explorer"] = out / "explorer" / "index.html"
     return found

@@ -33,6 +33,7 @@ from usae.files import (
     atomic_write_text,
     replace_folder,
 )
+from usae.hub import local_run
 from usae.metrics import R2Accumulator, cross_model_update
 from usae.options import EvalOptions, merged
 from usae.plots import make_plots
@@ -154,7 +155,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     their reports in ``out/compare/<i>-<name>/``.
     """
     o = merged(EvalOptions, options, changes)
-    run = Path(run)
+    run = local_run(run)
     store = Store(store_path)
     sae = UniversalSAE.load(run, device=o.device)
     check_run_matches_store(sae, run, store)

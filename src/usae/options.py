@@ -112,6 +112,28 @@ class ExploreOptions:
         validate(self)
 
 
+@dataclass(frozen=True)
+class CamOptions:
+    """``usae cam``. Defaults suit a GPU (as MACO); on a 2-core CPU, --steps 40 --size 128
+    --crops 2 takes a few seconds per model and image (what ``usae demo`` uses)."""
+
+    steps: int = opt("Optimization steps per concept and model.", 1000, minimum=1)
+    size: int = opt("Side of the optimized image in pixels.", 224, minimum=32)
+    crops: int = opt("Random crops per step (25-100%% of the area).", 6, minimum=1)
+    lr: float = opt("NAdam learning rate on the Fourier phase.", 0.15, minimum=1e-6,
+                    maximum=100.0)
+    noise: float = opt("Std of the Gaussian noise added to each crop.", 0.02, minimum=0.0)
+    seed: int = opt("Seed: the shared starting phase and augmentations.", 0)
+    spectrum_images: int = opt("Source images used to estimate the spectrum.", 256, minimum=1)
+    device: str = opt("cpu or cuda[:i].", "cpu")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def merged(cls: type, base: Any | None, changes: dict[str, Any]) -> Any:
     """``base`` (or the defaults) with ``changes`` applied, validated."""
     known = {f.name for f in fields(cls)}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from usae import run as run_folder
 from usae.config import RunConfig, SAEConfig
 from usae.errors import UsaeError
+from usae.hub import local_run
 
 STD_EPS = 1e-5  # the reference's (x - mean) / (std + 1e-5)
 DICT_EPS = 1e-8  # the reference's W / (||W_row|| + 1e-8)
@@ -178,8 +179,9 @@ class UniversalSAE(nn.Module):
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "UniversalSAE":
-        """Load a run folder written by ``usae train`` or ``usae import-reference``; warns when
-        the run is partial (its training was interrupted)."""
+        """Load a run folder written by ``usae train`` or ``usae import-reference``, or a shared
+        run ``hf://OWNER/NAME[@revision]``; warns when the run is partial."""
+        run_dir = local_run(run_dir)
         run_cfg = run_folder.read_config(run_dir)
         run_folder.warn_if_partial(run_dir)
         sae = cls(run_cfg.sae)

@@ -353,7 +353,15 @@ def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "
 def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
     if store_manifest is None:
         return {}
+    source = Path(str(store_manifest.get("source") or "")).name or "in-memory arrays"
+    splits: dict[str, int] = {}
+    for img in store_manifest.get("images", []):
+        if not img.get("skipped"):
+            splits[img.get("split", "?")] = splits.get(img.get("split", "?"), 0) + 1
+    described = (f"{sum(splits.values())} images from {source!r} ("
+                 + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) + ")")
     return {"store": {"content_hash": store_manifest.get("content_hash"),
+                      "source_description": described,
                       "models": {m: {k: v for k, v in info.items() if k != "stats"}
                                  for m, info in store_manifest["models"].items()}}}
 

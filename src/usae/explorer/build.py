@@ -28,6 +28,7 @@ import torch
 from usae.errors import UsaeError
 from usae.evaluate import evaluate, read_concepts_csv
 from usae.files import load_safetensors, replace_folder
+from usae.hub import local_run
 from usae.images import load_rgb
 from usae.options import EvalOptions, ExploreOptions, merged
 from usae.progress import bar as progress_bar
@@ -103,7 +104,7 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
     or not at all; a non-empty folder that is not an explorer is refused unless ``force``.
     """
     o = merged(ExploreOptions, options, changes)
-    run, out = Path(run), Path(out)
+    run, out = local_run(run), Path(out)
     store = Store(store_path)
     sae = UniversalSAE.load(run)
     with replace_folder(out, "index.html", force, what="explorer") as tmp:
@@ -227,16 +228,24 @@ def _concept_entry(out: Path, run: Path, models: list[str], tokens: int,
 
 
 def _cam_entry(out: Path, cam_dir: Path, models: list[str], k: int) -> dict[str, Any]:
-    """Copies concept k's CAM images (when present) and returns their page data."""
+    """Copies concept k's CAM images and alpha maps (when present) and returns their page
+    data, with the checks of its ``cam.json``."""
     cams = {m: f"cam/{k}/{m}.png" for m in models if (cam_dir / f"{m}.png").exists()}
     if not cams:
         return {}
     (out / "cam" / str(k)).mkdir(parents=True, exist_ok=True)
+    alphas = {}
     for m, rel in cams.items():
         shutil.copy(cam_dir / f"{m}.png", out / rel)
-    entry: dict[str, Any] = {"cam": cams}
+        if (cam_dir / f"{m}_alpha.png").exists():
+            alphas[m] = f"cam/{k}/{m}_alpha.png"
+            shutil.copy(cam_dir / f"{m}_alpha.png", out / alphas[m])
+    entry: dict[str, Any] = {"cam": cams, "cam_alpha": alphas}
     if (cam_dir / "cam.json").exists():
-        entry["cam_checks"] = json.loads((cam_dir / "cam.json").read_text()).get("checks", {})
+        doc = json.loads((cam_dir / "cam.json").read_text())
+        entry["cam_checks"] = {key: doc.get(key) for key in (
+            "self_ratio", "transfer", "transfer_control", "transfer_offdiag_mean",
+            "transfer_control_offdiag_mean", "control_concept")}
     return entry
 
 

@@ -200,11 +200,27 @@ async function conceptPage(k) {
     app.append(el("div", { class: "rows" }, ...O.models.map((m, j) => el("div", { class: "row", "data-model": m },
       el("div", { class: "label", text: m }), ...rows.map((r) => tile(data, r, j, m))))));
   }
-  if (data.cam) {
-    app.append(el("h2", { text: "Coordinated activation maximization" }));
-    app.append(el("div", { class: "row cams" }, ...Object.entries(data.cam).map(([m, src]) =>
-      el("div", { class: "tile" }, el("img", { src, alt: `${m} activation maximization` }), el("div", { class: "cap", text: m })))));
-  }
+  if (data.cam) camSection(app, data);
+}
+
+function camSection(app, data) {
+  app.append(el("h2", { text: "Coordinated activation maximization" }));
+  const names = Object.keys(data.cam);
+  app.append(el("div", { class: "row cams" }, ...names.map((m) => el("div", { class: "tile cam", "data-model": m },
+    el("img", { src: data.cam[m], alt: `${m}: image optimized for this concept` }),
+    data.cam_alpha && data.cam_alpha[m] ? el("img", { src: data.cam_alpha[m], class: "alpha", alt: `${m}: where the objective's gradient was (transparency map)` }) : null,
+    el("div", { class: "cap", text: m })))));
+  const c = data.cam_checks;
+  if (!c) return;
+  app.append(el("p", { class: "camnote", text: "self ratio: the concept's activation on each saved image over its maximum on natural images (≥ 1: the picture excites it more than any natural image). Transfer: model m's image (row) seen by model j (column), over j's 99th percentile on natural images." }));
+  app.append(el("table", { class: "metrics camchecks" },
+    el("tr", {}, el("th", { text: "self ratio" }), ...names.map((m) => el("td", { "data-model": m, text: `${m} ${fmt(c.self_ratio && c.self_ratio[m], 2)}` })))));
+  const matrix = (title, mat) => el("table", { class: "metrics transfer", "data-kind": title },
+    el("tr", {}, el("th", { text: title }), ...names.map((m) => el("th", { text: m }))),
+    ...(mat || []).map((row, i) => el("tr", {}, el("th", { text: names[i] }), ...row.map((v) => el("td", { text: fmt(v, 2) })))));
+  app.append(matrix("transfer", c.transfer));
+  app.append(matrix(`control (concept ${c.control_concept})`, c.transfer_control));
+  app.append(el("p", { class: "camnote", text: `mean off-diagonal transfer ${fmt(c.transfer_offdiag_mean, 2)} against ${fmt(c.transfer_control_offdiag_mean, 2)} for the random concept's images` }));
 }
 
 // ---- routing and keys ---------------------------------------------------------------------

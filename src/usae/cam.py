@@ -1,0 +1,317 @@
+"""``usae cam``: coordinated activation maximization (MACO-style), offline, and measured.
+
+For a concept k and each model m, an image is optimized so that concept k's encoder
+pre-activation, averaged over tokens, is as high as possible in model m. The image is
+parametrized by its Fourier *phase* under a fixed magnitude spectrum (MACO, Fel et al. 2023),
+in a decorrelated colour space; only the phase is optimized (NAdam), under random crops and
+small noise. The spectrum and the colour basis come from the user's own images (the store's
+sources), not from a downloaded ImageNet spectrum (``usae.spectrum``).
+
+*Coordinated*: every model starts from the same seed and phase and uses the same spectrum,
+augmentations and steps, so the M images differ only by what each model needs.
+
+Objective: the mean over tokens of concept k's pre-activation (before ReLU and TopK; BatchNorm
+in eval mode). The pre-activation is smooth where TopK is not, so gradients exist from the
+first step even when the concept is not yet in the top k; it is the quantity whose ranking
+TopK reads, so raising it is what makes the concept fire.
+
+The checks (``cam.json``): ``self_ratio[m]`` = the objective on model m's saved 8-bit PNG over
+its maximum on the store's natural images; ``transfer[m][j]`` = model j's objective on model
+m's image over its 99th percentile on natural images; ``transfer_control`` = the same matrix
+for a random (firing) concept's images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from usae.align import align_tokens
+from usae.backbones import build_backbone
+from usae.backbones.base import Backbone
+from usae.errors import UsaeError
+from usae.files import atomic_write_json, atomic_write_with
+from usae.hub import local_run
+from usae.images import load_rgb, preprocess_image
+from usae.options import CamOptions, merged
+from usae.progress import bar as progress_bar
+from usae.sae import UniversalSAE
+from usae.spectrum import Spectrum, load_or_estimate_spectrum
+from usae.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class CamModel:
+    """Pixels in [0, 1] (B, 3, S, S) -> concept pre-activations (B, n) of one model, through
+    exactly the cache's path: the model's input size and normalization, its layer, the
+    store's token alignment, the run's standardization and encoder."""
+
+    def __init__(self, backbone: Backbone, sae: UniversalSAE, target: tuple[int, int],
+                 keep_cls: bool) -> None:
+        self.b, self.sae, self.target, self.keep_cls = backbone, sae, target, keep_cls
+        p = backbone.preprocess
+        self.crop = p.crop
+        self.mean = torch.tensor(p.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(p.std).view(1, 3, 1, 1)
+
+    def to(self, device: torch.device) -> "CamModel":
+        self.b.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def pre_activations(self, x01_bchw: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] at the model's input size -> (B, n), token-averaged."""
+        px = (x01_bchw - self.mean) / self.std
+        acts = align_tokens(self.b.forward(px), self.b.n_prefix, self.b.grid, self.target,
+                            self.keep_cls)
+        bsz, t, d = acts.shape
+        m = self.b.name
+        pre = self.sae.encoders[m](self.sae.standardize(m, acts.reshape(bsz * t, d)))
+        return pre.reshape(bsz, t, -1).mean(1)
+
+    def natural(self, img: Image.Image) -> Tensor:
+        """An image through the cache's own preprocessing (PIL resize and crop) -> (n,)."""
+        px = preprocess_image(img, self.b.preprocess)[None].to(self.mean.device)
+        with torch.no_grad():
+            return self.pre_activations(px * self.std + self.mean)[0]
+
+
+def build_cam_models(sae: UniversalSAE, store: Store, device: torch.device
+                     ) -> dict[str, CamModel]:
+    """One ``CamModel`` per model, built from the store's manifest (spec, layer, grid)."""
+    out = {}
+    for m in sae.models:
+        info = store.manifest["models"][m]
+        backbone = build_backbone(info["spec"])
+        if backbone.d != int(info["d"]) or list(backbone.grid) != list(info.get("grid", [])):
+            raise UsaeError(f"model {m!r}: rebuilding {info['spec']!r} gives d={backbone.d}, "
+                            f"grid {list(backbone.grid)}, but the store has d={info['d']}, grid "
+                            f"{info.get('grid')} — was the store cached with other options?")
+        backbone.module.eval()
+        for p in backbone.module.parameters():
+            p.requires_grad_(False)
+        out[m] = CamModel(backbone, sae, tuple(info["aligned_grid"]), bool(info.get("keep_cls")))
+        out[m].to(device)
+    return out
+
+
+def check_run_and_store(sae: UniversalSAE, store: Store) -> None:
+    if tuple(store.models) != sae.models or tuple(store.dims) != sae.cfg.dims:
+        raise UsaeError(f"the run has models {list(sae.models)} (d={list(sae.cfg.dims)}) but the "
+                        f"store has {list(store.models)} (d={list(store.dims)}) — pass the store "
+                        "the run was trained on")
+    for m in sae.models:
+        if "spec" not in store.manifest["models"][m] or \
+                str(store.manifest["models"][m]["spec"]).startswith("array:"):
+            raise UsaeError(f"model {m!r} of {store.path} has no backbone spec (an imported or "
+                            "in-memory store); CAM needs a store made by `usae cache`")
+
+
+# ---- the optimization ---------------------------------------------------------------------
+def random_crops(x_bchw: Tensor, n: int, out_hw: tuple[int, int], gen: torch.Generator,
+                 noise: float) -> Tensor:
+    """``n`` square crops of 25-100 % of the area, resized (antialiased) to ``out_hw``, plus
+    Gaussian noise: (n, 3, *out_hw)."""
+    size = x_bchw.shape[-1]
+    crops = []
+    for _ in range(n):
+        side = int(size * math.sqrt(0.25 + 0.75 * float(torch.rand((), generator=gen))))
+        side = max(8, min(size, side))
+        y0 = int(torch.randint(0, size - side + 1, (), generator=gen))
+        x0 = int(torch.randint(0, size - side + 1, (), generator=gen))
+        crop = x_bchw[:, :, y0:y0 + side, x0:x0 + side]
+        crops.append(F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False,
+                                   antialias=True))
+    batch = torch.cat(crops)
+    eps = torch.randn(batch.shape, generator=gen).to(batch.device) * noise
+    return (batch + eps).clamp(0, 1)
+
+
+def optimize(model: CamModel, concept: int, spectrum: Spectrum, o: CamOptions,
+             desc: str = "cam", progress: bool = True) -> dict[str, Any]:
+    """Optimize the phase for one (concept, model). Returns the image (3, S, S) in [0, 1],
+    the accumulated |gradient| map (S, S) and the objective trace."""
+    device = model.mean.device
+    gen = torch.Generator().manual_seed(o.seed)  # the same start for every model
+    phase = spectrum.random_phase(gen).to(device).requires_grad_(True)
+    opt = torch.optim.NAdam([phase], lr=o.lr)
+    alpha = torch.zeros(spectrum.size, spectrum.size, device=device)  # the image's size
+    trace = []
+    bar = progress_bar(total=o.steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for step in range(o.steps):
+        image = spectrum.image(phase)  # (1, 3, S, S) in [0, 1]
+        image.retain_grad()
+        batch = random_crops(image, o.crops, model.crop, gen, o.noise)
+        objective = model.pre_activations(batch)[:, concept].mean()
+        opt.zero_grad(set_to_none=True)
+        (-objective).backward()
+        opt.step()
+        alpha += image.grad[0].abs().sum(0)
+        if step % 10 == 0 or step == o.steps - 1:
+            trace.append([step, round(float(objective.detach()), 6)])
+        bar.update(1)
+    bar.close()
+    with torch.no_grad():
+        final = spectrum.image(phase)[0].cpu()
+    return {"image": final, "alpha": alpha.cpu(), "trace": trace}
+
+
+# ---- measurements -------------------------------------------------------------------------
+def natural_statistics(sae: UniversalSAE, store: Store, concepts: list[int],
+                       max_images: int = 4096) -> dict[str, dict[int, tuple[float, float]]]:
+    """Per model and concept: (max, 99th percentile) over natural images of the token-mean
+    pre-activation, from the store's activations (exactly what the models produced)."""
+    rows = store.rows("all")[:max_images]
+    out: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in sae.models}
+    with torch.no_grad():
+        for j, m in enumerate(sae.models):
+            means = []
+            for start in range(0, len(rows), 64):
+                x = store.read(m, rows[start:start + 64]).to(sae.device_of())
+                bsz, t, d = x.shape
+                pre = sae.encoders[m](sae.standardize(m, x.reshape(bsz * t, d)))
+                means.append(pre.reshape(bsz, t, -1)[:, :, concepts].mean(1).cpu())
+            vals = torch.cat(means).double()  # (images, len(concepts))
+            for i, k in enumerate(concepts):
+                out[m][k] = (float(vals[:, i].max()), float(torch.quantile(vals[:, i], 0.99)))
+    return out
+
+
+def _ratio(value: float, ref: float) -> float:
+    return float(value / ref) if ref > 0 else float("nan")
+
+
+def transfer_matrix(models: dict[str, CamModel], pngs: dict[str, Path], concept: int,
+                    p99: dict[str, float]) -> list[list[float]]:
+    """Row m: model m's saved image seen by every model j, relative to j's 99th percentile."""
+    names = list(models)
+    return [[round(_ratio(float(models[j].natural(load_rgb(pngs[m]))[concept]), p99[j]), 4)
+             for j in names] for m in names]
+
+
+# ---- files --------------------------------------------------------------------------------
+def save_png(path: Path, image_chw: Tensor) -> None:
+    arr = (image_chw.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    atomic_write_with(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def save_alpha(path: Path, alpha_hw: Tensor) -> None:
+    a = alpha_hw / alpha_hw.max() if float(alpha_hw.max()) > 0 else alpha_hw
+    arr = (a.numpy() * 255).round().astype(np.uint8)
+    atomic_write_with(path, lambda tmp: Image.fromarray(arr, "L").save(tmp, format="PNG"))
+
+
+def save_grid(path: Path, pngs: dict[str, Path], naturals: list[str], tile: int = 160) -> None:
+    """Each model's CAM image, then the concept's top natural images, in one row."""
+    items = [(m, Image.open(p).convert("RGB")) for m, p in pngs.items()]
+    for p in naturals:
+        try:
+            items.append(("natural", load_rgb(p)))
+        except UsaeError:
+            continue
+    canvas = Image.new("RGB", (tile * len(items), tile), (255, 255, 255))
+    for i, (_, im) in enumerate(items):
+        canvas.paste(im.resize((tile, tile), Image.BICUBIC), (i * tile, 0))
+    atomic_write_with(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+# ---- the command --------------------------------------------------------------------------
+def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None = None,
+            top: int | None = None, out: str | Path | None = None,
+            options: CamOptions | None = None, *, eval_dir: str | Path | None = None,
+            progress: bool = True, **changes: Any) -> dict[int, dict[str, Any]]:
+    """CAM for ``concepts`` (or the ``top`` most energetic universal concepts) into
+    ``out/<k>/`` (default ``RUN/cam/<k>/``); returns each concept's ``cam.json``."""
+    from usae.cam_select import pick_concepts
+
+    o = merged(CamOptions, options, changes)
+    run = local_run(run)
+    out = Path(out) if out is not None else run / "cam"
+    store = Store(store_path)
+    sae = UniversalSAE.load(run, device=o.device).eval()
+    check_run_and_store(sae, store)
+    ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress)
+    device = torch.device(o.device)
+    spectrum = load_or_estimate_spectrum(store, out / "spectrum.safetensors", o.size,
+                                         o.spectrum_images).to(device)
+    models = build_cam_models(sae, store, device)
+    control_k = _control_concept(sae, store, ks, o.seed)
+    stats = natural_statistics(sae, store, sorted({*ks, control_k}))
+    control = _cam_concept(models, control_k, spectrum, o, out / "control", stats, progress)
+    results = {}
+    for k in ks:
+        res = _cam_concept(models, k, spectrum, o, out / str(k), stats, progress)
+        res["checks"]["transfer_control"] = control["checks"]["transfer"]
+        res["checks"]["control_concept"] = control_k
+        res["checks"].update(_summaries(res["checks"]))
+        naturals = _top_natural(store, run, k, eval_dir)
+        save_grid(out / str(k) / "grid.png", {m: out / str(k) / f"{m}.png" for m in models},
+                  naturals)
+        doc = {"concept": k, "settings": o.to_json(), "spectrum": spectrum.source,
+               **res["checks"], "checks": res["checks"], "trace": res["trace"]}
+        atomic_write_json(out / str(k) / "cam.json", doc)
+        results[k] = doc
+    return results
+
+
+def _cam_concept(models: dict[str, CamModel], k: int, spectrum: Spectrum, o: CamOptions,
+                 folder: Path, stats: dict, progress: bool) -> dict[str, Any]:
+    pngs, trace, self_ratio = {}, {}, {}
+    for m, model in models.items():
+        res = optimize(model, k, spectrum, o, desc=f"cam {k} {m}", progress=progress)
+        pngs[m] = folder / f"{m}.png"
+        save_png(pngs[m], res["image"])
+        save_alpha(folder / f"{m}_alpha.png", res["alpha"])
+        trace[m] = res["trace"]
+        value = float(model.natural(load_rgb(pngs[m]))[k])
+        self_ratio[m] = round(_ratio(value, stats[m][k][0]), 4)
+    p99 = {m: stats[m][k][1] for m in models}
+    return {"checks": {"self_ratio": self_ratio,
+                       "transfer": transfer_matrix(models, pngs, k, p99)},
+            "trace": trace}
+
+
+def _summaries(checks: dict[str, Any]) -> dict[str, Any]:
+    def off_mean(mat: list[list[float]]) -> float:
+        a = np.asarray(mat, dtype=np.float64)
+        mask = ~np.eye(len(a), dtype=bool)
+        return round(float(np.nanmean(a[mask])), 4) if mask.any() else float("nan")
+
+    return {"transfer_offdiag_mean": off_mean(checks["transfer"]),
+            "transfer_control_offdiag_mean": off_mean(checks["transfer_control"])}
+
+
+def _control_concept(sae: UniversalSAE, store: Store, ks: list[int], seed: int) -> int:
+    """A seeded random concept (not one of ``ks``) that fires on the store's images."""
+    rows = store.rows("all")[:256]
+    fired = torch.zeros(sae.cfg.n, dtype=torch.bool)
+    with torch.no_grad():
+        for m in sae.models:
+            x = store.read(m, rows).reshape(-1, store.dims[sae.models.index(m)])
+            codes = sae.encode(m, x)
+            fired |= (codes > 0).any(0)
+    for k in ks:
+        fired[k] = False
+    pool = fired.nonzero().flatten().tolist() or [k for k in range(sae.cfg.n) if k not in ks]
+    return int(pool[int(np.random.default_rng([seed, 31337]).integers(len(pool)))])
+
+
+def _top_natural(store: Store, run: Path, k: int, eval_dir: str | Path | None) -> list[str]:
+    """Paths of the concept's top natural images, from the eval when there is one."""
+    from usae.files import load_safetensors
+
+    folder = Path(eval_dir) if eval_dir else None
+    if folder is None or not (folder / "top_images.safetensors").exists():
+        return []
+    rows = load_safetensors(folder / "top_images.safetensors")["rows.mean"][k, :4].tolist()
+    images = store.manifest["images"]
+    return [images[r]["path"] for r in rows if r >= 0]

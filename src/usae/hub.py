@@ -1,0 +1,204 @@
+"""Sharing runs on the Hugging Face Hub: ``usae push`` and ``hf://REPO_ID[@revision]`` runs.
+
+A shared run is the inference files (``config.json``, ``model.safetensors``), a generated
+model card (``README.md``) and, when given, the eval report (``eval/report.json``,
+``eval/concepts.csv``). Loading downloads them with ``huggingface_hub`` into its usual cache
+and reads them exactly like a local run: safetensors and JSON, nothing unpickled.
+The upload itself is a thin call into ``huggingface_hub.HfApi`` (it needs the network and an
+account, so tests cover everything up to it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usae import __version__
+from usae import run as run_folder
+from usae.errors import UsaeError
+from usae.files import atomic_write_text, read_json
+
+PREFIX = "hf://"
+SHARED_FILES = (run_folder.CONFIG_FILE, run_folder.WEIGHTS_FILE)
+EVAL_FILES = ("report.json", "concepts.csv")
+
+
+def is_hub_run(run: str | Path) -> bool:
+    return str(run).startswith(PREFIX)
+
+
+def parse_hub_run(run: str) -> tuple[str, str | None]:
+    """``hf://org/name@rev`` -> ``("org/name", "rev")``."""
+    ref = str(run)[len(PREFIX):]
+    repo, _, revision = ref.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UsaeError(f"{run!r} is not a Hub run — write hf://OWNER/NAME[@revision]")
+    return repo, revision or None
+
+
+def local_run(run: str | Path) -> Path:
+    """A run folder on this machine: local paths as they are, ``hf://`` runs downloaded (or
+    found in the local Hub cache)."""
+    if not is_hub_run(run):
+        return Path(run)
+    repo, revision = parse_hub_run(str(run))
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsaeError("hf:// runs need `pip install huggingface_hub` (usae[hub])") from None
+    try:
+        path = snapshot_download(repo, revision=revision,
+                                 allow_patterns=[*SHARED_FILES, "README.md", "eval/*"])
+    except Exception as err:  # noqa: BLE001 - the hub client raises many network types
+        offline = any(os.environ.get(k, "") not in ("", "0")
+                      for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+        why = ("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set and it is not in the local "
+               "Hub cache" if offline else
+               "the Hub cannot be reached and it is not in the local Hub cache")
+        raise UsaeError(f"cannot load {run}: {why} ({cache}; {type(err).__name__}) — connect to "
+                        "the Hub once, or copy the run folder and use its path") from None
+    return Path(path)
+
+
+# ---- the model card ---------------------------------------------------------------------
+def model_card(run: str | Path, eval_dir: str | Path | None = None,
+               repo_id: str = "OWNER/NAME") -> str:
+    """A README.md a reader understands without the CLI: what the SAE is, its models and
+    layers, data, config, held-out metrics and how to load it."""
+    cfg_json = run_folder.read_run_json(run)
+    cfg = run_folder.read_config(run)
+    report = read_json(Path(eval_dir) / "report.json", "eval report") if eval_dir else None
+    store = cfg_json.get("store") or {}
+    lines = ["---", "library_name: usae", "tags:", "- sparse-autoencoder",
+             "- interpretability", "- universal-sparse-autoencoder", "---", "",
+             f"# Universal sparse autoencoder: {', '.join(cfg.sae.models)}", "",
+             "One sparse concept space shared by several vision models (Thasarathan et al., "
+             "*Universal Sparse Autoencoders*, ICML 2025). Each model has its own encoder and "
+             "dictionary; a code produced from any model's activations reconstructs every "
+             "model's activations, so concept *k* means the same thing in each model.", ""]
+    lines += _models_section(cfg, store)
+    lines += _config_section(cfg, cfg_json)
+    lines += _metrics_section(report) if report else [
+        "## Evaluation", "", "No evaluation was shared with this run.", ""]
+    lines += ["## How to load it", "", "```python",
+              "from usae import UniversalSAE", "",
+              f'sae = UniversalSAE.load("hf://{repo_id}")',
+              f'codes = sae.encode("{cfg.sae.models[0]}", acts)   # (N, '
+              f'{cfg.sae.dims[0]}) raw activations -> (N, {cfg.sae.n}) codes',
+              f'x = sae.decode("{cfg.sae.models[-1]}", codes)     # -> (N, '
+              f'{cfg.sae.dims[-1]}) in that model\'s raw space', "```", "",
+              f"or `usae eval hf://{repo_id} --store STORE --out EVAL`. Files: `config.json` "
+              "(architecture, training config, the store it was trained on) and "
+              "`model.safetensors` (weights and standardization); nothing is pickled.", "",
+              f"Written by usae {__version__}.", ""]
+    return "\n".join(lines)
+
+
+def _models_section(cfg, store: dict[str, Any]) -> list[str]:
+    out = ["## Models and data", "", "| model | d | spec | layer | token grid |",
+           "|---|---|---|---|---|"]
+    models = store.get("models", {})
+    for m, d in zip(cfg.sae.models, cfg.sae.dims):
+        info = models.get(m, {})
+        grid = info.get("aligned_grid")
+        out.append(f"| {m} | {d} | `{info.get('spec', '?')}` | `{info.get('layer', '?')}` | "
+                   f"{'x'.join(map(str, grid)) if grid else '?'} |")
+    source = store.get("source_description") or "not recorded"
+    out += ["", f"Training images: {source}. Store content hash: "
+            f"`{store.get('content_hash') or 'not recorded'}`.", ""]
+    return out
+
+
+def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
+    t, s = cfg.train, cfg.sae
+    status = cfg_json.get("status", {})
+    return ["## Configuration", "",
+            f"- preset `{cfg.preset}`; n = {s.n} concepts, k = {s.k} active per token, encoder "
+            f"`{s.encoder}`, standardization `{s.standardize}`",
+            f"- criterion `{t.criterion}`, auxiliary loss `{t.aux}` (x{t.aux_coef}), decoder "
+            f"update `{t.decoder_update}`, schedule `{t.schedule}`, lr {t.lr}, batch "
+            f"{t.batch_images} images",
+            f"- trained {status.get('step', '?')} steps ({status.get('state', 'final')})", ""]
+
+
+def _metrics_section(report: dict[str, Any]) -> list[str]:
+    models = report["models"]
+    r2 = np.asarray(report["r2"])
+    out = ["## Evaluation", "",
+           f"On the `{report['split']}` split ({report['n_images']} images, "
+           f"{report['n_tokens']:,} tokens). R² with per-dimension means; row = the model whose "
+           "activations were encoded, column = the model reconstructed (off-diagonal cells are "
+           "cross-model reconstructions through the shared concepts).", "",
+           "| encoded \\ decoded | " + " | ".join(models) + " |",
+           "|---|" + "---|" * len(models)]
+    for i, m in enumerate(models):
+        out.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in r2[i]) + " |")
+    classes = report["concept_classes"]
+    specific = ", ".join(f"{m} {n}" for m, n in classes["model_specific"].items())
+    out += ["", "| model | L0 (active concepts per token) | dead fraction |", "|---|---|---|"]
+    out += [f"| {m} | {report['l0'][m]:.1f} | {report['dead_fraction'][m]:.3f} |"
+            for m in models]
+    out += ["", f"Concept classes (by firing entropy): {classes['universal']} universal, "
+            f"model-specific: {specific}, {classes['never_fire']} never fire.", ""]
+    return out
+
+
+# ---- push ---------------------------------------------------------------------------------
+def push(run: str | Path, repo_id: str, eval_dir: str | Path | None = None,
+         private: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Upload a run's inference files, model card and eval report; with ``dry_run`` write the
+    card to ``RUN/README.md`` and only list what would be uploaded."""
+    run = Path(run)
+    if repo_id.count("/") != 1:
+        raise UsaeError(f"REPO_ID must look like OWNER/NAME, got {repo_id!r}")
+    if not run_folder.is_final(run):
+        raise UsaeError(f"{run} is not a finished run (see its config.json status) — finish it "
+                        "with `usae train --resume` first")
+    files = {name: run / name for name in SHARED_FILES}
+    for name, path in files.items():
+        if not path.exists():
+            raise UsaeError(f"{run} lacks {name}; only finished runs can be shared")
+    if eval_dir is not None:
+        for name in EVAL_FILES:
+            if not (Path(eval_dir) / name).exists():
+                raise UsaeError(f"{eval_dir} lacks {name}; pass an eval folder of this run")
+            files[f"eval/{name}"] = Path(eval_dir) / name
+        evaluated = read_json(Path(eval_dir) / "report.json", "eval report")["models"]
+        if evaluated != list(run_folder.read_config(run).sae.models):
+            raise UsaeError(f"{eval_dir} evaluates models {evaluated}, not this run's")
+    card = run / "README.md"
+    atomic_write_text(card, model_card(run, eval_dir, repo_id))
+    files["README.md"] = card
+    plan = {"repo_id": repo_id, "private": private,
+            "files": {k: str(v) for k, v in files.items()}, "card": str(card)}
+    if dry_run:
+        return plan
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UsaeError("usae push needs `pip install huggingface_hub` (usae[hub])") from None
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        for path_in_repo, path in files.items():
+            api.upload_file(path_or_fileobj=str(path), path_in_repo=path_in_repo,
+                            repo_id=repo_id, commit_message=f"usae push: {path_in_repo}")
+    except Exception as err:  # noqa: BLE001 - network and auth errors of the hub client
+        raise UsaeError(f"uploading to {repo_id} failed: {str(err).splitlines()[0]} — check "
+                        "`huggingface-cli login` and the network") from None
+    plan["url"] = f"https://huggingface.co/{repo_id}"
+    return plan
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    lines = [f"{'would upload' if 'url' not in plan else 'uploaded'} to {plan['repo_id']}"
+             f"{' (private)' if plan['private'] else ''}:"]
+    lines += [f"  {k}  <-  {v}" for k, v in plan["files"].items()]
+    lines.append(f"model card: {plan['card']}")
+    return "\n".join(lines) + ("\n" + json.dumps({"url": plan["url"]}) if "url" in plan else "")
