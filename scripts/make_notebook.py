@@ -139,5 +139,6 @@ r2 = 1 - ((truth - x_dst) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum()
 print(f"codes {tuple(codes.shape)}, active per token {(codes > 0).sum(1).float().mean():.1f}")
 print(f"{src} -> {dst}: R² {float(r2):.3f} on these {len(rows)} images")"""),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+    "name": "python3", "display_name": "Python 3", "language": "python"}})
 nbf.write(nb, "examples/evaluate.ipynb")

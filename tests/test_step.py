@@ -67,12 +67,15 @@ def test_decoder_update_all_gets_every_decoder_gradient():
 
 @pytest.mark.parametrize("aux", ["none", "gao"])
 @pytest.mark.parametrize("decoder_update", ["source", "all"])
-def test_aux_none_and_gao_match_the_naive_step_in_loss_and_gradients(aux, decoder_update):
+@pytest.mark.parametrize("encoder", ["mlp_bn_1", "linear"])
+def test_aux_none_and_gao_match_the_naive_step_in_loss_and_gradients(aux, decoder_update,
+                                                                     encoder):
     """Guards aux=none/gao: the loss and every stepped gradient equal dense autograd, with only
     some concepts dead (AuxK must pick among the dead ones and train their encoder rows)."""
     torch.manual_seed(0)
     cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": aux,
-                                                 "decoder_update": decoder_update})
+                                                 "decoder_update": decoder_update,
+                                                 "encoder": encoder})
     base = UniversalSAE(cfg.sae).double()
     xs = {"a": torch.randn(30, 10).double(), "b": torch.randn(30, 6).double()}
     dead = torch.zeros(32, dtype=torch.bool)
@@ -92,3 +95,27 @@ def test_aux_none_and_gao_match_the_naive_step_in_loss_and_gradients(aux, decode
         # the AuxK term reaches the encoder rows of dead concepts (sparsify's fused encoder
         # drops this gradient)
         assert ours.encoders["a"].linear.weight.grad[dead].abs().sum() > 0
+
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_sparse_linear_step_matches_autograd_with_inactive_rows_and_dead_overlap(criterion):
+    """The sparse path (encoder=linear) on data where rows have fewer than k positive
+    pre-activations and dead concepts also appear in the TopK selection."""
+    torch.manual_seed(3)
+    cfg = resolve(("a", "b", "c"), (12, 7, 9), "paper",
+                  {"n_concepts": 40, "k": 6, "aux": "gao", "encoder": "linear",
+                   "criterion": criterion, "aux_k": 9})
+    base = UniversalSAE(cfg.sae).double()
+    with torch.no_grad():
+        base.encoders["b"].linear.bias.sub_(1.5)  # many rows with < k positives
+    xs = {m: torch.randn(50, d, dtype=torch.float64) for m, d in zip(("a", "b", "c"), (12, 7, 9))}
+    dead = torch.rand(40) < 0.5
+    ours, naive = copy.deepcopy(base), copy.deepcopy(base)
+    loss, _, _ = step_loss(ours, xs, 1, cfg, dead)
+    ref = naive_step_loss(naive, xs, 1, criterion, aux="gao", dead_c=dead, aux_k=9)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    ref.backward()
+    for p, q in zip(ours.model_parameters("b"), naive.model_parameters("b")):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)

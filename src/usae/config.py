@@ -166,6 +166,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "best": {"decoder_update": "all"},
     # Measured on the offline CNNs (shared/ASSETS.md, docs/RESULTS.md): paper settings do not
     # converge in a few CPU minutes; these do. Used by `usae demo`.
+    # The sparse step (benchmarks/peers.py): a linear encoder, so with aux=gao or none the
+    # backward touches only the selected concepts; AuxK on concepts dead for 100k tokens keeps
+    # them alive; one global schedule. Measured against paper/best/demo in docs/RESULTS.md.
+    "fast": {"decoder_update": "all", "aux": "gao", "encoder": "linear", "schedule": "global",
+             "dead_after_tokens": 100_000},
     "demo": {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
              "n_concepts": 2048, "epochs": 60, "decoder_update": "all"},
 }

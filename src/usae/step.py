@@ -22,6 +22,7 @@ from usae.fused import (
     multi_decode,
     paired_criterion,
     reference_aux_codes_,
+    sparse_linear_topk,
     topk_reference_aux_decode,
 )
 from usae.sae import UniversalSAE, normalize_rows, sparse_decode
@@ -91,7 +92,16 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
         pre_nc = sae.encoders[src](xs[src])
         values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
                                                                    widths, trainable)
-    else:
+    elif sae.cfg.encoder == "linear":
+        # the sparse path: no dense weight gradient, no dense AuxK decode (same maths)
+        lin = sae.encoders[src].linear
+        aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
+        values_nk, indices_nk, aux_v, aux_i = sparse_linear_topk(
+            xs[src], lin.weight, lin.bias, sae.cfg.k, dead_c if tc.aux == "gao" else None,
+            aux_k)
+        if aux_i.shape[1]:
+            aux_all = torch.cat([sparse_decode(aux_v, aux_i, d) for d in dicts], dim=1)
+    else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
         if tc.aux == "gao" and dead_c is not None:
             aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)

@@ -1,0 +1,156 @@
+"""One TopK SAE training step against the best SAE libraries, same shapes, same process.
+
+A step = encode, decode, loss, backward, optimizer step, on 4096 tokens of d = 768 with
+k = 32, fp32, for n = 6144 and n = 24576:
+- ours: a one-model ``UniversalSAE`` (``encoder=linear``, L2) with ``aux=none`` and
+  ``aux=gao`` (sparse step: sparse encoder weight gradient, AuxK decoded by embedding_bag,
+  the AuxK gradient reaching the encoder);
+- eai-sparsify 1.3.3 ``SparseCoder`` (eager decoder), without and with its AuxK;
+- overcomplete 0.3 ``TopKSAE``.
+Both AuxK variants use the same dead set (25 % of the latents) and sparsify's AuxK size
+(d / 2 = 384). Implementations are interleaved round by round; medians are reported, and
+also the USAE step at paper dims (M = 3, 6272 tokens) with the ``fast`` preset against
+``paper``. Needs the ``bench`` extra; a peer that cannot be imported is skipped, and said so.
+Prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the eager decoder, on any machine
+
+import torch  # noqa: E402
+
+from usae.config import resolve  # noqa: E402
+from usae.sae import UniversalSAE  # noqa: E402
+from usae.step import step_loss  # noqa: E402
+
+D, K, TOKENS = 768, 32, 4096
+AUX_K = D // 2
+
+
+def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor):
+    cfg = resolve(("m",), (D,), "paper", {"n_concepts": n, "k": K, "encoder": "linear",
+                                          "criterion": "l2", "aux": aux, "aux_k": AUX_K})
+    sae = UniversalSAE(cfg.sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    xs = {"m": x}
+
+    def step() -> None:
+        loss = step_loss(sae, xs, 0, cfg, dead if aux == "gao" else None)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def sparsify(n: int, auxk: bool, x: torch.Tensor, dead: torch.Tensor):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=n, k=K), device="cpu")
+    opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = coder(x, dead_mask=dead if auxk else None)
+        loss = out.fvu + (out.auxk_loss / 32 if auxk else 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def overcomplete(n: int, x: torch.Tensor):
+    import matplotlib
+    import matplotlib.cm
+
+    if not hasattr(matplotlib.cm, "get_cmap"):  # overcomplete 0.3 imports a removed alias
+        matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
+    from overcomplete.sae import TopKSAE
+
+    sae = TopKSAE(D, nb_concepts=n, top_k=K, device="cpu")
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step() -> None:
+        _, _, x_hat = sae(x)
+        loss = (x - x_hat).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def usae_step(preset: str, n: int):
+    models, dims = ("siglip", "dinov2", "vit"), (768, 384, 768)
+    cfg = resolve(models, dims, preset, {"n_concepts": n, "k": K})
+    sae = UniversalSAE(cfg.sae)
+    opts = {m: torch.optim.AdamW(sae.model_parameters(m), lr=3e-4) for m in models}
+    xs = {m: torch.randn(32 * 196, d) for m, d in zip(models, dims)}
+    dead = torch.rand(cfg.sae.n) < 0.25
+    state = {"src": 0}
+
+    def step() -> None:
+        src = state["src"] = (state["src"] + 1) % 3
+        loss = step_loss(sae, xs, src, cfg, dead if cfg.train.aux == "gao" else None)[0]
+        loss.backward()
+        stepped = models if cfg.train.decoder_update == "all" else [models[src]]
+        for m in stepped:
+            opts[m].step()
+        sae.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(steps: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per step, implementations interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds + 1):  # round 0 warms every implementation up
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result: dict = {"benchmark": "peers", "tokens": TOKENS, "d": D, "k": K, "aux_k": AUX_K,
+                    "threads": args.threads, "skipped": {}}
+    for n, suffix in ((6144, ""), (24576, "_24k")):
+        x = torch.randn(TOKENS, D)
+        dead = torch.rand(n) < 0.25
+        steps = {"ours_none": ours(n, "none", x, dead), "ours_gao": ours(n, "gao", x, dead)}
+        for name, make in (("sparsify", lambda: sparsify(n, False, x, dead)),
+                           ("sparsify_auxk", lambda: sparsify(n, True, x, dead)),
+                           ("overcomplete", lambda: overcomplete(n, x))):
+            try:
+                steps[name] = make()
+            except ImportError as err:
+                result["skipped"][name] = f"cannot import: {err}"
+        med = measure(steps, args.rounds)
+        for name, s in med.items():
+            result[f"{name}_tok_s{suffix}"] = round(TOKENS / s, 1)
+            result[f"{name}_s{suffix}"] = round(s, 4)
+        if "sparsify" in med:
+            result[f"ratio_none{suffix}"] = round(med["sparsify"] / med["ours_none"], 3)
+            result[f"ratio_gao{suffix}"] = round(med["sparsify_auxk"] / med["ours_gao"], 3)
+    for n, suffix in ((6144, ""), (24576, "_24k")):  # the USAE step at paper dims
+        usae = measure({"paper": usae_step("paper", n), "fast": usae_step("fast", n)},
+                       max(2, args.rounds // 2))
+        result[f"usae_paper_s{suffix}"] = round(usae["paper"], 3)
+        result[f"usae_fast_s{suffix}"] = round(usae["fast"], 3)
+        result[f"usae_fast_over_paper{suffix}"] = round(usae["paper"] / usae["fast"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
