@@ -70,8 +70,34 @@ def test_bad_specs_fail_clearly(spec, msg):
 def test_pretrained_hub_load_fails_fast_offline():
     with pytest.raises(UsaeError, match="cannot load"):
         build_backbone("timm:vit_tiny_patch16_224.augreg_in21k")
-    with pytest.raises(UsaeError, match="cannot load Hugging Face model"):
+    with pytest.raises(UsaeError, match="cannot load pretrained Hugging Face model.*"
+                       "pretrained=0"):
         build_backbone("hf:facebook/dinov2-small")
+
+
+def test_an_unreachable_hub_fails_at_once_without_hf_hub_offline(tmp_path):
+    """Without HF_HUB_OFFLINE and without DNS, a pretrained load must not spend a minute in
+    the libraries' retries: one resolution fails, the load runs in offline mode, and the
+    error says what to do."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket\n"
+            "def no_dns(*a, **k): raise OSError('no DNS here')\n"
+            "socket.getaddrinfo = no_dns\n"
+            "from usae.backbones import build_backbone\n"
+            "from usae.errors import UsaeError\n"
+            "try:\n"
+            "    build_backbone('timm:vit_tiny_patch16_224.augreg_in21k')\n"
+            "except UsaeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert "cannot be reached" in r.stdout and "pretrained=0" in r.stdout, r.stdout + r.stderr
 
 
 def test_duplicate_names_and_layer_choice():

@@ -114,3 +114,32 @@ def test_resume_keeps_the_runs_own_config_and_preset(arrays, tmp_path):
     assert saved["preset"] == "demo" and saved["train"]["lr"] == 3e-3
     bad = run("train", *common, "--resume", "--set", "lr=1", check=False)
     assert bad.returncode == 2 and "different config" in bad.stderr
+
+
+def test_every_help_shows_every_default():
+    """Each option whose default is a value shows it in its command's --help."""
+    import argparse
+
+    from usae.cli import build_parser
+
+    parser = build_parser()
+
+    def walk(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+        yield p
+
+    checked = 0
+    for p in walk(parser):
+        text = p.format_help()
+        for action in p._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS) \
+                    or action.default is False or isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1]
+            block = text[text.index("\n  " + flag):]
+            assert "default" in block[:400], (p.prog, flag)
+            checked += 1
+    assert checked > 30

@@ -37,8 +37,9 @@ from torch import Tensor
 from usae.align import align_tokens
 from usae.backbones import build_backbone
 from usae.backbones.base import Backbone
+from usae.cam_select import pick_concepts
 from usae.errors import UsaeError
-from usae.files import atomic_write_json, atomic_write_with
+from usae.files import atomic_write_json, atomic_write_with, load_safetensors
 from usae.hub import local_run
 from usae.images import load_rgb, preprocess_image
 from usae.options import CamOptions, merged
@@ -231,8 +232,6 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
             progress: bool = True, **changes: Any) -> dict[int, dict[str, Any]]:
     """CAM for ``concepts`` (or the ``top`` most energetic universal concepts) into
     ``out/<k>/`` (default ``RUN/cam/<k>/``); returns each concept's ``cam.json``."""
-    from usae.cam_select import pick_concepts
-
     o = merged(CamOptions, options, changes)
     run = local_run(run)
     out = Path(out) if out is not None else run / "cam"
@@ -307,8 +306,6 @@ def _control_concept(sae: UniversalSAE, store: Store, ks: list[int], seed: int) 
 
 def _top_natural(store: Store, run: Path, k: int, eval_dir: str | Path | None) -> list[str]:
     """Paths of the concept's top natural images, from the eval when there is one."""
-    from usae.files import load_safetensors
-
     folder = Path(eval_dir) if eval_dir else None
     if folder is None or not (folder / "top_images.safetensors").exists():
         return []

@@ -17,8 +17,16 @@ from usae import __version__
 from usae.errors import UsaeError
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps epilogs as written and shows every default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps epilogs as written and shows every default (unless the help already says it or
+    there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _config_keys_help() -> str:
@@ -70,7 +78,8 @@ def _add_store(sub) -> None:
     s.add_argument("--models", required=True, help="NAME[,NAME...]")
     s.add_argument("--split", default=None, help="split the images go to (default: a seeded "
                    "10%% val)")
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="stored precision")
 
 
 def _add_train(sub) -> None:
@@ -132,7 +141,8 @@ def _add_analysis(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
     s = _sub(sub, "cam", "coordinated activation maximization: one image per model and concept",
-             epilog="On a 2-core CPU: --steps 40 --size 128 --crops 2 (a few seconds per model).")
+             epilog="On a 2-core CPU: --steps 64 --size 128 --crops 1 (the demo's settings, about 8 s "
+             "per model and concept); the defaults suit a GPU.")
     s.add_argument("run")
     s.add_argument("--store", required=True, help="the store the run was trained on")
     s.add_argument("--concept", default=None, help="K[,K...]: these concepts")

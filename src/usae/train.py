@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -382,7 +381,7 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
         if not force:
             raise UsaeError(f"{out} exists and is not empty — pass --resume to continue it, "
                             "--force to replace it, or choose another --out")
-        shutil.rmtree(out)
+        (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)  # and, below, run files
     summaries = {}
     for m, d in zip(cfg.sae.models, cfg.sae.dims):
         sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
@@ -390,7 +389,8 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
         log.info("independent SAE for %s", m)
         trainer = Trainer(sub_cfg, out / m, progress=progress, extra_config=extra)
         trainer.fit(ModelSubset(source, (m,)),
-                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume)
+                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume,
+                    force=force)
         summaries[m] = trainer.summary()
     atomic_write_json(out / run_folder.INDEPENDENT_FILE, {"models": list(cfg.sae.models),
                                                           "config": cfg.to_json(), **extra})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from usae.backbones.base import (
     Preprocess,
     probe_shape,
 )
+from usae.backbones.hub_access import offline_unless_reachable
 from usae.errors import UsaeError
 
 
@@ -49,6 +51,17 @@ class GenericBackbone(Backbone):
         return _tokens_from(self._hook.run_until(self._module, pixels_bchw))
 
 
+def _create_timm(timm: Any, model_name: str, pretrained: bool, kwargs: dict[str, Any]
+                 ) -> nn.Module:
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # a CNN: the input size is only a preprocessing choice
+        if "img_size" not in str(err):
+            raise UsaeError(f"timm could not build {model_name!r}: {err}") from None
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
 class TimmBackbone(Backbone):
     """Any timm model; default layer is ``forward_features`` (after the final norm)."""
 
@@ -62,14 +75,11 @@ class TimmBackbone(Backbone):
         kwargs: dict[str, Any] = {"num_classes": 0}
         if img_size:
             kwargs["img_size"] = img_size
+        guard = offline_unless_reachable(f"timm model {model_name!r}") if pretrained else \
+            contextlib.nullcontext()
         try:
-            try:
-                module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-            except TypeError as err:  # a CNN: the input size is only a preprocessing choice
-                if "img_size" not in str(err):
-                    raise UsaeError(f"timm could not build {model_name!r}: {err}") from None
-                kwargs.pop("img_size")
-                module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            with guard:
+                module = _create_timm(timm, model_name, pretrained, kwargs)
         except RuntimeError as err:
             msg = str(err).splitlines()[0]
             if "Unknown model" in msg or "Invalid pretrained tag" in msg:
@@ -166,7 +176,8 @@ class HFBackbone(Backbone):
         except ImportError:
             raise UsaeError("transformers backbones need `pip install usae[hf]`") from None
         try:
-            model = AutoModel.from_pretrained(model_id)
+            with offline_unless_reachable(f"Hugging Face model {model_id!r}"):
+                model = AutoModel.from_pretrained(model_id)
         except (OSError, ValueError) as err:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise UsaeError(f"cannot load Hugging Face model {model_id!r}{offline}: "
