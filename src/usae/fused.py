@@ -172,11 +172,16 @@ def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n
                       ) -> Tensor:
     """``G^T @ x`` for the sparse (N, n) matrix G with entries ``grads`` at (rows, cols):
     the weight gradient of a linear encoder whose output gradient is nonzero only there.
-    One sparse-dense product (MKL on CPU, cuSPARSE on CUDA): 2·nnz·d FLOPs instead of
-    2·N·n·d, and no (nnz, d) temporary."""
-    g_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), grads, (n, x_nd.shape[0]),
-                                  check_invariants=False)
-    return torch.sparse.mm(g_t.coalesce(), x_nd)
+
+    The entries are sorted by concept once; each concept's row of the result is then a
+    weighted sum of the input rows that selected it, one ``embedding_bag`` over all concepts:
+    2·nnz·d FLOPs instead of the dense 2·N·n·d, and no (nnz, d) temporary."""
+    order = torch.argsort(cols)
+    counts = torch.bincount(cols, minlength=n)
+    offsets = torch.zeros(n, dtype=torch.long, device=cols.device)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    return torch.nn.functional.embedding_bag(rows[order], x_nd, offsets,
+                                             per_sample_weights=grads[order], mode="sum")
 
 
 class _SparseLinearTopK(torch.autograd.Function):
@@ -240,3 +245,34 @@ def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,
     """``(values_nk, indices_nk, aux_values, aux_indices)`` of a linear encoder's TopK (and
     AuxK among ``dead_n`` concepts; empty (N, 0) when none is dead or ``dead_n`` is None)."""
     return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, k, dead_n, aux_k)
+
+
+class _DictionaryGrad(torch.autograd.Function):
+    """Adds nothing in the forward; in the backward, the gradient of ``codes @ D`` w.r.t. the
+    dictionary ``D`` for sparse codes, as one sorted ``embedding_bag`` (the same as
+    ``embedding_bag``'s own weight gradient, about 3x faster on CPU for large k)."""
+
+    @staticmethod
+    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor):  # type: ignore
+        ctx.save_for_backward(indices_nk, values_nk)
+        ctx.n = dict_nd.shape[0]
+        return dict_nd.new_zeros(indices_nk.shape[0], dict_nd.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_nd):  # type: ignore[override]
+        indices_nk, values_nk = ctx.saved_tensors
+        rows = torch.arange(indices_nk.shape[0], device=indices_nk.device)
+        rows = rows.unsqueeze(1).expand_as(indices_nk).reshape(-1)
+        grad_dict = _sparse_rows_grad(grad_nd, rows, indices_nk.reshape(-1),
+                                      values_nk.reshape(-1), ctx.n)
+        return grad_dict, None, None
+
+
+def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor) -> Tensor:
+    """``codes @ D`` for sparse codes, for training: ``embedding_bag`` gives the forward and
+    the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``."""
+    out = torch.nn.functional.embedding_bag(indices_nk, dict_nd.detach(),
+                                            per_sample_weights=values_nk, mode="sum")
+    if dict_nd.requires_grad:
+        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach())
+    return out

@@ -22,6 +22,7 @@ from usae.fused import (
     multi_decode,
     paired_criterion,
     reference_aux_codes_,
+    sparse_decode_train,
     sparse_linear_topk,
     topk_reference_aux_decode,
 )
@@ -88,6 +89,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
 
     cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]
     aux_all = None
+    decode = sparse_decode
     if tc.aux == "reference":
         pre_nc = sae.encoders[src](xs[src])
         values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
@@ -100,7 +102,8 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
             xs[src], lin.weight, lin.bias, sae.cfg.k, dead_c if tc.aux == "gao" else None,
             aux_k)
         if aux_i.shape[1]:
-            aux_all = torch.cat([sparse_decode(aux_v, aux_i, d) for d in dicts], dim=1)
+            aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d) for d in dicts], dim=1)
+        decode = sparse_decode_train
     else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
         if tc.aux == "gao" and dead_c is not None:
@@ -108,7 +111,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
             codes = gao_aux_codes(torch.relu(pre_nc), dead_c, aux_k)
             if codes is not None:
                 aux_all = multi_decode(codes, cat, widths, trainable)
-    xhat_all = torch.cat([sparse_decode(values_nk, indices_nk, d) for d in dicts], dim=1)
+    xhat_all = torch.cat([decode(values_nk, indices_nk, d) for d in dicts], dim=1)
     x_all = torch.cat([xs[m] for m in models], dim=1)
     total, recon, aux_parts = paired_criterion(
         x_all, xhat_all, aux_all, widths, tc.aux_coef if aux_all is not None else 0.0,
