@@ -146,7 +146,7 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
     log.info("[3/6] training a universal SAE (%s) -> %s", cfg.preset, run)
     resume = (run / run_folder.CHECKPOINT_FILE).exists()
     try:
-        train_run(cfg, source, run, resume=resume, progress=progress,
+        train_run(cfg, source, run, resume=resume, force=not resume, progress=progress,
                   store_manifest=store.manifest)
     except UsaeError as err:
         if not resume or "different config" not in str(err):

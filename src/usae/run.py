@@ -134,6 +134,9 @@ def prepare_folder(out: Path, resume: bool, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsaeError(f"{out} is a file, not a folder — choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
+        if has_run_files(out) and not (out / CHECKPOINT_FILE).exists():
+            raise UsaeError(f"{out} holds a run that was stopped before its first checkpoint "
+                            "— pass --force to start it again, or choose another --out")
         what = "holds a run" if has_run_files(out) else "exists and is not empty"
         raise UsaeError(f"{out} {what} — pass --resume to continue it, --force to replace it, "
                         "or choose another --out")
