@@ -95,11 +95,11 @@ def test_disk_full_at_every_write_of_train_then_resume_equals_uninterrupted(arra
 
 @pytest.mark.slow
 def test_killed_at_every_write_of_cache_then_rerun_is_bit_identical(tmp_path):
-    """A subprocess caches 6 images (2 per batch) and is killed (os._exit) at its k-th write;
+    """A subprocess caches 4 images (2 per batch) and is killed (os._exit) at its k-th write;
     re-running the same command finishes a store equal to an uninterrupted one."""
     imgs = tmp_path / "imgs"
     rng = np.random.default_rng(0)
-    for i in range(6):
+    for i in range(4):
         imgs.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
     script = textwrap.dedent("""

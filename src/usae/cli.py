@@ -141,7 +141,7 @@ def _add_analysis(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
     s = _sub(sub, "cam", "coordinated activation maximization: one image per model and concept",
-             epilog="On a 2-core CPU: --steps 64 --size 128 --crops 1 (the demo's settings, "
+             epilog="On a 2-core CPU: --steps 64 --crops 1 (the demo's settings, "
              "about 8 s per model and concept); the defaults suit a GPU.")
     s.add_argument("run")
     s.add_argument("--store", required=True, help="the store the run was trained on")

@@ -33,7 +33,7 @@ from usae.train import train_run
 
 log = logging.getLogger(__name__)
 # CPU-sized CAM for the demo's models (EfficientNet-Lite at their native 224-260 px inputs)
-DEMO_CAM = {"top": 3, "options": CamOptions(steps=64, size=128, crops=1, lr=0.15)}
+DEMO_CAM = {"top": 3, "options": CamOptions(steps=64, size=224, crops=1, lr=0.15)}
 DEMO_CAM_QUICK = {"top": 1, "options": CamOptions(steps=4, size=64, crops=1)}
 
 SKIMAGE_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",

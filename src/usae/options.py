@@ -115,7 +115,7 @@ class ExploreOptions:
 @dataclass(frozen=True)
 class CamOptions:
     """``usae cam``. Defaults suit a GPU (as MACO); on a 2-core CPU, ``usae demo`` uses
-    ``steps=64, size=128, crops=1`` (about 8 s per model and concept)."""
+    ``steps=64, crops=1`` (about 8 s per model and concept)."""
 
     steps: int = opt("Optimization steps per concept and model.", 1000, minimum=1)
     size: int = opt("Side of the optimized image in pixels.", 224, minimum=32)
