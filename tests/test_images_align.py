@@ -141,3 +141,30 @@ def test_alignment_keeps_the_row_major_token_layout(h, w, prefix, d, seed):
     grid = out.reshape(1, h, w, d)
     torch.testing.assert_close(grid, grid[:, :, :1].expand_as(grid))  # constant along a row
     assert bool((grid[0, 1:, 0, 0] > grid[0, :-1, 0, 0]).all())  # rows keep their order
+
+
+def test_resampling_is_the_papers_antialiased_bilinear_and_keeps_dtype():
+    """Killed mutants: antialias off, align_corners on, the dtype dropped (docs/TESTING.md).
+    The oracle is torch's interpolate called directly on the (d, h, w) map."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16 * 16, 5, generator=g)
+    fmap = x.transpose(1, 2).reshape(2, 5, 16, 16)
+    want = torch.nn.functional.interpolate(fmap, size=(14, 14), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    torch.testing.assert_close(resample_tokens(x, (16, 16), (14, 14)),
+                               want.reshape(2, 5, 196).transpose(1, 2))
+    half = resample_tokens(x.half(), (16, 16), (14, 14))
+    assert half.dtype == torch.float16
+
+
+def test_grid_rules_at_their_boundaries():
+    assert square_grid(1) == (0, (1, 1)) and square_grid(3) == (2, (1, 1))
+    assert common_grid({"a": (10, 10), "b": (11, 10)}, tolerance=0.1) == (10, 10)  # ratio 1.1
+    # the smallest *area* wins (not the first side, not the aspect ratio), ties by (h, w)
+    assert common_grid({"a": (15, 16), "b": (14, 14)}) == (14, 14)
+    assert common_grid({"a": (15, 14), "b": (14, 15)}, tolerance=0.2) == (14, 15)
+    assert common_grid({"a": (15, 16), "b": (16, 14)}, tolerance=0.5) == (16, 14)
+    with pytest.raises(UsaeError, match=r"a: 10x10, b: 12x10"):
+        common_grid({"a": (10, 10), "b": (12, 10)})
+    with pytest.raises(UsaeError, match=r"^--keep-cls: this model has no CLS token$"):
+        align_tokens(torch.randn(1, 4, 3), 0, (2, 2), (2, 2), keep_cls=True)
