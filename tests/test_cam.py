@@ -156,3 +156,14 @@ def test_bad_input_is_a_clear_error(trained, tmp_path, make_arrays, capsys):
     store_from_arrays(tmp_path / "other", make_arrays())
     with pytest.raises(UsaeError, match="the run has models"):
         run_cam(trained / "run", tmp_path / "other", [1], steps=2, progress=False)
+
+
+def test_the_spectrum_is_cached_per_size(trained, tmp_path):
+    from usae.spectrum import load_or_estimate_spectrum
+
+    store = Store(trained / "store")
+    cache_file = tmp_path / "spectrum.safetensors"
+    first = load_or_estimate_spectrum(store, cache_file, 48, 8)
+    again = load_or_estimate_spectrum(store, cache_file, 48, 8)
+    assert torch.equal(first.magnitude, again.magnitude) and again.source == first.source
+    assert load_or_estimate_spectrum(store, cache_file, 32, 8).size == 32  # another size

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from usae.errors import UsaeError
 from usae.sources import ArraySource, ModelSubset, StoreSource, n_batches
 from usae.stats import ModelStats, StatsAccumulator
 from usae.store import ModelEntry, Store
@@ -97,10 +98,10 @@ def test_model_subset_and_bad_arrays(arrays):
     sub = ModelSubset(ArraySource(arrays), ("m1",))
     assert sub.models == ("m1",) and sub.dims == (8,)
     assert set(next(sub.batches(4, 0, 0))) == {"m1"}
-    with pytest.raises(Exception, match="unknown model"):
+    with pytest.raises(UsaeError, match="unknown model"):
         ModelSubset(ArraySource(arrays), ("zz",))
     bad = dict(arrays)
     bad["m0"] = bad["m0"].copy()
     bad["m0"][0, 0, 0] = np.nan
-    with pytest.raises(Exception, match="NaN"):
+    with pytest.raises(UsaeError, match="NaN"):
         ArraySource(bad)

@@ -39,6 +39,7 @@ from usae.backbones import build_backbone
 from usae.backbones.base import Backbone
 from usae.cam_select import pick_concepts
 from usae.errors import UsaeError
+from usae.evaluate import check_run_matches_store
 from usae.files import atomic_write_json, atomic_write_with, load_safetensors
 from usae.hub import local_run
 from usae.images import load_rgb, preprocess_image
@@ -105,11 +106,9 @@ def build_cam_models(sae: UniversalSAE, store: Store, device: torch.device
     return out
 
 
-def check_run_and_store(sae: UniversalSAE, store: Store) -> None:
-    if tuple(store.models) != sae.models or tuple(store.dims) != sae.cfg.dims:
-        raise UsaeError(f"the run has models {list(sae.models)} (d={list(sae.cfg.dims)}) but the "
-                        f"store has {list(store.models)} (d={list(store.dims)}) — pass the store "
-                        "the run was trained on")
+def check_run_and_store(sae: UniversalSAE, run: Path, store: Store) -> None:
+    """The checks of ``usae eval``, and a backbone spec to rebuild each model from."""
+    check_run_matches_store(sae, run, store)
     for m in sae.models:
         if "spec" not in store.manifest["models"][m] or \
                 str(store.manifest["models"][m]["spec"]).startswith("array:"):
@@ -191,12 +190,11 @@ def _ratio(value: float, ref: float) -> float:
     return float(value / ref) if ref > 0 else float("nan")
 
 
-def transfer_matrix(models: dict[str, CamModel], pngs: dict[str, Path], concept: int,
-                    p99: dict[str, float]) -> list[list[float]]:
-    """Row m: model m's saved image seen by every model j, relative to j's 99th percentile."""
-    names = list(models)
-    return [[round(_ratio(float(models[j].natural(load_rgb(pngs[m]))[concept]), p99[j]), 4)
-             for j in names] for m in names]
+def seen_by_every_model(models: dict[str, CamModel], pngs: dict[str, Path], concept: int
+                        ) -> list[list[float]]:
+    """Row m, column j: concept's activation in model j on model m's saved (8-bit) image."""
+    images = {m: load_rgb(pngs[m]) for m in models}
+    return [[float(models[j].natural(images[m])[concept]) for j in models] for m in models]
 
 
 # ---- files --------------------------------------------------------------------------------
@@ -237,7 +235,7 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
     out = Path(out) if out is not None else run / "cam"
     store = Store(store_path)
     sae = UniversalSAE.load(run, device=o.device).eval()
-    check_run_and_store(sae, store)
+    check_run_and_store(sae, run, store)
     ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress)
     device = torch.device(o.device)
     spectrum = load_or_estimate_spectrum(store, out / "spectrum.safetensors", o.size,
@@ -246,17 +244,19 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
     control_k = _control_concept(sae, store, ks, o.seed)
     stats = natural_statistics(sae, store, sorted({*ks, control_k}))
     control = _cam_concept(models, control_k, spectrum, o, out / "control", stats, progress)
+    top_rows = _top_rows(eval_dir)
     results = {}
     for k in ks:
         res = _cam_concept(models, k, spectrum, o, out / str(k), stats, progress)
         res["checks"]["transfer_control"] = control["checks"]["transfer"]
         res["checks"]["control_concept"] = control_k
         res["checks"].update(_summaries(res["checks"]))
-        naturals = _top_natural(store, run, k, eval_dir)
+        naturals = [] if top_rows is None else \
+            [store.manifest["images"][r]["path"] for r in top_rows[k, :4].tolist() if r >= 0]
         save_grid(out / str(k) / "grid.png", {m: out / str(k) / f"{m}.png" for m in models},
                   naturals)
         doc = {"concept": k, "settings": o.to_json(), "spectrum": spectrum.source,
-               **res["checks"], "checks": res["checks"], "trace": res["trace"]}
+               **res["checks"], "trace": res["trace"]}
         atomic_write_json(out / str(k) / "cam.json", doc)
         results[k] = doc
     return results
@@ -264,19 +264,20 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
 
 def _cam_concept(models: dict[str, CamModel], k: int, spectrum: Spectrum, o: CamOptions,
                  folder: Path, stats: dict, progress: bool) -> dict[str, Any]:
-    pngs, trace, self_ratio = {}, {}, {}
+    pngs, trace = {}, {}
     for m, model in models.items():
         res = optimize(model, k, spectrum, o, desc=f"cam {k} {m}", progress=progress)
         pngs[m] = folder / f"{m}.png"
         save_png(pngs[m], res["image"])
         save_alpha(folder / f"{m}_alpha.png", res["alpha"])
         trace[m] = res["trace"]
-        value = float(model.natural(load_rgb(pngs[m]))[k])
-        self_ratio[m] = round(_ratio(value, stats[m][k][0]), 4)
-    p99 = {m: stats[m][k][1] for m in models}
-    return {"checks": {"self_ratio": self_ratio,
-                       "transfer": transfer_matrix(models, pngs, k, p99)},
-            "trace": trace}
+    seen = seen_by_every_model(models, pngs, k)
+    names = list(models)
+    # self ratio: against the natural maximum; transfer: against each viewer's 99th percentile
+    self_ratio = {m: round(_ratio(seen[i][i], stats[m][k][0]), 4) for i, m in enumerate(names)}
+    transfer = [[round(_ratio(seen[i][j], stats[v][k][1]), 4) for j, v in enumerate(names)]
+                for i in range(len(names))]
+    return {"checks": {"self_ratio": self_ratio, "transfer": transfer}, "trace": trace}
 
 
 def _summaries(checks: dict[str, Any]) -> dict[str, Any]:
@@ -304,11 +305,7 @@ def _control_concept(sae: UniversalSAE, store: Store, ks: list[int], seed: int) 
     return int(pool[int(np.random.default_rng([seed, 31337]).integers(len(pool)))])
 
 
-def _top_natural(store: Store, run: Path, k: int, eval_dir: str | Path | None) -> list[str]:
-    """Paths of the concept's top natural images, from the eval when there is one."""
-    folder = Path(eval_dir) if eval_dir else None
-    if folder is None or not (folder / "top_images.safetensors").exists():
-        return []
-    rows = load_safetensors(folder / "top_images.safetensors")["rows.mean"][k, :4].tolist()
-    images = store.manifest["images"]
-    return [images[r]["path"] for r in rows if r >= 0]
+def _top_rows(eval_dir: str | Path | None) -> Tensor | None:
+    """The eval's top images per concept (n, T) by mean activation, when there is an eval."""
+    path = Path(eval_dir) / "top_images.safetensors" if eval_dir else None
+    return load_safetensors(path)["rows.mean"] if path is not None and path.exists() else None

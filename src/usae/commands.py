@@ -234,11 +234,8 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     ks = _concept_ids(args.concept)
     if args.top < 1 or args.images < 0:
         raise UsaeError("--top must be at least 1 and --images at least 0")
-    table = concept_table(args.eval, ks, args.top, args.universal, args.store, args.images)
-    report_models = list(table[0]["fires"]) if table else models
-    if report_models != models:
-        raise UsaeError(f"{args.eval} is an eval of models {report_models}, not of this run's "
-                        f"{models}")
+    table = concept_table(args.eval, ks, args.top, args.universal, args.store, args.images,
+                          models=models)
     print(json.dumps(table, indent=2) if args.json else format_table(table), flush=True)
     return 0
 

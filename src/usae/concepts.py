@@ -17,11 +17,15 @@ from usae.store import read_manifest
 
 def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: int = 10,
                   universal_only: bool = False, store: str | Path | None = None,
-                  images: int = 3) -> list[dict[str, Any]]:
+                  images: int = 3, models: list[str] | None = None) -> list[dict[str, Any]]:
     """One dict per concept: id, class, energy, firing entropy, fires per model, and the
-    paths (or store rows) of its top ``images`` images by mean activation."""
+    paths (or store rows) of its top ``images`` images by mean activation. ``models``: the
+    run's models, which the eval must have been computed for."""
     eval_dir = Path(eval_dir)
     report = read_json(eval_dir / "report.json", "eval report")
+    if models is not None and report["models"] != list(models):
+        raise UsaeError(f"{eval_dir} is an eval of models {report['models']}, not of this run's "
+                        f"{list(models)}")
     rows = read_concepts_csv(eval_dir / "concepts.csv")
     n = len(rows)
     if concepts is not None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from usae.backbones.base import Preprocess
 from usae.errors import UsaeError
-from usae.files import atomic_save_safetensors, load_safetensors
+from usae.files import atomic_save_safetensors
 from usae.images import load_rgb, resize_crop
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,13 @@ def load_or_estimate_spectrum(store, cache: Path, size: int, limit: int) -> Spec
     """The cached spectrum of this size, else one estimated from the store's source images
     (saved to ``cache``), else the analytic fallback (logged)."""
     if cache.exists():
-        t = load_safetensors(cache)
-        if int(t["magnitude"].shape[1]) == size:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            with safe_open(str(cache), "pt") as fh:
-                source = (fh.metadata() or {}).get("source", "cached")
-            return Spectrum(t["magnitude"], t["colour"], t["mean"], source)
+        with safe_open(str(cache), "pt") as fh:
+            if int(fh.get_slice("magnitude").get_shape()[1]) == size:
+                return Spectrum(fh.get_tensor("magnitude"), fh.get_tensor("colour"),
+                                fh.get_tensor("mean"),
+                                (fh.metadata() or {}).get("source", "cached"))
     paths = [i["path"] for i in store.manifest["images"] if not i.get("skipped")]
     rng = np.random.default_rng(0)
     paths = [paths[i] for i in rng.permutation(len(paths))]

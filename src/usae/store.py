@@ -94,6 +94,15 @@ def content_hash(path: Path, manifest: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def split_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    """Images per split, skipped images left out."""
+    out: dict[str, int] = {}
+    for img in manifest["images"]:
+        if not img.get("skipped"):
+            out[img["split"]] = out.get(img["split"], 0) + 1
+    return out
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / MANIFEST).exists():
@@ -165,11 +174,7 @@ class Store:
                 os.close(fd)
 
     def splits(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for img in self.manifest["images"]:
-            if not img.get("skipped"):
-                out[img["split"]] = out.get(img["split"], 0) + 1
-        return out
+        return split_counts(self.manifest)
 
     def rows(self, split: str = "all") -> np.ndarray:
         """Row indices of the non-skipped images of ``split`` ('all' for every split)."""

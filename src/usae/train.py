@@ -44,7 +44,7 @@ from usae.progress import bar as progress_bar
 from usae.sae import UniversalSAE
 from usae.sources import DataSource, ModelSubset, StoreSource, n_batches
 from usae.step import StepOut, step_loss
-from usae.store import Store
+from usae.store import Store, split_counts
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resume without changing its maths.
@@ -353,10 +353,7 @@ def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
     if store_manifest is None:
         return {}
     source = Path(str(store_manifest.get("source") or "")).name or "in-memory arrays"
-    splits: dict[str, int] = {}
-    for img in store_manifest.get("images", []):
-        if not img.get("skipped"):
-            splits[img.get("split", "?")] = splits.get(img.get("split", "?"), 0) + 1
+    splits = split_counts(store_manifest)
     described = (f"{sum(splits.values())} images from {source!r} ("
                  + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) + ")")
     return {"store": {"content_hash": store_manifest.get("content_hash"),
