@@ -19,7 +19,7 @@ from usae.config import resolve
 from usae.evaluate import evaluate
 from usae.sources import StoreSource
 from usae.store import Store
-from usae.train import train_run
+from usae.training import train_run
 
 DEMO_DATA = {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
              "n_concepts": 2048}

@@ -75,6 +75,8 @@ FORBIDDEN = {
     "usae.run": {"usae.sae", "usae.train", "usae.evaluate"},
     "usae.hub": {"usae.sae", "usae.train", "usae.evaluate"},
     "usae.cam": {"usae.train", "usae.store_writer"},
+    "usae.distributed": {"usae.train", "usae.training", "usae.sae", "usae.store",
+                         "usae.cache", "usae.store_writer"},
 }
 
 
@@ -82,6 +84,14 @@ FORBIDDEN = {
 def test_layers_do_not_import_upwards(module):
     g = graph()
     assert not (g[module] & FORBIDDEN[module]), f"{module} imports {g[module] & FORBIDDEN[module]}"
+
+
+def test_distribution_lives_in_one_module():
+    """Process groups, collectives and rank variables belong to usae.distributed alone."""
+    offenders = [p.name for p in SRC.rglob("*.py") if p.name != "distributed.py" and
+                 any(word in p.read_text() for word in ("torch.distributed", '"RANK"',
+                                                        "WORLD_SIZE", "all_reduce"))]
+    assert offenders == []
 
 
 def test_the_library_never_imports_the_test_oracles():

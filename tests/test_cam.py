@@ -20,7 +20,7 @@ from usae.sae import UniversalSAE
 from usae.sources import StoreSource
 from usae.spectrum import analytic_spectrum, estimate_spectrum, fit_alpha, radial_frequency
 from usae.store import Store
-from usae.train import train_run
+from usae.training import train_run
 
 SPECS = (
     "effnet:lite0?img_size=64&name=lite0,"

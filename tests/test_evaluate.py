@@ -16,7 +16,7 @@ from usae.sae import UniversalSAE
 from usae.sources import StoreSource
 from usae.store import Store
 from usae.store_writer import store_from_arrays
-from usae.train import train_run
+from usae.training import train_run
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from usae.explorer.build import build_explorer
 from usae.explorer.serve import make_server
 from usae.sources import StoreSource
 from usae.store import Store
-from usae.train import train_run
+from usae.training import train_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "explorer"

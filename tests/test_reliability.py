@@ -29,7 +29,7 @@ from usae.run import run_status
 from usae.sources import ArraySource
 from usae.store import Store
 from usae.store_writer import store_from_arrays
-from usae.train import train_run
+from usae.training import train_run
 
 
 class FaultyDisk:

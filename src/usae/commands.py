@@ -106,14 +106,16 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from usae.train import train_from_store
+    from usae.distributed import is_main_process
+    from usae.training import train_from_store
 
     summary = train_from_store(args.store, args.out, preset=args.preset,
                                config_file=args.config, sets=args.set,
                                max_steps=args.max_steps, device=args.device,
                                resume=args.resume, force=args.force, split=args.split,
                                independent=args.independent, progress=not args.no_progress)
-    print(_train_summary(summary))
+    if is_main_process():
+        print(_train_summary(summary))
     return 0
 
 

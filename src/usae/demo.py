@@ -29,7 +29,7 @@ from usae.explorer.build import build_explorer
 from usae.options import CamOptions
 from usae.sources import StoreSource
 from usae.store import Store, read_manifest
-from usae.train import train_run
+from usae.training import train_run
 
 log = logging.getLogger(__name__)
 # CPU-sized CAM for the demo's models (EfficientNet-Lite at their native 224-260 px inputs)

@@ -32,12 +32,24 @@ class DataSource(Protocol):
     def stats(self) -> dict[str, ModelStats]: ...
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
-                shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]: ...
+                shuffle_pairing: bool = False, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[dict[str, Tensor]]: ...
 
 
 def n_batches(source: DataSource, batch_images: int) -> int:
     """Full batches per epoch (the last partial batch is dropped, as a DataLoader would)."""
     return max(source.n_images() // batch_images, 0)
+
+
+def shard_slice(batch_images: int, shard: tuple[int, int]) -> slice:
+    """The images of a global batch that rank ``shard[0]`` of ``shard[1]`` reads (whole
+    images, equal parts; the world size must divide the batch)."""
+    rank, world = shard
+    if batch_images % world:
+        raise UsaeError(f"{world} processes cannot split a batch of {batch_images} images "
+                        "evenly — use a batch_images that the world size divides")
+    part = batch_images // world
+    return slice(rank * part, (rank + 1) * part)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, salt: int = 0) -> np.ndarray:
@@ -100,18 +112,19 @@ class ArraySource:
         return ArraySource({m: a[image_idx] for m, a in self._arrays.items()})
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
-                shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
+                shuffle_pairing: bool = False, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[dict[str, Tensor]]:
         n = self.n_images()
         order = epoch_permutation(n, seed, epoch)
         perms = pairing_permutations(self.models, n, seed) if shuffle_pairing else None
+        part = shard_slice(batch_images, shard)
         for b in range(start, n // batch_images):
             idx = order[b * batch_images:(b + 1) * batch_images]
             batch = {}
             for m, a in self._arrays.items():
-                rows = perms[m][idx] if perms is not None else idx
+                rows = perms[m][idx] if perms is not None else np.sort(idx)
                 batch[m] = torch.from_numpy(
-                    np.ascontiguousarray(a[np.sort(rows) if perms is None else rows],
-                                         dtype=np.float32).reshape(-1, a.shape[2]))
+                    np.ascontiguousarray(a[rows[part]], dtype=np.float32).reshape(-1, a.shape[2]))
             yield batch
 
 
@@ -136,8 +149,10 @@ class ModelSubset:
         return {m: self.source.stats()[m] for m in self.models}
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
-                shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
-        for batch in self.source.batches(batch_images, seed, epoch, start, shuffle_pairing):
+                shuffle_pairing: bool = False, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[dict[str, Tensor]]:
+        for batch in self.source.batches(batch_images, seed, epoch, start, shuffle_pairing,
+                                         shard):
             yield {m: batch[m] for m in self.models}
 
 
@@ -182,17 +197,20 @@ class StoreSource:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
-                shuffle_pairing: bool = False) -> Iterator[dict[str, Tensor]]:
+                shuffle_pairing: bool = False, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[dict[str, Tensor]]:
         """Batches of ``batch_images`` whole images: ``{model: (B * tokens, d)}`` in the
         storage dtype (fp16/bf16/fp32; the trainer converts on its device). One gather of
-        whole-image rows per model and batch, from a window of a few contiguous chunks."""
+        whole-image rows per model and batch, from a window of a few contiguous chunks.
+        ``shard=(rank, world)``: only that rank's part of each batch is read."""
+        part = shard_slice(batch_images, shard)
         order = self.image_order(seed, epoch)
         perms = (pairing_permutations(self.models, len(self._rows), seed)
                  if shuffle_pairing else None)
         span = self.chunk_images * self.buffer_chunks
         window = -1
         for b in range(start, len(order) // batch_images):
-            pos = order[b * batch_images:(b + 1) * batch_images]
+            pos = order[b * batch_images:(b + 1) * batch_images][part]
             if perms is None and (b * batch_images) // span != window:
                 # this window (when starting) and the next one, read ahead while we gather
                 first = window < 0

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,25 +27,18 @@ import torch
 from torch import Tensor
 
 from usae import run as run_folder
-from usae.checkpoint import (
-    load_checkpoint,
-    load_optimizer,
-    optimizer_tensors,
-    read_checkpoint_config,
-    save_checkpoint,
-)
-from usae.config import RunConfig, load_config_file, parse_set, resolve
+from usae.checkpoint import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
+from usae.config import RunConfig
+from usae.distributed import Dist, sync_batch_norms
 from usae.errors import UsaeError
-from usae.files import atomic_write_json
 from usae.interrupts import StopSignals, TrainingInterrupted
 from usae.loggers import MetricSinks
 from usae.malloc import keep_freed_memory
 from usae.metrics import r2_matrix
 from usae.progress import bar as progress_bar
 from usae.sae import UniversalSAE
-from usae.sources import DataSource, ModelSubset, StoreSource, n_batches
+from usae.sources import DataSource, n_batches, shard_slice
 from usae.step import StepOut, step_loss
-from usae.store import Store, split_counts
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resume without changing its maths.
@@ -70,20 +64,26 @@ class Trainer:
     """
 
     def __init__(self, run_cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
-                 extra_config: dict[str, Any] | None = None) -> None:
+                 extra_config: dict[str, Any] | None = None, dist: Dist | None = None) -> None:
         self.cfg = run_cfg
         self.out = Path(out_dir)
-        self.progress = progress
+        self.dist = dist or Dist()
+        self.progress = progress and self.dist.is_main
         self.extra_config = extra_config or {}
         tc = run_cfg.train
         if tc.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsaeError(f"device {tc.device!r} requested but CUDA is not available — "
                             "use --device cpu")
-        self.device = torch.device(tc.device)
+        self.device = torch.device(self.dist.device(tc.device))
+        self.shard = (self.dist.rank, self.dist.world)
+        shard_slice(tc.batch_images, self.shard)  # a world size that splits the batch
+        self.dist.agree("configs", json.dumps(run_cfg.to_json(), sort_keys=True))
         if tc.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(tc.seed)
         self.sae = UniversalSAE(run_cfg.sae).to(self.device)
+        if self.dist.enabled:
+            sync_batch_norms(self.sae)  # the paper normalizes over the whole batch
         self.optimizers = {m: torch.optim.AdamW(self.sae.model_parameters(m), lr=tc.lr,
                                                 weight_decay=tc.weight_decay)
                            for m in self.sae.models}
@@ -95,10 +95,14 @@ class Trainer:
         self.elapsed = 0.0
         self.since_fired = torch.zeros(run_cfg.sae.n, dtype=torch.long, device=self.device)
         self.last_row: dict[str, Any] = {}
+        self.stopping = False  # a stop request, agreed by every rank
 
     # -- state --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Checkpoint, weights, then config.json with the status: final at the last step."""
+        """Checkpoint, weights, then config.json with the status: final at the last step.
+        Rank 0 alone writes (every rank holds the same state)."""
+        if not self.dist.is_main:
+            return
         tensors = {f"model.{k}": v for k, v in self.sae.state_dict().items()}
         for m, opt in self.optimizers.items():
             tensors.update(optimizer_tensors(m, opt))
@@ -129,7 +133,8 @@ class Trainer:
         self.sched_counts = [int(c) for c in ckpt.position["sched_counts"]]
         self.tokens = int(ckpt.position["tokens"])
         self.elapsed = float(ckpt.position["elapsed_s"])
-        run_folder.truncate_metrics(self.out, self.step)
+        if self.dist.is_main:
+            run_folder.truncate_metrics(self.out, self.step)
 
     def _check_same_config(self, saved: RunConfig) -> None:
         now_sae, old_sae = asdict(self.cfg.sae), asdict(saved.sae)
@@ -168,7 +173,8 @@ class Trainer:
         tc = self.cfg.train
         epoch, start = divmod(self.step, per_epoch)
         while True:
-            yield from source.batches(tc.batch_images, tc.seed, epoch, start, tc.shuffle_pairing)
+            yield from source.batches(tc.batch_images, tc.seed, epoch, start, tc.shuffle_pairing,
+                                      self.shard)
             epoch, start = epoch + 1, 0
 
     def total_steps(self, source: DataSource) -> int:
@@ -184,19 +190,23 @@ class Trainer:
         per_epoch = self._check_source(source)
         self.total = self.total_steps(source)
         warmup = self.cfg.train.warmup_steps or per_epoch
-        run_folder.prepare_folder(self.out, resume, force)
+        main = self.dist.is_main
+        if main:
+            run_folder.prepare_folder(self.out, resume, force)
+        self.dist.barrier()
         if resume:
             self.load_checkpoint()
         else:
             self._set_standardization(source)
-        sinks = MetricSinks(self.out, self.cfg.train.tensorboard, self.cfg.train.wandb,
-                            self.cfg.to_json())
+        sinks = MetricSinks(self.out, self.cfg.train.tensorboard and main,
+                            self.cfg.train.wandb and main, self.cfg.to_json())
         try:
             self._loop(source, val_source, per_epoch, warmup, sinks)
         finally:
             sinks.close()
-        if self.step >= self.total and not run_folder.is_final(self.out):
+        if main and self.step >= self.total and not run_folder.is_final(self.out):
             self.save_checkpoint()
+        self.dist.barrier()
         return self.sae
 
     def _loop(self, source: DataSource, val_source: DataSource | None, per_epoch: int,
@@ -206,15 +216,16 @@ class Trainer:
                            disable=not self.progress or self.step >= self.total)
         stream = self._stream(source, per_epoch)
         last_save = time.monotonic()
-        with open(self.out / run_folder.METRICS_FILE, "a") as metrics_fh, \
-                StopSignals() as stop:
+        metrics_path = self.out / run_folder.METRICS_FILE if self.dist.is_main else os.devnull
+        with open(metrics_path, "a") as metrics_fh, StopSignals() as stop:
             while self.step < self.total:
                 t0 = time.perf_counter()
-                out = self.train_step(next(stream), warmup, self.total)
+                out = self.train_step(next(stream), warmup, self.total, stop.received is not None)
                 self.elapsed += time.perf_counter() - t0
                 if self.step % tc.log_every == 0 or self.step == self.total:
                     row = self._metrics_row(out)
-                    if tc.eval_every and val_source is not None and self.step % tc.eval_every == 0:
+                    if tc.eval_every and val_source is not None and \
+                            self.step % tc.eval_every == 0 and self.dist.is_main:
                         row["val_r2"] = self._val_r2(val_source)
                     metrics_fh.write(json.dumps(row) + "\n")
                     metrics_fh.flush()
@@ -225,17 +236,22 @@ class Trainer:
                 bar.update(1)
                 due = (self.step % tc.checkpoint_every == 0 or self.step == self.total or
                        time.monotonic() - last_save >= 60 * tc.checkpoint_minutes)
-                if due or stop.received:
+                # one process stops after the step in flight; ranks stop where they agreed
+                stopping = self.stopping or (stop.received is not None and not self.dist.enabled)
+                if due or stopping:
                     metrics_fh.flush()
                     self.save_checkpoint()
                     last_save = time.monotonic()
-                if stop.received:
+                if stopping:
                     bar.close()
-                    raise TrainingInterrupted(self.step, stop.received)
+                    self.dist.barrier()  # the checkpoint is written before any rank exits
+                    raise TrainingInterrupted(self.step, stop.received or "a stop on another rank")
         bar.close()
 
-    def train_step(self, raw: dict[str, Tensor], warmup: int, total: int) -> StepOut:
-        """One universal step on a raw batch; advances every piece of trainer state."""
+    def train_step(self, raw: dict[str, Tensor], warmup: int, total: int,
+                   stop_requested: bool = False) -> StepOut:
+        """One universal step on a raw batch (this rank's slice of it); advances every piece
+        of trainer state. Under torchrun, one all-reduce brings the ranks to the same step."""
         tc = self.cfg.train
         models = self.sae.models
         xs = {}
@@ -254,6 +270,10 @@ class Trainer:
                             f"(source model {models[source]!r}) — lower lr")
         loss.backward()
         stepped = range(len(models)) if tc.decoder_update == "all" else [source]
+        fired, scalars, self.stopping = self.dist.reduce_step(
+            [p for j in stepped for p in self.sae.model_parameters(models[j])], fired,
+            [out.loss, *out.recon, out.aux, out.l0], stop_requested)
+        out = out._replace(loss=scalars[0], recon=scalars[1:-2], aux=scalars[-2], l0=scalars[-1])
         for j in stepped:
             m = models[j]
             params = [p for p in self.sae.model_parameters(m) if p.grad is not None]
@@ -268,7 +288,7 @@ class Trainer:
             # (for decoder_update=all too: the schedule follows the source model).
             self.sched_counts[source] += 1
         self.sae.zero_grad(set_to_none=True)
-        n_tokens = xs[models[source]].shape[0]
+        n_tokens = xs[models[source]].shape[0] * self.dist.world
         self.since_fired += n_tokens
         self.since_fired[fired] = 0
         self.tokens += n_tokens
@@ -300,95 +320,3 @@ class Trainer:
                 "tokens": self.tokens, "elapsed_s": round(self.elapsed, 2),
                 "tokens_per_s": round(self.tokens / max(self.elapsed, 1e-9)),
                 "loss": row.get("loss"), "recon": row.get("recon"), "val_r2": row.get("val_r2")}
-
-
-# ---- the API the CLI calls --------------------------------------------------------------
-def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
-                       preset: str = "paper", config_file: str | None = None,
-                       sets: list[str] | None = None, max_steps: int | None = None,
-                       device: str | None = None, resume: bool = False) -> RunConfig:
-    """Preset, then ``--config``, then ``--set``. With ``resume`` the run's own config (from
-    its checkpoint) is the base, so only the keys given again are compared with it."""
-    overrides: dict[str, Any] = {}
-    old = None
-    if resume:
-        old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
-        overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
-        overrides.update(asdict(old.train))
-        preset = "paper"  # the saved values already include their preset's; no second layer
-    if config_file:
-        overrides.update(load_config_file(config_file))
-    overrides.update(parse_set(sets or []))
-    if max_steps is not None:
-        overrides["max_steps"] = max_steps
-    if device:
-        overrides["device"] = device
-    cfg = resolve(tuple(models), tuple(dims), preset, overrides)
-    return replace(cfg, preset=old.preset) if old is not None else cfg
-
-
-def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "paper",
-                     config_file: str | None = None, sets: list[str] | None = None,
-                     max_steps: int | None = None, device: str | None = None,
-                     resume: bool = False, force: bool = False, split: str = "train",
-                     independent: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``usae train``: resolve the config, train on a store split, return a summary."""
-    store = Store(store_path)
-    cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
-                             max_steps, device, resume)
-    source = StoreSource(store, split=split)
-    val = None
-    if cfg.train.eval_every:
-        if "val" in store.splits():
-            val = StoreSource(store, split="val")
-        else:
-            log.warning("warning: the store has no val split, so the held-out R2 matrix is "
-                        "not logged")
-    return train_run(cfg, source, out, val_source=val, resume=resume, force=force,
-                     independent=independent, progress=progress,
-                     store_manifest=store.manifest)
-
-
-def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
-    if store_manifest is None:
-        return {}
-    source = Path(str(store_manifest.get("source") or "")).name or "in-memory arrays"
-    splits = split_counts(store_manifest)
-    described = (f"{sum(splits.values())} images from {source!r} ("
-                 + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) + ")")
-    return {"store": {"content_hash": store_manifest.get("content_hash"),
-                      "source_description": described,
-                      "models": {m: {k: v for k, v in info.items() if k != "stats"}
-                                 for m, info in store_manifest["models"].items()}}}
-
-
-def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
-              val_source: DataSource | None = None, resume: bool = False, force: bool = False,
-              independent: bool = False, progress: bool = True,
-              store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train a universal SAE (or, with ``independent``, one ordinary TopK SAE per model, each
-    in ``RUN/<model>/`` with the same n, k and data); returns the training summary."""
-    extra = _store_extra(store_manifest)
-    if not independent:
-        trainer = Trainer(cfg, out_dir, progress=progress, extra_config=extra)
-        trainer.fit(source, val_source, resume=resume, force=force)
-        return trainer.summary()
-    out = Path(out_dir)
-    if not resume and out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsaeError(f"{out} exists and is not empty — pass --resume to continue it, "
-                            "--force to replace it, or choose another --out")
-        (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)  # and, below, run files
-    summaries = {}
-    for m, d in zip(cfg.sae.models, cfg.sae.dims):
-        sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
-                                           n_concepts=cfg.sae.n))
-        log.info("independent SAE for %s", m)
-        trainer = Trainer(sub_cfg, out / m, progress=progress, extra_config=extra)
-        trainer.fit(ModelSubset(source, (m,)),
-                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume,
-                    force=force)
-        summaries[m] = trainer.summary()
-    atomic_write_json(out / run_folder.INDEPENDENT_FILE, {"models": list(cfg.sae.models),
-                                                          "config": cfg.to_json(), **extra})
-    return {"run": str(out), "independent": summaries}

@@ -1,0 +1,195 @@
+"""Data parallelism under ``torchrun``: one place for process groups and every reduction.
+
+``torchrun --nproc_per_node N -m usae train|cache ...`` starts N copies of the command with
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in their environment; ``Dist.from_env`` joins them
+(gloo on CPU, NCCL on CUDA, with a timeout so a dead or hung peer is an error, not a hang).
+Without those variables ``Dist`` is the single process and every method is a no-op, so the
+trainer and the cache call the same methods either way.
+
+What N processes do so that they compute the same step as one process on the global batch:
+each rank reads its own slice of whole images (``shard``); BatchNorm statistics are summed
+over all ranks (``GlobalBatchNorm1d``); the stepped parameters' gradients, the fired-concept
+mask, the logged scalars and the stop request travel in one all-reduce per step
+(``reduce_step``); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from usae.errors import UsaeError
+
+log = logging.getLogger(__name__)
+TIMEOUT_ENV = "USAE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``rank`` of ``world`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str = "cpu") -> "Dist":
+        """Join the torchrun job described by the environment, or the single process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not tdist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local)
+            timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+            tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+            log.debug("rank %d of %d joined (%s, timeout %.0f s)", rank, world, backend, timeout)
+        return cls(rank, world, local)
+
+    def device(self, device: str) -> str:
+        """``cuda`` means this process's own GPU (``cuda:LOCAL_RANK``) under torchrun."""
+        return f"cuda:{self.local_rank}" if self.enabled and device == "cuda" else device
+
+    # -- collectives (no-ops for one process) -------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            self._collective(tdist.barrier)
+
+    def all_sum_(self, t: Tensor) -> Tensor:
+        """In-place sum over ranks."""
+        if self.enabled:
+            self._collective(tdist.all_reduce, t)
+        return t
+
+    def agree(self, what: str, text: str) -> None:
+        """Fail on every rank when ranks were given different ``text`` (a config, a list)."""
+        if not self.enabled:
+            return
+        digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64)
+        lo, hi = digest.clone(), digest.clone()
+        self._collective(tdist.all_reduce, lo, op=tdist.ReduceOp.MIN)
+        self._collective(tdist.all_reduce, hi, op=tdist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise UsaeError(f"the ranks were started with different {what}; start every "
+                            "rank with the same command")
+
+    def all_flag(self, flag: bool) -> bool:
+        """True on every rank when any rank says True."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        return bool(self.all_sum_(t)[0] > 0)
+
+    def reduce_step(self, params: list[nn.Parameter], fired_c: Tensor, scalars: list[float],
+                    stop: bool) -> tuple[Tensor, list[float], bool]:
+        """One all-reduce per step: average the gradients of ``params`` (in place), OR the
+        fired masks, average the logged scalars and OR the stop requests."""
+        if not self.enabled:
+            return fired_c, scalars, stop
+        grads = [p.grad for p in params if p.grad is not None]
+        tail = torch.tensor([*scalars, 1.0 if stop else 0.0], dtype=torch.float32,
+                            device=fired_c.device)
+        flat = torch.cat([*(g.reshape(-1).float() for g in grads), fired_c.float(), tail])
+        self.all_sum_(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(self.world)
+            offset += g.numel()
+        fired = flat[offset:offset + fired_c.numel()] > 0
+        tail = flat[offset + fired_c.numel():].cpu()
+        return fired, (tail[:-1] / self.world).tolist(), bool(tail[-1] > 0)
+
+    def close(self) -> None:
+        if self.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+    def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        _checked(fn, *args, **kwargs)
+
+
+def _checked(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a collective; a dead or silent peer (gloo/NCCL error or timeout) is a UsaeError."""
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as err:  # DistBackendError and gloo's errors are RuntimeErrors
+        text = str(err).strip()
+        first = text.splitlines()[0][:200] if text else type(err).__name__
+        raise UsaeError(f"rank {tdist.get_rank()}: a peer process died or stopped answering "
+                        f"({first}) — restart the job with --resume") from None
+
+
+def is_main_process() -> bool:
+    """True unless this is a torchrun worker of rank > 0 (for what only one process prints)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous part ``[lo, hi)`` of ``n`` items that ``rank`` of ``world`` takes."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+# -- BatchNorm over the global batch --------------------------------------------------------
+class _GlobalSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        out = t.clone()
+        _checked(tdist.all_reduce, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        _checked(tdist.all_reduce, grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics cover every rank's slice of the batch (the
+    paper normalizes over all the batch's tokens). Same parameters, buffers and state-dict
+    keys; in eval mode, or with one process, it is ``BatchNorm1d``. Two-pass: the mean, then
+    the variance around it (equal slices on every rank)."""
+
+    def forward(self, x_nc: Tensor) -> Tensor:  # type: ignore[override]
+        if not self.training or not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return super().forward(x_nc)
+        n = x_nc.shape[0] * tdist.get_world_size()
+        mean_c = _GlobalSum.apply(x_nc.sum(0)) / n
+        centered = x_nc - mean_c
+        var_c = _GlobalSum.apply(centered.square().sum(0)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(mean_c.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var_c.detach() * (n / max(n - 1, 1)),
+                                                  alpha=m)
+                self.num_batches_tracked.add_(1)
+        return centered * torch.rsqrt(var_c + self.eps) * self.weight + self.bias
+
+
+def sync_batch_norms(module: nn.Module) -> None:
+    """Turn every ``BatchNorm1d`` inside ``module`` into a ``GlobalBatchNorm1d`` in place
+    (the parameter and buffer objects are kept, so optimizers and state dicts still hold)."""
+    for sub in module.modules():
+        if type(sub) is nn.BatchNorm1d:
+            sub.__class__ = GlobalBatchNorm1d

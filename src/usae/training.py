@@ -1,0 +1,135 @@
+"""``usae train``'s entry points: the config a run resolves to, the data it reads (a store
+split, or images streamed through the backbones) and the processes it runs on (``torchrun``).
+
+``Trainer`` (``usae.train``) does the training; this module wires it to the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from usae import run as run_folder
+from usae.checkpoint import read_checkpoint_config
+from usae.config import RunConfig, load_config_file, parse_set, resolve
+from usae.distributed import Dist
+from usae.errors import UsaeError
+from usae.files import atomic_write_json
+from usae.sources import DataSource, ModelSubset, StoreSource
+from usae.store import Store, split_counts
+from usae.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
+                       preset: str = "paper", config_file: str | None = None,
+                       sets: list[str] | None = None, max_steps: int | None = None,
+                       device: str | None = None, resume: bool = False) -> RunConfig:
+    """Preset, then ``--config``, then ``--set``. With ``resume`` the run's own config (from
+    its checkpoint) is the base, so only the keys given again are compared with it."""
+    overrides: dict[str, Any] = {}
+    old = None
+    if resume:
+        old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
+        overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
+        overrides.update(asdict(old.train))
+        preset = "paper"  # the saved values already include their preset's; no second layer
+    if config_file:
+        overrides.update(load_config_file(config_file))
+    overrides.update(parse_set(sets or []))
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    if device:
+        overrides["device"] = device
+    cfg = resolve(tuple(models), tuple(dims), preset, overrides)
+    return replace(cfg, preset=old.preset) if old is not None else cfg
+
+
+def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "paper",
+                     config_file: str | None = None, sets: list[str] | None = None,
+                     max_steps: int | None = None, device: str | None = None,
+                     resume: bool = False, force: bool = False, split: str = "train",
+                     independent: bool = False, progress: bool = True,
+                     dist: Dist | None = None) -> dict[str, Any]:
+    """``usae train``: resolve the config, train on a store split, return a summary.
+
+    Under ``torchrun`` (or with ``dist``), every process runs this with the same arguments;
+    each reads its slice of every batch and rank 0 writes the run."""
+    store = Store(store_path)
+    cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
+                             max_steps, device, resume)
+    source = StoreSource(store, split=split)
+    val = None
+    if cfg.train.eval_every:
+        if "val" in store.splits():
+            val = StoreSource(store, split="val")
+        else:
+            log.warning("warning: the store has no val split, so the held-out R2 matrix is "
+                        "not logged")
+    return train_run(cfg, source, out, val_source=val, resume=resume, force=force,
+                     independent=independent, progress=progress,
+                     store_manifest=store.manifest, dist=dist)
+
+
+def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
+    if store_manifest is None:
+        return {}
+    source = Path(str(store_manifest.get("source") or "")).name or "in-memory arrays"
+    splits = split_counts(store_manifest)
+    described = (f"{sum(splits.values())} images from {source!r} ("
+                 + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) + ")")
+    return {"store": {"content_hash": store_manifest.get("content_hash"),
+                      "source_description": described,
+                      "models": {m: {k: v for k, v in info.items() if k != "stats"}
+                                 for m, info in store_manifest["models"].items()}}}
+
+
+def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
+              val_source: DataSource | None = None, resume: bool = False, force: bool = False,
+              independent: bool = False, progress: bool = True,
+              store_manifest: dict[str, Any] | None = None,
+              dist: Dist | None = None) -> dict[str, Any]:
+    """Train a universal SAE (or, with ``independent``, one ordinary TopK SAE per model, each
+    in ``RUN/<model>/`` with the same n, k and data); returns the training summary.
+
+    ``dist``: the processes to train on; by default the ``torchrun`` job this process belongs
+    to, if any (its process group is closed at the end)."""
+    own = dist is None
+    dist = dist or Dist.from_env(cfg.train.device)
+    try:
+        return _train_run(cfg, source, Path(out_dir), val_source, resume, force, independent,
+                          progress, _store_extra(store_manifest), dist)
+    finally:
+        if own:
+            dist.close()
+
+
+def _train_run(cfg: RunConfig, source: DataSource, out: Path, val_source: DataSource | None,
+               resume: bool, force: bool, independent: bool, progress: bool,
+               extra: dict[str, Any], dist: Dist) -> dict[str, Any]:
+    if not independent:
+        trainer = Trainer(cfg, out, progress=progress, extra_config=extra, dist=dist)
+        trainer.fit(source, val_source, resume=resume, force=force)
+        return trainer.summary()
+    if dist.is_main and not resume and out.exists() and any(out.iterdir()):
+        if not force:
+            raise UsaeError(f"{out} exists and is not empty — pass --resume to continue it, "
+                            "--force to replace it, or choose another --out")
+        (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)  # and, below, run files
+    summaries = {}
+    for m, d in zip(cfg.sae.models, cfg.sae.dims):
+        sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
+                                           n_concepts=cfg.sae.n))
+        log.info("independent SAE for %s", m)
+        trainer = Trainer(sub_cfg, out / m, progress=progress, extra_config=extra, dist=dist)
+        trainer.fit(ModelSubset(source, (m,)),
+                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume,
+                    force=force)
+        summaries[m] = trainer.summary()
+    if dist.is_main:
+        atomic_write_json(out / run_folder.INDEPENDENT_FILE,
+                          {"models": list(cfg.sae.models), "config": cfg.to_json(), **extra})
+    return {"run": str(out), "independent": summaries}
