@@ -4,10 +4,17 @@ Each image is decoded once (in worker processes) and preprocessed for every mode
 go through every backbone, tokens are aligned to the common grid and committed to the store
 in order. Re-running the same command on the same store resumes after the last committed
 batch. Memory is bounded by one batch in flight per worker.
+
+Under ``torchrun``, rank r takes a contiguous range of whole batches of the image list (the
+same batches one process would run, so the rows are the same bytes); the ranks write one
+store together, rank 0 finalizing it when every range is done, or, with ``shard_dir``, a
+store each (``shard-R-of-N``) that ``usae.store_merge`` joins.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,12 +26,13 @@ from torch import Tensor
 from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Backbone, Preprocess
+from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
 from usae.images import list_images, load_rgb, normalize, resize_crop
 from usae.options import CacheOptions, merged
 from usae.progress import bar as progress_bar
-from usae.store import ModelEntry
-from usae.store_writer import StoreWriter
+from usae.store import ModelEntry, read_manifest
+from usae.store_writer import Part, StoreWriter, wait_for_parts
 
 log = logging.getLogger(__name__)
 
@@ -78,33 +86,84 @@ def extract_batch(backbones: list[Backbone], pixels: dict[str, Tensor],
 def cache(models: str | list[str], images: str | Path, out: str | Path,
           options: CacheOptions | None = None, *, pretrained: bool | None = None,
           progress: bool = True, timings: dict[str, float] | None = None,
-          **changes: Any) -> dict[str, Any]:
+          dist: Dist | None = None, **changes: Any) -> dict[str, Any]:
     """Extract aligned activations of several models for a folder of images into a store.
 
     ``options`` (or keyword ``changes`` to the defaults, e.g. ``batch_size=16``): see
     ``CacheOptions``. ``timings``, when given, receives ``seconds``, ``images_per_s`` and
-    ``forward_seconds`` of the extraction loop.
+    ``forward_seconds`` of the extraction loop. ``dist``: the processes sharing the work (by
+    default the ``torchrun`` job this process belongs to, if any).
     """
     o = merged(CacheOptions, options, changes)
-    specs = expand_specs(models)
+    own = dist is None
+    dist = dist or Dist.from_env(o.device)
+    try:
+        return _cache(expand_specs(models), images, Path(out), o, pretrained,
+                      progress and dist.is_main, timings, dist)
+    finally:
+        if own:
+            dist.close()
+
+
+def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
+           pretrained: bool | None, progress: bool, timings: dict[str, float] | None,
+           dist: Dist) -> dict[str, Any]:
     entries = list_images(images, val_fraction=o.val_fraction, seed=o.seed)
+    list_text = json.dumps([[e["path"], e.get("split")] for e in entries])
+    dist.agree("image lists", list_text)
     backbones, target = build_backbones(specs, pretrained=pretrained, align=o.align)
     for b in backbones:
-        b.to(o.device)
-    writer = StoreWriter(out, model_entries(backbones, target, o.keep_cls), entries, o.dtype,
-                         extra={"source": str(Path(images).resolve()), "align": o.align})
-    todo = [e["path"] for e in entries[writer.done:]]
-    if writer.done:
-        log.info("resuming %s: %d of %d images already stored", out, writer.done, len(entries))
+        b.to(dist.device(o.device))
+    n_batches = -(-len(entries) // o.batch_size)
+    lo, hi = (min(b * o.batch_size, len(entries))
+              for b in shard_range(n_batches, dist.rank, dist.world))
+    if n_batches < dist.world:
+        raise UsaeError(f"{dist.world} processes for {n_batches} batches of {o.batch_size} "
+                        "images: use fewer processes or a smaller --batch-size")
+    writer, todo = _open_writer(out, model_entries(backbones, target, o.keep_cls), entries,
+                                o, images, (lo, hi), list_text, dist)
+    if writer.done > writer.part.lo:
+        log.info("resuming %s: %d of %d images already stored", writer.path,
+                 writer.done - writer.part.lo, writer.part.hi - writer.part.lo)
     stats = run_extraction(writer, backbones, target, todo, o.batch_size, o.workers, o.keep_cls,
                            progress)
-    manifest = writer.finalize()
+    if o.shard_dir:
+        manifest = writer.finalize(keep_sums=True)
+    elif dist.is_main:
+        if dist.enabled:
+            wait_for_parts(out, dist.world)
+        manifest = writer.finalize()
+    else:
+        return read_manifest(out)  # the others' rows may still be in flight
     if timings is not None:
         timings.update(stats)
     log.info("stored %d images (%d skipped) for %s in %.1fs (%.1f images/s) -> %s",
              manifest["n_images"], len(writer.skipped), ", ".join(b.name for b in backbones),
-             stats["seconds"], stats["images_per_s"], out)
+             stats["seconds"], stats["images_per_s"], writer.path)
     return manifest
+
+
+def _open_writer(out: Path, models: list[ModelEntry], entries: list[dict[str, Any]],
+                 o: CacheOptions, images: str | Path, rows: tuple[int, int], list_text: str,
+                 dist: Dist) -> tuple[StoreWriter, list[str]]:
+    """This rank's writer and the paths it still has to extract (rank 0 creates a shared
+    store before the others open it)."""
+    extra = {"source": str(Path(images).resolve()), "align": o.align}
+    lo, hi = rows
+    if o.shard_dir:
+        path = Path(o.shard_dir) / f"shard-{dist.rank:05d}-of-{dist.world:05d}"
+        extra["shard"] = {"index": dist.rank, "count": dist.world, "start": lo,
+                          "n_total": len(entries),
+                          "list_hash": hashlib.sha256(list_text.encode()).hexdigest()}
+        writer = StoreWriter(path, models, entries[lo:hi], o.dtype, extra=extra)
+        return writer, [e["path"] for e in entries[lo + writer.done:hi]]
+    part = Part(lo, hi, dist.rank, dist.world)
+    writer = None
+    if dist.is_main:
+        writer = StoreWriter(out, models, entries, o.dtype, extra=extra, part=part)
+    dist.barrier()
+    writer = writer or StoreWriter(out, models, entries, o.dtype, extra=extra, part=part)
+    return writer, [e["path"] for e in entries[writer.done:hi]]
 
 
 def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple[int, int],

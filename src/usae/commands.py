@@ -95,6 +95,13 @@ def cmd_store(args: argparse.Namespace) -> int:
 
         print(json.dumps(Store(args.store).info(), indent=2), flush=True)
         return 0
+    if args.store_command == "merge":
+        from usae.store_merge import merge_shards
+
+        manifest = merge_shards(args.shards, args.out, force=args.force)
+        print(f"wrote {args.out}: {manifest['n_images']} images from {len(args.shards)} shards, "
+              f"content hash {manifest['content_hash'][:16]}")
+        return 0
     if args.store_command == "import-npz":
         from usae.npz_import import import_npz
 
@@ -102,7 +109,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         manifest = import_npz(args.src, args.out, models, split=args.split, dtype=args.dtype)
         print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
         return 0
-    raise UsaeError("a store command is needed — usage: usae store {info,import-npz} ...")
+    raise UsaeError("a store command is needed — usage: usae store {info,merge,import-npz} ...")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -140,7 +147,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from usae.cache import cache
     from usae.options import CacheOptions, from_args
 
-    manifest = cache(args.models, args.images, args.out, from_args(CacheOptions, args))
+    from usae.distributed import is_main_process
+
+    options = from_args(CacheOptions, args)
+    manifest = cache(args.models, args.images, args.out, options)
+    if not is_main_process():
+        return 0
+    if options.shard_dir:
+        print(f"wrote shard {manifest['shard']['index']} of {manifest['shard']['count']} in "
+              f"{options.shard_dir}; once every rank is done, join the shards with: "
+              f"usae store merge {options.shard_dir}/shard-* --out {args.out}")
+        return 0
     skipped = sum(1 for i in manifest["images"] if i.get("skipped"))
     print(f"wrote {args.out}: {manifest['n_images']} images ({skipped} skipped), models "
           f"{list(manifest['models'])}")

@@ -80,6 +80,9 @@ class CacheOptions:
     val_fraction: float = opt("Held-out fraction when the images have no split folders.", 0.1,
                               minimum=0.0, below=1.0)
     seed: int = opt("Seed of the held-out split.", 0)
+    shard_dir: str = opt("Under torchrun without a shared filesystem: each rank writes its part "
+                         "as a store of its own in this folder (shard-R-of-N), instead of one "
+                         "store at --out; join them with `usae store merge`.", "")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -54,6 +54,12 @@ class StatsAccumulator:
         self.sum_d += x.sum(0)
         self.sumsq_d += np.square(x).sum(0)
 
+    def merge(self, other: StatsAccumulator) -> None:
+        """Add another accumulator's tokens (exact: the sums simply add)."""
+        self.count += other.count
+        self.sum_d += other.sum_d
+        self.sumsq_d += other.sumsq_d
+
     def result(self) -> ModelStats:
         if self.count == 0:
             raise UsaeError("cannot compute statistics over zero tokens")

@@ -36,6 +36,7 @@ from usae.stats import ModelStats
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.safetensors"
+SUMS = "sums.safetensors"  # a shard's raw statistics sums, for an exact merge
 DTYPES = {"float16": (np.float16, 2), "bfloat16": (np.uint16, 2), "float32": (np.float32, 4)}
 
 

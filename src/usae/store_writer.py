@@ -4,6 +4,10 @@ A committed row is one whose batch was written and fsynced before ``progress.saf
 was atomically replaced; a resumed build writes exactly the rows it had not committed.
 The manifest is written first (state ``building``), so every later file in the folder is
 recognized as this store's on a re-run, whatever point a failure or a kill stopped at.
+
+Several writers (``torchrun`` ranks) may build one store together: writer 0 creates it, each
+writes its own contiguous ``Part`` of the rows and keeps its own progress file
+(``progress.rank<R>of<N>.safetensors``), and writer 0 finalizes once every part is done.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +36,7 @@ from usae.store import (
     DTYPES,
     MANIFEST,
     PROGRESS,
+    SUMS,
     SCHEMA_VERSION,
     ModelEntry,
     Store,
@@ -42,11 +47,28 @@ from usae.store import (
 )
 
 
+class Part(NamedTuple):
+    """Rows ``[lo, hi)`` of a store, written by writer ``rank`` of ``world``."""
+
+    lo: int
+    hi: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def progress_file(self) -> str:
+        return PROGRESS if self.world == 1 else \
+            f"progress.rank{self.rank}of{self.world}.safetensors"
+
+
 class StoreWriter:
-    """Creates or resumes a store and commits rows in order, atomically per batch."""
+    """Creates or resumes a store and commits rows in order, atomically per batch.
+
+    ``part``: the rows this writer commits (default: all); writer 0 creates the store."""
 
     def __init__(self, path: str | Path, models: list[ModelEntry], images: list[dict[str, Any]],
-                 dtype: str = "float16", extra: dict[str, Any] | None = None) -> None:
+                 dtype: str = "float16", extra: dict[str, Any] | None = None,
+                 part: Part | None = None) -> None:
         if dtype not in DTYPES:
             raise UsaeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not images:
@@ -62,7 +84,8 @@ class StoreWriter:
             "images": images,
             **(extra or {}),
         }
-        self.done = 0
+        self.part = part or Part(0, len(images))
+        self.done = self.part.lo
         self.skipped: dict[int, str] = {}
         self.acc = {m.name: StatsAccumulator(m.d) for m in models}
         self._open()
@@ -70,17 +93,25 @@ class StoreWriter:
     # -- creation and resume ------------------------------------------------------------
     def _open(self) -> None:
         manifest_path = self.path / MANIFEST
-        remove_stale_temps(self.path)
+        if self.part.rank == 0:
+            remove_stale_temps(self.path)
         if manifest_path.exists():
             old = read_manifest(self.path)
             if old["state"] == "final":
                 raise UsaeError(f"{self.path} is a finalized store; it is never modified — "
                                 "choose another --out")
             self._check_same(old)
-            if (self.path / PROGRESS).exists():
+            self._check_layout()
+            if (self.path / self.part.progress_file).exists():
                 self._load_progress()
                 return
+            if self.part.rank > 0:  # writer 0 reserved the files; this part has no rows yet
+                self._save_progress()
+                return
             # stopped between the manifest and the first progress file: nothing committed
+        elif self.part.rank > 0:
+            raise UsaeError(f"internal: writer {self.part.rank} opened {self.path} before "
+                            "writer 0 created it")
         elif self.path.exists() and any(self.path.iterdir()):
             raise UsaeError(f"{self.path} exists and is not a usae store — choose an empty "
                             "folder")
@@ -113,33 +144,35 @@ class StoreWriter:
                             "the same images or choose another --out")
         self.manifest = old
 
-    def _save_progress(self) -> None:
+    def _check_layout(self) -> None:
+        """Progress files of another number of writers: refuse (their rows are elsewhere)."""
+        others = sorted(p.name for p in self.path.glob("progress*.safetensors")
+                        if not _same_world(p.name, self.part.world))
+        if others:
+            raise UsaeError(f"{self.path} was started by a different number of processes "
+                            f"({', '.join(others)}); resume it with the same number")
+
+    def _sum_tensors(self) -> dict[str, Tensor]:
         tensors = {}
         for name, acc in self.acc.items():
             tensors[f"sum.{name}"] = torch.from_numpy(acc.sum_d)
             tensors[f"sumsq.{name}"] = torch.from_numpy(acc.sumsq_d)
             tensors[f"count.{name}"] = torch.tensor([acc.count], dtype=torch.int64)
-        meta = {"done": str(self.done),
+        return tensors
+
+    def _save_progress(self) -> None:
+        tensors = self._sum_tensors()
+        meta = {"done": str(self.done), "lo": str(self.part.lo), "hi": str(self.part.hi),
                 "skipped": json.dumps({str(k): v for k, v in self.skipped.items()})}
-        atomic_save_safetensors(self.path / PROGRESS, tensors, metadata=meta)
+        atomic_save_safetensors(self.path / self.part.progress_file, tensors, metadata=meta)
 
     def _load_progress(self) -> None:
-        from safetensors import safe_open
-
-        path = self.path / PROGRESS
-        try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_safetensors(path)
-            self.done = int(meta["done"])
-            self.skipped = {int(k): v for k, v in json.loads(meta["skipped"]).items()}
-            for name, acc in self.acc.items():
-                acc.sum_d = tensors[f"sum.{name}"].numpy().astype(np.float64)
-                acc.sumsq_d = tensors[f"sumsq.{name}"].numpy().astype(np.float64)
-                acc.count = int(tensors[f"count.{name}"][0])
-        except (KeyError, ValueError, UsaeError) as err:
-            raise UsaeError(f"{path} is unreadable ({err}); delete {self.path} and start "
-                            "again") from None
+        done, lo, hi, self.skipped, self.acc = read_progress(
+            self.path / self.part.progress_file, self.acc)
+        if hi >= 0 and (lo, hi) != (self.part.lo, self.part.hi):
+            raise UsaeError(f"{self.path}: this process's rows were {lo}..{hi}, now "
+                            f"{self.part.lo}..{self.part.hi}; resume with the same command")
+        self.done = done
 
     # -- writing ------------------------------------------------------------------------
     def commit(self, start: int, acts: dict[str, np.ndarray | Tensor],
@@ -151,6 +184,8 @@ class StoreWriter:
         """
         if start != self.done:
             raise UsaeError(f"internal: commit at row {start} but {self.done} rows are done")
+        if start + len(next(iter(acts.values()))) > self.part.hi:
+            raise UsaeError(f"internal: rows past {self.part.hi} belong to another writer")
         count = None
         for m in self.models:
             a = acts[m.name]
@@ -193,10 +228,14 @@ class StoreWriter:
                             f"the {self.done} images committed so far are safe: free space and "
                             "re-run the same command to resume") from None
 
-    def finalize(self) -> dict[str, Any]:
-        """Compute statistics, hash, and mark the store final (immutable from now on)."""
+    def finalize(self, keep_sums: bool = False) -> dict[str, Any]:
+        """Compute statistics, hash, and mark the store final (immutable from now on).
+        With several writers, writer 0 calls it once every part is committed. ``keep_sums``:
+        also keep the raw sums (``sums.safetensors``), so shards merge exactly."""
         n = len(self.manifest["images"])
-        if self.done != n:
+        if self.part.world > 1:
+            self._gather_parts()
+        elif self.done != n:
             raise UsaeError(f"internal: finalize with {self.done}/{n} rows done")
         for idx, reason in self.skipped.items():
             self.manifest["images"][idx]["skipped"] = reason
@@ -209,9 +248,84 @@ class StoreWriter:
         self.manifest["state"] = "final"
         self.manifest["finalized_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.manifest["content_hash"] = content_hash(self.path, self.manifest)
+        if keep_sums:
+            atomic_save_safetensors(self.path / SUMS, self._sum_tensors())
         atomic_write_json(self.path / MANIFEST, self.manifest)
-        (self.path / PROGRESS).unlink(missing_ok=True)
+        for p in self.path.glob("progress*.safetensors"):
+            p.unlink(missing_ok=True)
         return self.manifest
+
+    def _gather_parts(self) -> None:
+        """Every writer's statistics and skipped images, in part order; all parts done."""
+        total = {m.name: StatsAccumulator(m.d) for m in self.models}
+        skipped: dict[int, str] = {}
+        covered = 0
+        for rank in range(self.part.world):
+            path = self.path / Part(0, 0, rank, self.part.world).progress_file
+            if not path.exists():
+                raise UsaeError(f"{path.name} is missing: process {rank} never started")
+            done, lo, hi, part_skipped, accs = read_progress(
+                path, {m.name: StatsAccumulator(m.d) for m in self.models})
+            if lo != covered or done != hi:
+                raise UsaeError(f"process {rank} committed rows {lo}..{done} of {lo}..{hi}; "
+                                "re-run the same command to finish it")
+            covered = hi
+            skipped.update(part_skipped)
+            for name, acc in accs.items():
+                total[name].merge(acc)
+        if covered != len(self.manifest["images"]):
+            raise UsaeError(f"internal: the parts cover {covered} of "
+                            f"{len(self.manifest['images'])} rows")
+        self.acc, self.skipped, self.done = total, skipped, covered
+
+
+def wait_for_parts(path: Path, world: int, poll_s: float = 2.0) -> None:
+    """Block until every writer's progress file says its part is done (writers finish at
+    different times: waiting on the files needs no collective timeout)."""
+    while True:
+        waiting = 0
+        for rank in range(world):
+            progress = path / Part(0, 0, rank, world).progress_file
+            if not progress.exists():
+                waiting += 1
+                continue
+            done, _, hi, _, _ = read_progress(progress, {})
+            waiting += done != hi
+        if not waiting:
+            return
+        time.sleep(poll_s)
+
+
+def _same_world(name: str, world: int) -> bool:
+    return name == PROGRESS if world == 1 else name.endswith(f"of{world}.safetensors")
+
+
+def sums_into(tensors: dict[str, Tensor], accs: dict[str, StatsAccumulator]
+              ) -> dict[str, StatsAccumulator]:
+    """Fill ``accs`` from the tensors ``_sum_tensors`` wrote (progress and shard sums)."""
+    for name, acc in accs.items():
+        acc.sum_d = tensors[f"sum.{name}"].numpy().astype(np.float64)
+        acc.sumsq_d = tensors[f"sumsq.{name}"].numpy().astype(np.float64)
+        acc.count = int(tensors[f"count.{name}"][0])
+    return accs
+
+
+def read_progress(path: Path, accs: dict[str, StatsAccumulator]
+                  ) -> tuple[int, int, int, dict[int, str], dict[str, StatsAccumulator]]:
+    """(done, lo, hi, skipped, statistics) of one writer's progress file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_safetensors(path)
+        skipped = {int(k): v for k, v in json.loads(meta["skipped"]).items()}
+        sums_into(tensors, accs)
+        done = int(meta["done"])
+        return done, int(meta.get("lo", 0)), int(meta.get("hi", -1)), skipped, accs
+    except (KeyError, ValueError, UsaeError) as err:
+        raise UsaeError(f"{path} is unreadable ({err}); delete {path.parent} and start "
+                        "again") from None
 
 
 def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: str = "float16",
