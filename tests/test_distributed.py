@@ -64,7 +64,7 @@ def one_process(store, out, sets=()):
     train_from_store(store, out, sets=sets_list, max_steps=20, progress=False)
 
 
-def assert_same_run(a: Path, b: Path, rtol: float = 1e-5) -> None:
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-5, steps: int = 20) -> None:
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -75,7 +75,7 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-5) -> None:
         assert diff <= rtol * scale, (key, diff, scale)
     la = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert len(la) == len(lb) == 20
+    assert len(la) == len(lb) == steps
     for ra, rb in zip(la, lb):
         assert (ra["step"], ra["source"], ra["tokens"]) == (rb["step"], rb["source"], rb["tokens"])
         assert ra["loss"] == pytest.approx(rb["loss"], rel=rtol)

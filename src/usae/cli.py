@@ -89,8 +89,18 @@ def _add_store(sub) -> None:
 def _add_train(sub) -> None:
     from usae.config import TRAIN_PRESETS
 
-    s = _sub(sub, "train", "train a universal SAE on a store", epilog=_config_keys_help())
-    s.add_argument("--store", required=True)
+    s = _sub(sub, "train", "train a universal SAE on a store, or on images streamed through "
+             "the backbones", epilog=_config_keys_help())
+    s.add_argument("--store", help="the activation store to train on")
+    s.add_argument("--images", help="instead of --store: a folder or list of images whose "
+                   "activations are computed on the fly (needs --models)")
+    s.add_argument("--models", help="with --images: SPEC[,SPEC...] or a preset (paper, demo)")
+    s.add_argument("--workers", type=int, default=None, help="with --images: image-decoding "
+                   "processes (default: half the cores, 1 to 4)")
+    s.add_argument("--shuffle-buffer", type=int, default=512, help="with --images: images "
+                   "shuffled together (chunks of 64 consecutive images, as a store is read)")
+    s.add_argument("--stats-images", type=int, default=1024, help="with --images: images "
+                   "sampled for the standardization statistics")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--config", help="JSON or YAML file of config keys")
     s.add_argument("--preset", default="paper", choices=sorted(TRAIN_PRESETS),

@@ -114,13 +114,32 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from usae.distributed import is_main_process
-    from usae.training import train_from_store
 
-    summary = train_from_store(args.store, args.out, preset=args.preset,
-                               config_file=args.config, sets=args.set,
-                               max_steps=args.max_steps, device=args.device,
-                               resume=args.resume, force=args.force, split=args.split,
-                               independent=args.independent, progress=not args.no_progress)
+    common = {"preset": args.preset, "config_file": args.config, "sets": args.set,
+              "max_steps": args.max_steps, "device": args.device, "resume": args.resume,
+              "force": args.force, "split": args.split, "progress": not args.no_progress}
+    if bool(args.store) == bool(args.images):
+        raise UsaeError("give either --store (a cached store) or --images with --models "
+                        "(activations computed on the fly)")
+    if args.store:
+        from usae.training import train_from_store
+
+        summary = train_from_store(args.store, args.out, independent=args.independent,
+                                   **common)
+    else:
+        from usae.stream import train_from_images
+
+        if not args.models:
+            raise UsaeError("--images needs --models SPEC[,SPEC...]")
+        if args.independent:
+            raise UsaeError("--independent needs a store: usae cache, then train --store")
+        for flag, value in (("--shuffle-buffer", args.shuffle_buffer),
+                            ("--stats-images", args.stats_images)):
+            if value < 1:
+                raise UsaeError(f"{flag} must be at least 1, got {value}")
+        summary = train_from_images(args.images, args.models, args.out, workers=args.workers,
+                                    buffer_images=args.shuffle_buffer,
+                                    stats_images=args.stats_images, **common)
     if is_main_process():
         print(_train_summary(summary))
     return 0

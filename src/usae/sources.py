@@ -57,6 +57,22 @@ def epoch_permutation(n: int, seed: int, epoch: int, salt: int = 0) -> np.ndarra
     return np.random.default_rng([seed, epoch, salt]).permutation(n)
 
 
+def chunked_order(n: int, chunk_images: int, buffer_chunks: int, seed: int, epoch: int
+                  ) -> np.ndarray:
+    """An epoch's order of ``n`` images that reads mostly contiguous data: chunks of
+    ``chunk_images`` consecutive images in a seeded order, then the images inside each buffer
+    of ``buffer_chunks`` chunks shuffled (a shuffle buffer of ``chunk·buffer`` images)."""
+    c = chunk_images
+    chunks = [np.arange(s, min(s + c, n)) for s in range(0, n, c)]
+    chunk_order = epoch_permutation(len(chunks), seed, epoch, salt=1)
+    rng = np.random.default_rng([seed, epoch, 2])
+    out = []
+    for g in range(0, len(chunk_order), buffer_chunks):
+        buf = np.concatenate([chunks[i] for i in chunk_order[g:g + buffer_chunks]])
+        out.append(buf[rng.permutation(len(buf))])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def pairing_permutations(models: tuple[str, ...], n: int, seed: int) -> dict[str, np.ndarray]:
     """Shuffled-pairing control: model 0 keeps its order, every other model is permuted."""
     perms = {models[0]: np.arange(n)}
@@ -185,16 +201,7 @@ class StoreSource:
 
     def image_order(self, seed: int, epoch: int) -> np.ndarray:
         """Positions into this split's rows, chunk-shuffled then buffer-shuffled."""
-        n = len(self._rows)
-        c = self.chunk_images
-        chunks = [np.arange(s, min(s + c, n)) for s in range(0, n, c)]
-        chunk_order = epoch_permutation(len(chunks), seed, epoch, salt=1)
-        rng = np.random.default_rng([seed, epoch, 2])
-        out = []
-        for g in range(0, len(chunk_order), self.buffer_chunks):
-            buf = np.concatenate([chunks[i] for i in chunk_order[g:g + self.buffer_chunks]])
-            out.append(buf[rng.permutation(len(buf))])
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        return chunked_order(len(self._rows), self.chunk_images, self.buffer_chunks, seed, epoch)
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
                 shuffle_pairing: bool = False, shard: tuple[int, int] = (0, 1)

@@ -91,17 +91,18 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
               val_source: DataSource | None = None, resume: bool = False, force: bool = False,
               independent: bool = False, progress: bool = True,
               store_manifest: dict[str, Any] | None = None,
-              dist: Dist | None = None) -> dict[str, Any]:
+              dist: Dist | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a universal SAE (or, with ``independent``, one ordinary TopK SAE per model, each
     in ``RUN/<model>/`` with the same n, k and data); returns the training summary.
 
     ``dist``: the processes to train on; by default the ``torchrun`` job this process belongs
-    to, if any (its process group is closed at the end)."""
+    to, if any (its process group is closed at the end). ``extra``: more keys for the run's
+    config.json (where the data came from)."""
     own = dist is None
     dist = dist or Dist.from_env(cfg.train.device)
     try:
         return _train_run(cfg, source, Path(out_dir), val_source, resume, force, independent,
-                          progress, _store_extra(store_manifest), dist)
+                          progress, {**_store_extra(store_manifest), **(extra or {})}, dist)
     finally:
         if own:
             dist.close()

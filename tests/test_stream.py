@@ -1,0 +1,101 @@
+"""Training that streams activations from the backbones (no store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from usae.cache import cache
+from usae.cli import main
+from usae.interrupts import TrainingInterrupted
+from usae.stream import train_from_images
+from usae.train import Trainer
+from usae.training import train_from_store
+from tests.test_distributed import TORCHRUN, _env, assert_same_run, free_port
+
+SPEC = "effnet:lite0?img_size=64&name=a,effnet:lite1?img_size=64&name=b"  # pretrained, offline
+SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simgs")
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def stream(images, out, **kw):
+    return train_from_images(images, SPEC, out, sets=SETS, max_steps=10, progress=False,
+                             workers=0, **kw)
+
+
+def test_streaming_equals_training_on_the_cached_store(images, tmp_path):
+    cache(SPEC, images, tmp_path / "store", batch_size=4, workers=0, dtype="float32",
+          progress=False)
+    train_from_store(tmp_path / "store", tmp_path / "from_store", sets=SETS, max_steps=10,
+                     progress=False)
+    summary = stream(images, tmp_path / "streamed")
+    assert summary["steps"] == 10
+    assert_same_run(tmp_path / "from_store", tmp_path / "streamed", steps=10)
+    config = (tmp_path / "streamed" / "config.json").read_text()
+    assert '"stream"' in config and '"stats_images": 24' in config
+
+
+def test_streaming_resumes_to_the_uninterrupted_run(images, tmp_path, monkeypatch):
+    stream(images, tmp_path / "whole")
+    real = Trainer.train_step
+
+    def step(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(TrainingInterrupted):
+        stream(images, tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "train_step", real)
+    stream(images, tmp_path / "cut", resume=True)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), \
+        load_file(tmp_path / "cut" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_streaming_on_two_ranks_equals_one(images, tmp_path):
+    args = ["train", "--images", str(images), "--models", SPEC, "--max-steps", "10",
+            "--workers", "0", "--no-progress", *[x for s in SETS for x in ("--set", s)]]
+    one = subprocess.run([sys.executable, "-m", "usae", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(free_port()), "-m", "usae", *args, "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         env=_env())
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=10)
+
+
+def test_streaming_mistakes_are_clear(images, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in sorted(images.iterdir())[:8]:
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "03.png").write_bytes(b"broken")
+    with pytest.raises(Exception, match="cannot stream .*03.png.* then --resume"):
+        stream(bad, tmp_path / "r")
+    out = str(tmp_path / "r2")
+    assert main(["train", "--out", out]) == 2
+    assert "give either --store" in capsys.readouterr().err
+    assert main(["train", "--images", str(images), "--out", out]) == 2
+    assert "--images needs --models" in capsys.readouterr().err
