@@ -30,6 +30,7 @@ from usae.errors import UsaeError
 
 log = logging.getLogger(__name__)
 TIMEOUT_ENV = "USAE_DIST_TIMEOUT_S"
+BACKEND_ENV = "USAE_DIST_BACKEND"  # gloo | nccl: overrides the choice by device
 DEFAULT_TIMEOUT_S = 1800.0
 
 
@@ -57,7 +58,8 @@ class Dist:
             return cls()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not tdist.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
+            backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.startswith("cuda")
+                                                      else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(local)
             timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
@@ -66,7 +68,8 @@ class Dist:
         return cls(rank, world, local)
 
     def device(self, device: str) -> str:
-        """``cuda`` means this process's own GPU (``cuda:LOCAL_RANK``) under torchrun."""
+        """``cuda`` means this process's own GPU (``cuda:LOCAL_RANK``) under torchrun; set
+        ``CUDA_VISIBLE_DEVICES`` per process to choose otherwise."""
         return f"cuda:{self.local_rank}" if self.enabled and device == "cuda" else device
 
     # -- collectives (no-ops for one process) -------------------------------------------
