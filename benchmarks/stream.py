@@ -17,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from usae.cache import cache
 from usae.config import TRAIN_PRESETS
 from usae.demo import make_crops
@@ -33,12 +36,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="demo", help="model specs (default: the demo's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_crops(root / "images", args.images)
+        try:
+            make_crops(root / "images", args.images)
+            photos = "demo crops"
+        except ImportError:  # a machine without scikit-image/scikit-learn: noise images
+            photos = "noise"
+            rng = np.random.default_rng(0)
+            for i in range(args.images):
+                path = root / "images" / ("val" if i % 10 == 0 else "train") / f"{i:04d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (300, 320, 3), np.uint8)).save(path)
         t0 = time.perf_counter()
-        cache("demo", root / "images", root / "store", batch_size=16, workers=args.workers,
+        cache(args.models, root / "images", root / "store", batch_size=16, workers=args.workers,
               progress=False, device=args.device)
         cache_s = time.perf_counter() - t0
         store_tps, stream_tps = [], []
@@ -47,7 +60,7 @@ def main() -> None:
                                  sets=SETS, max_steps=args.steps, progress=False,
                                  device=args.device)
             store_tps.append(s["tokens"] / s["elapsed_s"])
-            s = train_from_images(root / "images", "demo", root / f"stream-run{rep}",
+            s = train_from_images(root / "images", args.models, root / f"stream-run{rep}",
                                   preset="demo", sets=SETS, max_steps=args.steps,
                                   progress=False, workers=args.workers, device=args.device)
             stream_tps.append(s["tokens"] / s["elapsed_s"])
@@ -57,7 +70,7 @@ def main() -> None:
     epoch_stream_s = train_images * tokens_per_image / stream
     epoch_store_s = train_images * tokens_per_image / store
     print(json.dumps({
-        "device": args.device, "images": args.images, "steps": args.steps, "tokens_per_image": tokens_per_image,
+        "device": args.device, "models": args.models, "photos": photos, "images": args.images, "steps": args.steps, "tokens_per_image": tokens_per_image,
         "store_tokens_per_s": round(store), "stream_tokens_per_s": round(stream),
         "stream_over_store": round(stream / store, 4),
         "cache_images_per_s": round(args.images / cache_s, 2),

@@ -41,6 +41,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str = "gloo"
 
     @property
     def enabled(self) -> bool:
@@ -65,7 +66,7 @@ class Dist:
             timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
             tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
             log.debug("rank %d of %d joined (%s, timeout %.0f s)", rank, world, backend, timeout)
-        return cls(rank, world, local)
+        return cls(rank, world, local, tdist.get_backend())
 
     def device(self, device: str) -> str:
         """``cuda`` means this process's own GPU (``cuda:LOCAL_RANK``) under torchrun; set
@@ -77,10 +78,15 @@ class Dist:
         if self.enabled:
             self._collective(tdist.barrier)
 
-    def all_sum_(self, t: Tensor) -> Tensor:
-        """In-place sum over ranks."""
-        if self.enabled:
-            self._collective(tdist.all_reduce, t)
+    def all_sum_(self, t: Tensor, op: Any = tdist.ReduceOp.SUM) -> Tensor:
+        """In-place reduction over ranks (NCCL gets a GPU copy of a CPU tensor)."""
+        if not self.enabled:
+            return t
+        if self.backend == "nccl" and not t.is_cuda:
+            moved = t.to(f"cuda:{self.local_rank}")
+            self._collective(tdist.all_reduce, moved, op=op)
+            return t.copy_(moved)
+        self._collective(tdist.all_reduce, t, op=op)
         return t
 
     def agree(self, what: str, text: str) -> None:
@@ -88,9 +94,8 @@ class Dist:
         if not self.enabled:
             return
         digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64)
-        lo, hi = digest.clone(), digest.clone()
-        self._collective(tdist.all_reduce, lo, op=tdist.ReduceOp.MIN)
-        self._collective(tdist.all_reduce, hi, op=tdist.ReduceOp.MAX)
+        lo = self.all_sum_(digest.clone(), tdist.ReduceOp.MIN)
+        hi = self.all_sum_(digest.clone(), tdist.ReduceOp.MAX)
         if not torch.equal(lo, hi):
             raise UsaeError(f"the ranks were started with different {what}; start every "
                             "rank with the same command")
