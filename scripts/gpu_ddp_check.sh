@@ -37,13 +37,14 @@ for sets in ([], ["--set", "encoder=linear", "--set", "aux=gao", "--set", "dead_
         out, err = p.communicate(timeout=200); print("node ->", p.returncode, err[-400:] if p.returncode else "")
     from safetensors.torch import load_file
     a, b = load_file(root / f"one-{tag}" / "model.safetensors"), load_file(root / f"two-{tag}" / "model.safetensors")
-    worst = max(float((a[k].double() - b[k].double()).abs().max() / (a[k].double().abs().max() or 1))
-                for k in a if not k.endswith((".linear.bias", ".norm.running_mean")))
+    worst, key = max((float((a[k].double() - b[k].double()).abs().max() / (a[k].double().abs().max() or 1)), k)
+                     for k in a if not k.endswith((".linear.bias", ".norm.running_mean")))
+    print("worst tensor", key)
     la = [json.loads(x)["loss"] for x in (root / f"one-{tag}" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (root / f"two-{tag}" / "metrics.jsonl").read_text().splitlines()]
     print(json.dumps({"preset": tag, "device": dev, "max_rel_weight_diff": worst,
                       "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(la, lb))}))
 PY
-timeout 150 python3 benchmarks/ddp.py --device "${DEV}:0" --nproc 2 --steps 10 --warmup 3 2>&1 | tail -2 | tee "$OUT/ddp_bench.json"
+USAE_DIST_BACKEND=gloo timeout 150 python3 benchmarks/ddp.py --device "${DEV}:0" --nproc 2 --steps 10 --warmup 3 2>&1 | tail -4 | tee "$OUT/ddp_bench.json"
 M="timm:resnet18?pretrained=0&name=rn,timm:vit_tiny_patch16_224?pretrained=0&name=vt"
-timeout 200 python3 benchmarks/stream.py --device "$DEV" --models "$M" --images 96 --steps 10 --reps 1 --workers 4 2>&1 | tail -2 | tee "$OUT/stream_bench.json"
+[ -n "${SKIP_STREAM:-}" ] || timeout 200 python3 benchmarks/stream.py --device "$DEV" --models "$M" --images 96 --steps 10 --reps 1 --workers 4 2>&1 | tail -2 | tee "$OUT/stream_bench.json"
