@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from usae.config import resolve
 from usae.distributed import Dist, GlobalBatchNorm1d, shard_range, sync_batch_norms
 from usae.errors import UsaeError
 from usae.sources import ArraySource, StoreSource, shard_slice
 from usae.store_writer import store_from_arrays
+from usae.train import Trainer
 from usae.training import train_from_store
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -84,19 +87,38 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-5, steps: int = 20) -> No
             assert ra["recon"][m] == pytest.approx(rb["recon"][m], rel=rtol)
 
 
-@pytest.mark.parametrize("sets", [(), ("decoder_update=all",),
-                                  ("encoder=linear", "aux=gao", "dead_after_tokens=40")],
-                         ids=["paper", "decoder_all", "linear_auxk"])
-def test_two_processes_train_the_same_run_as_one(store, tmp_path, sets):
-    one_process(store, tmp_path / "one", sets)
-    res = torchrun(2, ["train", "--store", str(store), "--out", str(tmp_path / "two"), *STEPS,
-                       *[x for s in sets for x in ("--set", s)]])
+VARIANTS = {"paper": (), "decoder_all": ("decoder_update=all",),
+            "linear_auxk": ("encoder=linear", "aux=gao", "dead_after_tokens=40")}
+
+
+def test_two_processes_train_the_same_run_as_one(store, tmp_path):
+    """The paper preset, decoder_update=all and the sparse AuxK step, in one torchrun job;
+    and the CLI path."""
+    res = torchrun(2, ["train", "--store", str(store), "--out", str(tmp_path / "two"), *STEPS])
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, "only rank 0 reports"
-    assert_same_run(tmp_path / "one", tmp_path / "two")
-    if "aux=gao" in sets:
-        rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-        assert any(r["dead_fraction"] > 0 and r["aux"] > 0 for r in rows), "AuxK never ran"
+    script = tmp_path / "variants.py"
+    script.write_text(textwrap.dedent(f"""
+        from usae.distributed import Dist
+        from usae.training import train_from_store
+        dist = Dist.from_env()
+        for name, sets in {dict(VARIANTS)!r}.items():
+            train_from_store({str(store)!r}, {str(tmp_path)!r} + "/two-" + name,
+                             sets=["n_concepts=32", "k=4", "batch_images=8", "log_every=1",
+                                   *sets], max_steps=20, progress=False, dist=dist)
+        dist.close()
+    """))
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(free_port()), str(script)], capture_output=True,
+                         text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, sets in VARIANTS.items():
+        one_process(store, tmp_path / f"one-{name}", sets)
+        assert_same_run(tmp_path / f"one-{name}", tmp_path / f"two-{name}")
+    assert_same_run(tmp_path / "one-paper", tmp_path / "two")
+    rows = [json.loads(x) for x in
+            (tmp_path / "two-linear_auxk" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["dead_fraction"] > 0 and r["aux"] > 0 for r in rows), "AuxK never ran"
 
 
 def test_two_nodes_on_loopback_train_the_same_run(store, tmp_path):
@@ -141,11 +163,11 @@ def test_killed_run_resumes_with_another_world_size(store, tmp_path):
 
 
 def test_world_size_that_does_not_split_the_batch_is_a_clear_error(store, tmp_path):
-    res = torchrun(3, ["train", "--store", str(store), "--out", str(tmp_path / "r"), *STEPS])
-    assert res.returncode != 0
-    assert "3 processes cannot split a batch of 8 images evenly" in res.stderr
+    cfg = resolve(("a",), (4,), "paper", {"batch_images": 8})
+    with pytest.raises(UsaeError, match="3 processes cannot split a batch of 8 images evenly"):
+        Trainer(cfg, tmp_path / "r", dist=Dist(rank=0, world=3))  # before any collective
     with pytest.raises(UsaeError, match="cannot split"):
-        shard_slice(8, (0, 3))
+        shard_slice(8, (1, 3))
 
 
 def _rank(rank: int, port: int, args: list[str], **env: str) -> subprocess.Popen:
@@ -170,7 +192,7 @@ def test_a_dead_or_hung_peer_is_reported_within_the_timeout(store, tmp_path, how
     port = free_port()
     args = ["train", "--store", str(store), "--out", str(tmp_path / "r"), "--max-steps",
             "100000", "--set", "n_concepts=256", "--set", "batch_images=8", "--no-progress"]
-    procs = [_rank(r, port, args, USAE_DIST_TIMEOUT_S="8") for r in (0, 1)]
+    procs = [_rank(r, port, args, USAE_DIST_TIMEOUT_S="5") for r in (0, 1)]
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):

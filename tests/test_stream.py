@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -75,9 +74,8 @@ def test_streaming_resumes_to_the_uninterrupted_run(images, tmp_path, monkeypatc
 def test_streaming_on_two_ranks_equals_one(images, tmp_path):
     args = ["train", "--images", str(images), "--models", SPEC, "--max-steps", "10",
             "--workers", "0", "--no-progress", *[x for s in SETS for x in ("--set", s)]]
-    one = subprocess.run([sys.executable, "-m", "usae", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300, env=_env())
-    assert one.returncode == 0, one.stderr[-2000:]
+    stream(images, tmp_path / "one")  # here, on two threads: the backbones' outputs may differ
+    # from the one-thread workers' in the last bits, well inside the tolerance
     two = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                           "--master_port", str(free_port()), "-m", "usae", *args, "--out",
                           str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
