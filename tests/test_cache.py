@@ -154,3 +154,45 @@ def test_normalize_and_resize_crop_give_hand_computed_values():
     # a 2x larger image is halved first (nearest), then cropped the same way
     big = np.repeat(np.repeat(arr, 2, axis=0), 2, axis=1)
     torch.testing.assert_close(resize_crop(Image.fromarray(big), p), crop)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_decoded_batches_keep_order_and_match_per_image_preprocessing(tmp_path, threads):
+    """Guards the threaded decoder: batches come back in plan order, each image's pixels equal
+    ``preprocess_image`` on it (uint8 resize shared by models of one geometry, normalization
+    per model in the batch), bad files carry their reason, and no more than two batches are
+    decoded ahead of the consumer."""
+    import threading
+
+    from usae.backbones.base import Preprocess
+    from usae.decode import ImageDataset, batch_pixels, decoded_batches
+    from usae.images import list_images, load_rgb, preprocess_image
+
+    make_images(tmp_path)
+    paths = [e["path"] for e in list_images(tmp_path)]
+    pre = {"a": Preprocess(crop=(16, 16), resize=18, interpolation="bicubic",
+                           mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4)),
+           "b": Preprocess(crop=(16, 16), resize=18, interpolation="bicubic")}
+    seen, lock = [], threading.Lock()
+
+    class Counting(ImageDataset):
+        def __getitem__(self, i):
+            with lock:
+                seen.append(i)
+            return super().__getitem__(i)
+
+    plan = [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9, 10], [11, 12]]
+    batches = decoded_batches(Counting(paths, pre), iter(plan), threads)
+    first = next(batches)
+    assert len(seen) <= 9, "decoded more than two batches ahead"
+    got = [first, *batches]
+    assert [[i for i, _, _ in items] for items in got] == plan
+    backbones = [type("B", (), {"name": m, "preprocess": p})() for m, p in pre.items()]
+    for items in got:
+        ok = [i for i, px, _ in items if px is not None]
+        pixels = batch_pixels(items, backbones)
+        for m, p in pre.items():
+            want = torch.stack([preprocess_image(load_rgb(paths[i]), p) for i in ok])
+            assert torch.equal(pixels[m], want)
+    reasons = {i: r for items in got for i, _, r in items if r}
+    assert [paths[i].endswith("broken.jpg") for i in reasons] == [True]

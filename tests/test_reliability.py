@@ -262,8 +262,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(arrays, tmp_path):
 @pytest.mark.parametrize("argv, msg", [
     (["cache", "--models", "demo", "--images", ".", "--out", "x", "--batch-size", "0"],
      "--batch-size must be at least 1"),
-    (["cache", "--models", "demo", "--images", ".", "--out", "x", "--workers", "-1"],
-     "--workers must be at least 0"),
+    (["cache", "--models", "demo", "--images", ".", "--out", "x", "--workers", "-2"],
+     "--workers must be at least -1"),
     (["cache", "--models", "demo", "--images", ".", "--out", "x", "--val-fraction", "2"],
      "--val-fraction must be less than 1"),
     (["serve", ".", "--port", "80000"], "between 0 and 65535"),

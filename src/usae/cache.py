@@ -25,45 +25,18 @@ from torch import Tensor
 
 from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
-from usae.backbones.base import Backbone, Preprocess
+from usae.backbones.base import Backbone
 from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
-from usae.images import list_images, load_rgb, normalize, resize_crop
-from usae.options import CacheOptions, merged
+from usae.decode import ImageDataset, batch_pixels, decoded_batches
+from usae.images import list_images
+from usae.malloc import keep_freed_memory
+from usae.options import CacheOptions, default_workers, merged
 from usae.progress import bar as progress_bar
 from usae.store import ModelEntry, read_manifest
 from usae.store_writer import Part, StoreWriter, wait_for_parts
 
 log = logging.getLogger(__name__)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes image ``i`` once and preprocesses it for every model; bad files -> reason."""
-
-    def __init__(self, paths: list[str], preprocess: dict[str, Preprocess], offset: int) -> None:
-        self.paths, self.preprocess, self.offset = paths, preprocess, offset
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, dict[str, Tensor] | None, str | None]:
-        try:
-            img = load_rgb(self.paths[i])
-            # models with the same geometry (the paper's three: 224 px bicubic) share one resize
-            resized: dict[tuple, Tensor] = {}
-            out = {}
-            for m, p in self.preprocess.items():
-                key = (p.crop, p.resize, p.interpolation)
-                if key not in resized:
-                    resized[key] = resize_crop(img, p)
-                out[m] = normalize(resized[key], p)
-            return i + self.offset, out, None
-        except UsaeError as err:
-            return i + self.offset, None, str(err)
-
-
-def _collate(items):
-    return items
 
 
 def model_entries(backbones: list[Backbone], target: tuple[int, int],
@@ -108,6 +81,9 @@ def cache(models: str | list[str], images: str | Path, out: str | Path,
 def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
            pretrained: bool | None, progress: bool, timings: dict[str, float] | None,
            dist: Dist) -> dict[str, Any]:
+    if not o.device.startswith("cuda"):
+        keep_freed_memory()  # the backbones' activations page-fault in afresh otherwise: the
+        # forward passes take twice as long, half of it in the kernel (benchmarks/cache.py)
     entries = list_images(images, val_fraction=o.val_fraction, seed=o.seed)
     list_text = json.dumps([[e["path"], e.get("split")] for e in entries])
     dist.agree("image lists", list_text)
@@ -125,7 +101,8 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
     if writer.done > writer.part.lo:
         log.info("resuming %s: %d of %d images already stored", writer.path,
                  writer.done - writer.part.lo, writer.part.hi - writer.part.lo)
-    stats = run_extraction(writer, backbones, target, todo, o.batch_size, o.workers, o.keep_cls,
+    workers = o.workers if o.workers >= 0 else default_workers(o.device)
+    stats = run_extraction(writer, backbones, target, todo, o.batch_size, workers, o.keep_cls,
                            progress)
     if o.shard_dir:
         manifest = writer.finalize(keep_sums=True)
@@ -171,23 +148,21 @@ def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple
                    progress: bool = True) -> dict[str, float]:
     """Decode, extract and commit ``paths`` (the images after ``writer.done``), in order."""
     dataset = ImageDataset(paths, {b.name: b.preprocess for b in backbones}, writer.done)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_collate,
-                                         prefetch_factor=2 if workers else None,
-                                         persistent_workers=False)
+    plan = (list(range(s, min(s + batch_size, len(paths))))
+            for s in range(0, len(paths), batch_size))
     total = writer.done + len(paths)
     bar = progress_bar(total=total, initial=writer.done, desc="cache", unit="img",
                        disable=not progress)
     t0 = time.perf_counter()
     done, forward_s = 0, 0.0
-    for items in loader:
+    for items in decoded_batches(dataset, plan, workers):
         ok = [(i, px) for i, px, _ in items if px is not None]
         skipped = {i: reason for i, _, reason in items if reason is not None}
         for i, reason in skipped.items():
             log.warning("skipping %s: %s", writer.manifest["images"][i]["path"], reason)
         acts = {b.name: torch.zeros(len(items), *_shape(b, target, keep_cls)) for b in backbones}
         if ok:
-            pixels = {b.name: torch.stack([px[b.name] for _, px in ok]) for b in backbones}
+            pixels = batch_pixels(items, backbones)
             tf = time.perf_counter()
             got = extract_batch(backbones, pixels, target, keep_cls)
             forward_s += time.perf_counter() - tf

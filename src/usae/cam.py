@@ -43,6 +43,7 @@ from usae.evaluate import check_run_matches_store
 from usae.files import atomic_write_json, atomic_write_with, load_safetensors
 from usae.hub import local_run
 from usae.images import load_rgb, preprocess_image
+from usae.malloc import keep_freed_memory
 from usae.options import CamOptions, merged
 from usae.progress import bar as progress_bar
 from usae.sae import UniversalSAE
@@ -234,6 +235,8 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
     run = local_run(run)
     out = Path(out) if out is not None else run / "cam"
     store = Store(store_path)
+    if not o.device.startswith("cuda"):
+        keep_freed_memory()  # backbone passes: no page faults on every activation (2x on CPU)
     sae = UniversalSAE.load(run, device=o.device).eval()
     check_run_and_store(sae, run, store)
     ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress)

@@ -96,7 +96,7 @@ def _add_train(sub) -> None:
                    "activations are computed on the fly (needs --models)")
     s.add_argument("--models", help="with --images: SPEC[,SPEC...] or a preset (paper, demo)")
     s.add_argument("--workers", type=int, default=None, help="with --images: image-decoding "
-                   "processes (default: half the cores, 1 to 4)")
+                   "threads (default: from the machine and device, as for cache)")
     s.add_argument("--shuffle-buffer", type=int, default=512, help="with --images: images "
                    "shuffled together (chunks of 64 consecutive images, as a store is read)")
     s.add_argument("--stats-images", type=int, default=1024, help="with --images: images "

@@ -131,7 +131,7 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
     if not (store_dir / "manifest.json").exists() or \
             read_manifest(store_dir)["state"] != "final":
         log.info("[2/6] caching activations of %s -> %s", models, store_dir)
-        cache(models, images, store_dir, batch_size=16, workers=1, progress=progress)
+        cache(models, images, store_dir, batch_size=16, progress=progress)
     store = Store(store_dir)
     timings["cache_s"] = time.perf_counter() - t0 - sum(timings.values())
 

@@ -34,6 +34,7 @@ from usae.files import (
     replace_folder,
 )
 from usae.hub import local_run
+from usae.malloc import keep_freed_memory
 from usae.metrics import R2Accumulator, cross_model_update
 from usae.options import EvalOptions, merged
 from usae.plots import make_plots
@@ -157,6 +158,8 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     o = merged(EvalOptions, options, changes)
     run = local_run(run)
     store = Store(store_path)
+    if not o.device.startswith("cuda"):
+        keep_freed_memory()
     sae = UniversalSAE.load(run, device=o.device)
     check_run_matches_store(sae, run, store)
     rows, split_used = eval_rows(store, o.split)

@@ -127,6 +127,11 @@ def preprocess_image(img: "Image.Image", p: "Preprocess") -> Tensor:
 
 def resize_crop(img: "Image.Image", p: "Preprocess") -> Tensor:
     """PIL RGB -> (3, H, W) float in [0, 1]: short side to ``p.resize``, center crop."""
+    return resize_crop_u8(img, p).float() / 255
+
+
+def resize_crop_u8(img: "Image.Image", p: "Preprocess") -> Tensor:
+    """PIL RGB -> (3, H, W) uint8: short side to ``p.resize``, center crop."""
     from PIL import Image
 
     modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
@@ -138,7 +143,7 @@ def resize_crop(img: "Image.Image", p: "Preprocess") -> Tensor:
     img = img.resize(new, modes.get(p.interpolation, Image.BICUBIC))  # PIL filters antialias
     left, top = (new[0] - cw) // 2, (new[1] - ch) // 2
     img = img.crop((left, top, left + cw, top + ch))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def normalize(x: Tensor, p: "Preprocess") -> Tensor:

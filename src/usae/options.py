@@ -19,11 +19,15 @@ from usae.errors import UsaeError
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def default_workers() -> int:
-    """Image-decoding processes: half the cores this process may use, 1 to 4."""
+def default_workers(device: str = "cpu") -> int:
+    """Image-decoding threads for this machine. On a CPU run the forward passes need the
+    cores (decoding is ~6 % of their work): 1 up to 4 cores, then one per 4 cores. A GPU waits
+    on decoding: every core but two, up to 16."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
-    return max(1, min(4, cores // 2))
+    if device.startswith("cuda"):
+        return max(1, min(16, cores - 2))
+    return 1 if cores <= 4 else cores // 4
 
 
 def opt(text: str, default: Any, *, choices: tuple | None = None, minimum: float | None = None,
@@ -69,9 +73,9 @@ class CacheOptions:
 
     dtype: str = opt("Stored precision.", "float16", choices=STORE_DTYPES)
     batch_size: int = opt("Images per forward batch.", 32, minimum=1)
-    workers: int = opt("Image-decoding processes (0: decode in the main process). Default: "
-                       "from the machine, half its cores, 1 to 4.",
-                       default_workers(), minimum=0)
+    workers: int = opt("Image-decoding threads (0: decode between batches; -1: from the "
+                       "machine and device: on a CPU 1 thread up to 4 cores, then cores/4; "
+                       "with CUDA every core but two, up to 16).", -1, minimum=-1)
     align: str = opt("resample: feature grids are resampled to the smallest (paper); "
                      "resize_input: inputs are resized so grids match.", "resample",
                      choices=("resample", "resize_input"))

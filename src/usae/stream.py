@@ -24,7 +24,8 @@ from torch import Tensor
 
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Backbone
-from usae.cache import ImageDataset, extract_batch
+from usae.cache import extract_batch
+from usae.decode import ImageDataset, batch_pixels, decoded_batches
 from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
 from usae.images import list_images
@@ -108,22 +109,19 @@ class StreamSource:
     def _extract(self, paths: list[str], plan: list[np.ndarray]
                  ) -> Iterator[dict[str, Tensor]]:
         """``{model: (B, tokens, d)}`` for each list of positions in ``paths``, decoded
-        ahead in worker processes."""
+        ahead in threads."""
         if not plan:
             return
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(paths, self._preprocess, 0), batch_sampler=[p.tolist() for p in plan], num_workers=self.workers,
-            collate_fn=list, prefetch_factor=2 if self.workers else None)
-        for items in loader:
+        dataset = ImageDataset(paths, self._preprocess)
+        for items in decoded_batches(dataset, (p.tolist() for p in plan), self.workers):
             bad = [(i, reason) for i, px, reason in items if px is None]
             if bad:
                 i, reason = bad[0]
                 raise UsaeError(f"cannot stream {paths[i]}: {reason} — remove it (or "
                                 "cache the images with `usae cache`, which skips bad files), "
                                 "then --resume")
-            pixels = {b.name: torch.stack([px[b.name] for _, px, _ in items])
-                      for b in self.backbones}
-            yield extract_batch(self.backbones, pixels, self.target, self.keep_cls)
+            yield extract_batch(self.backbones, batch_pixels(items, self.backbones), self.target,
+                                self.keep_cls)
 
 
 def train_from_images(images: str | Path, models: str, out: str | Path, *,
@@ -146,7 +144,7 @@ def train_from_images(images: str | Path, models: str, out: str | Path, *,
                                  max_steps, device, resume)
         for b in backbones:
             b.to(dist.device(cfg.train.device))
-        opts = {"workers": default_workers() if workers is None else workers,
+        opts = {"workers": default_workers(cfg.train.device) if workers is None else workers,
                 "buffer_images": buffer_images, "stats_images": stats_images, "dist": dist,
                 "stats_from": [e["path"] for e in entries]}
         train = [e for e in entries if e["split"] == split]
