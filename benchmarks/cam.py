@@ -17,6 +17,7 @@ from usae.backbones import build_backbones, expand_specs
 from usae.cam import CamModel, optimize
 from usae.config import SAEConfig
 from usae.demo import DEMO_CAM
+from usae.malloc import keep_freed_memory
 from usae.options import CamOptions
 from usae.sae import UniversalSAE
 from usae.spectrum import analytic_spectrum
@@ -46,7 +47,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--glibc-default-malloc", action="store_true",
+                    help="measure without the allocator setting run_cam uses on the CPU")
     args = ap.parse_args()
+    if not args.glibc_default_malloc and args.device == "cpu":
+        keep_freed_memory()  # as run_cam does
     torch.manual_seed(0)
     backbones, target = build_backbones(expand_specs("demo"))
     sae = UniversalSAE(SAEConfig(models=tuple(b.name for b in backbones),
