@@ -15,14 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from usae.config import resolve
+from usae.config import DEMO_DATA, resolve
 from usae.evaluate import evaluate
 from usae.sources import StoreSource
 from usae.store import Store
 from usae.training import train_run
 
-DEMO_DATA = {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
-             "n_concepts": 2048}
 VARIANTS = {"paper": ("paper", {"n_concepts": 2048}), "best": ("best", {"n_concepts": 2048}),
             "demo": ("demo", {}), "fast": ("fast", DEMO_DATA)}
 

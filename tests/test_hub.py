@@ -29,7 +29,7 @@ def test_model_card_from_a_real_eval_report(quick_demo):
     assert f"{report['r2'][0][1]:.3f}" in card  # a cross-model cell
     assert "effnet:lite0" in card and "_blocks." in card and "7x7" in card  # spec, layer, grid
     assert "images from 'images'" in card  # the store's source, without a machine path
-    assert "preset `demo`" in card and 'UniversalSAE.load("hf://me/usae-demo")' in card
+    assert "preset `fast`" in card and 'UniversalSAE.load("hf://me/usae-demo")' in card
     assert str(quick_demo) not in card
     classes = report["concept_classes"]
     assert f"{classes['universal']} universal" in card

@@ -390,3 +390,20 @@ def test_tensorboard_and_wandb_sinks_get_every_numeric_scalar(arrays, tmp_path, 
     assert "source" not in logged["wandb"][0][0] and "loss" in logged["wandb"][0][0]
     assert logged["init"]["mode"] == "offline"
     assert sorted(logged["closed"]) == ["tb", "wandb"]
+
+
+def test_encoder_init_transpose_starts_each_encoder_as_its_dictionary(arrays, tmp_path):
+    """Guards encoder_init=transpose: weight rows = the unit-row dictionary, bias 0; the
+    default keeps PyTorch's Linear init (the paper's)."""
+    tr = Trainer(small_cfg(arrays, encoder_init="transpose"), tmp_path / "t", progress=False)
+    for m in tr.sae.models:
+        d = tr.sae.dictionaries[m].detach()
+        want = d / (d.norm(dim=1, keepdim=True) + 1e-8)
+        torch.testing.assert_close(tr.sae.encoders[m].linear.weight.detach(), want)
+        assert torch.count_nonzero(tr.sae.encoders[m].linear.bias) == 0
+    default = Trainer(small_cfg(arrays), tmp_path / "d", progress=False)
+    m = default.sae.models[0]
+    assert not torch.allclose(default.sae.encoders[m].linear.weight,
+                              default.sae.dictionaries[m].detach(), atol=1e-3)
+    with pytest.raises(UsaeError, match="encoder_init must be one of"):
+        small_cfg(arrays, encoder_init="zeros")

@@ -92,6 +92,9 @@ class TrainConfig:
                           "per_model")
     shuffle_pairing: bool = _help("Control: permute each model's images so models see "
                                   "different images at the same position.", False)
+    encoder_init: str = _help("default (paper: PyTorch's Linear init) or transpose (each "
+                              "encoder starts as its model's unit-row dictionary, transposed; "
+                              "Gao et al. 2024: fewer dead concepts).", "default")
     seed: int = _help("Seed for init, model sampling and data order.", 0)
     device: str = _help("cpu or cuda.", "cpu")
     log_every: int = _help("Write metrics.jsonl every N steps.", 10)
@@ -116,6 +119,7 @@ class TrainConfig:
             "aux": ("reference", "gao", "none"),
             "decoder_update": ("source", "all"),
             "schedule": ("per_model", "global"),
+            "encoder_init": ("default", "transpose"),
             "device": None,
         }
         for name, allowed in checks.items():
@@ -158,6 +162,10 @@ class RunConfig:
         return cls(sae=sae, train=train, preset=obj.get("preset", "custom"))
 
 
+# The data settings the offline CNNs need (docs/RESULTS.md): `demo` and `usae demo` use them.
+DEMO_DATA: dict[str, Any] = {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
+                             "n_concepts": 2048}
+
 # Each preset lists only its differences from the paper's defaults.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -167,12 +175,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Measured on the offline CNNs (shared/ASSETS.md, docs/RESULTS.md): paper settings do not
     # converge in a few CPU minutes; these do. Used by `usae demo`.
     # The sparse step (benchmarks/peers.py): a linear encoder, so with aux=gao or none the
-    # backward touches only the selected concepts; AuxK on concepts dead for 100k tokens keeps
-    # them alive; one global schedule. Measured against paper/best/demo in docs/RESULTS.md.
+    # backward touches only the selected concepts; AuxK on concepts dead for 100k tokens and
+    # encoders initialized from the dictionaries keep them alive; one global schedule.
+    # Measured against paper/best/demo in docs/RESULTS.md; `usae demo` trains with it.
     "fast": {"decoder_update": "all", "aux": "gao", "encoder": "linear", "schedule": "global",
-             "dead_after_tokens": 100_000},
-    "demo": {"lr": 3e-3, "batch_images": 8, "standardize": "center_per_dim",
-             "n_concepts": 2048, "epochs": 60, "decoder_update": "all"},
+             "dead_after_tokens": 100_000, "encoder_init": "transpose"},
+    "demo": {**DEMO_DATA, "epochs": 60, "decoder_update": "all"},
 }
 
 

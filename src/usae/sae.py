@@ -101,6 +101,15 @@ class UniversalSAE(nn.Module):
         """Encoder and dictionary parameters of one model (one optimizer each)."""
         return [*self.encoders[model].parameters(), self.dictionaries[model]]
 
+    @torch.no_grad()
+    def init_encoders_from_dictionaries(self) -> None:
+        """Every encoder's weight := its model's unit-row dictionary (the decoder transposed,
+        as ``x @ W^T`` reads it), bias := 0 (Gao et al. 2024's initialization)."""
+        for m in self.models:
+            linear = self.encoders[m].linear
+            linear.weight.copy_(self.normalized_dict(m))
+            linear.bias.zero_()
+
     def set_standardization(self, model: str, mean_d: Tensor, std_d: Tensor) -> None:
         """Set the input statistics: standardized = (x - mean) / (std + 1e-5)."""
         d = self.dim(model)

@@ -82,6 +82,8 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(tc.seed)
         self.sae = UniversalSAE(run_cfg.sae).to(self.device)
+        if tc.encoder_init == "transpose":
+            self.sae.init_encoders_from_dictionaries()
         if self.dist.enabled:
             sync_batch_norms(self.sae)  # the paper normalizes over the whole batch
         self.optimizers = {m: torch.optim.AdamW(self.sae.model_parameters(m), lr=tc.lr,
