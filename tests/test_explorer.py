@@ -188,9 +188,12 @@ def test_usae_serve_prints_its_url_and_stops_on_ctrl_c(explorer):
     import subprocess
     import sys
 
+    # a shell's background job inherits SIGINT ignored (and Python then keeps it so): give
+    # the server the disposition an interactive terminal would
     proc = subprocess.Popen([sys.executable, "-m", "usae.cli", "serve", str(explorer / "site"),
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert "http://127.0.0.1:" in line
