@@ -1,9 +1,9 @@
 """``usae cache``: images -> backbones -> aligned tokens -> the activation store.
 
-Each image is decoded once (in worker processes) and preprocessed for every model; batches
-go through every backbone, tokens are aligned to the common grid and committed to the store
-in order. Re-running the same command on the same store resumes after the last committed
-batch. Memory is bounded by one batch in flight per worker.
+Each image is decoded once (in threads, ``usae.decode``) and preprocessed for every model;
+batches go through every backbone, tokens are aligned to the common grid and committed to the
+store in order. Re-running the same command on the same store resumes after the last
+committed batch. Memory is bounded by three batches (one in the backbones, two decoded ahead).
 
 Under ``torchrun``, rank r takes a contiguous range of whole batches of the image list (the
 same batches one process would run, so the rows are the same bytes); the ranks write one

@@ -1,7 +1,7 @@
 """Training that streams from the backbones: ``usae train --images SRC --models SPEC,...``.
 
 For datasets whose activations do not fit on disk. ``StreamSource`` is a ``DataSource`` that
-computes each batch through the cache path (decode and preprocess in worker processes, every
+computes each batch through the cache path (decode and preprocess in threads, every
 backbone, token alignment) instead of reading a store. Its image order is the store's
 (``sources.chunked_order``: chunks shuffled, then a shuffle buffer of ``buffer_images``), a
 pure function of (seed, epoch), so a resumed run sees exactly the images it would have seen,
