@@ -105,3 +105,122 @@ def test_model_subset_and_bad_arrays(arrays):
     bad["m0"][0, 0, 0] = np.nan
     with pytest.raises(UsaeError, match="NaN"):
         ArraySource(bad)
+
+
+def test_data_orders_are_pinned_across_versions():
+    """Guards resume across versions: a run resumed by a newer usae must read the images an
+    older one would have, so the seeded orders are pinned to these values (any change to a
+    seed, salt or chunking shows here), and every order is a permutation, also for 0 images."""
+    from usae.sources import chunked_order, epoch_permutation, pairing_permutations
+
+    assert epoch_permutation(10, 0, 0).tolist() == [4, 6, 2, 7, 3, 5, 9, 0, 8, 1]
+    assert chunked_order(10, 3, 2, 0, 0).tolist() == [3, 4, 5, 9, 6, 1, 2, 8, 0, 7]
+    assert chunked_order(10, 3, 2, 0, 1).tolist() == [1, 0, 9, 2, 5, 8, 4, 7, 3, 6]
+    assert {k: v.tolist() for k, v in pairing_permutations(("a", "b", "c"), 6, 0).items()} == \
+        {"a": [0, 1, 2, 3, 4, 5], "b": [3, 4, 0, 5, 1, 2], "c": [0, 3, 4, 1, 2, 5]}
+    for n in (0, 1, 7, 64):
+        order = chunked_order(n, 4, 3, 5, 2)
+        assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(n))
+
+
+def _rows_of(batch, arrays_by_model):
+    """Which image each whole-image block of a batch is (matched against the arrays)."""
+    out = {}
+    for m, x in batch.items():
+        a = arrays_by_model[m]
+        blocks = x.float().numpy().reshape(-1, a.shape[1], a.shape[2])
+        out[m] = [int(np.flatnonzero((np.abs(a - b).max(axis=(1, 2)) < 1e-6))[0])
+                  for b in blocks]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["array", "store"])
+def test_shuffled_pairing_start_and_shards_follow_the_documented_rows(arrays, tmp_path, kind):
+    """Guards the control and resume paths of both sources: with shuffle_pairing every model
+    reads its own permutation of the same positions (model 0 unshuffled), without it every
+    model reads the same image; ``start`` skips whole batches; ModelSubset passes both on."""
+    from usae.sources import pairing_permutations
+
+    src = ArraySource(arrays) if kind == "array" else StoreSource(
+        store_from_arrays(tmp_path / "s", arrays, dtype="float32",
+                          splits=["train"] * len(arrays["m0"])))
+    models = tuple(arrays)
+    n = len(arrays["m0"])
+    perms = pairing_permutations(models, n, 3)
+    plain = [_rows_of(b, arrays) for b in src.batches(8, 3, 1)]
+    assert [len(r[models[0]]) for r in plain] == [8] * (n // 8)
+    assert all(r[models[0]] == r[m] for r in plain for m in models)
+    paired = [_rows_of(b, arrays) for b in src.batches(8, 3, 1, shuffle_pairing=True)]
+    assert paired != plain
+    for r in paired:
+        base = [int(np.flatnonzero(perms[models[0]] == i)[0]) for i in r[models[0]]]
+        for m in models:
+            assert r[m] == [int(perms[m][p]) for p in base]
+    assert [_rows_of(b, arrays) for b in src.batches(8, 3, 1, 2)] == plain[2:]
+    assert [_rows_of(b, arrays) for b in src.batches(8, 3, 1)] == plain  # default: no pairing
+    sub = ModelSubset(src, models[1:])
+    got = [_rows_of(b, arrays) for b in sub.batches(8, 3, 1, 1, True, (1, 2))]
+    want = [_rows_of(b, arrays) for b in src.batches(8, 3, 1, 1, True, (1, 2))]
+    assert got == [{m: r[m] for m in models[1:]} for r in want]
+    assert sub.n_images() == n and src.n_images() == n and n_batches(src, 100) == 0
+
+
+def test_store_source_reads_ahead_everything_it_gathers(arrays, tmp_path):
+    """Guards the read-ahead: before a batch is gathered, its rows were passed to
+    ``Store.prefetch`` (this window and the next), so reads stay ahead of training."""
+    store = store_from_arrays(tmp_path / "s", arrays, dtype="float32",
+                              splits=["train"] * len(arrays["m0"]))
+    src = StoreSource(store, chunk_images=4, buffer_chunks=2)
+    hinted: set[int] = set()
+    store.prefetch = lambda rows: hinted.update(int(r) for r in rows)
+    real = src._gather
+
+    def gather(model, rows):
+        assert set(rows.tolist()) <= hinted, "gathered rows that were never prefetched"
+        return real(model, rows)
+
+    src._gather = gather
+    for epoch in (0, 1):
+        hinted.clear()
+        assert len(list(src.batches(4, 0, epoch))) == len(arrays["m0"]) // 4
+        hinted.clear()
+        assert len(list(src.batches(4, 0, epoch, start=5))) == len(arrays["m0"]) // 4 - 5
+
+
+def test_array_source_shapes_dtypes_stats_and_defaults(make_arrays):
+    """Guards ArraySource's contract: float32 (B·tokens, d) batches of B whole images even
+    from float64 arrays, statistics equal to a naive computation, mismatched image or token
+    counts refused, and ModelSubset's defaults (no pairing, one process) passed through."""
+    arrays = {m: a.astype(np.float64) for m, a in make_arrays(n_images=24, tokens=3).items()}
+    src = ArraySource(arrays)
+    batches = list(src.batches(8, 0, 0))
+    assert len(batches) == 3
+    for b in batches:
+        for m, x in b.items():
+            assert x.dtype == torch.float32 and tuple(x.shape) == (8 * 3, arrays[m].shape[2])
+    for m, a in arrays.items():
+        flat = a.reshape(-1, a.shape[2])
+        np.testing.assert_allclose(src.stats()[m].mean_d, flat.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(src.stats()[m].std_d, flat.std(0), rtol=1e-9)
+    bad = dict(arrays)
+    bad["m1"] = bad["m1"][:, :2]
+    with pytest.raises(UsaeError, match="differs from"):
+        ArraySource(bad)
+    sub = ModelSubset(src, ("m2",))
+    for got, want in zip(sub.batches(8, 0, 0), src.batches(8, 0, 0)):
+        assert torch.equal(got["m2"], want["m2"])
+
+
+def test_store_source_defaults_and_paths(tmp_path):
+    """Guards StoreSource's defaults (chunks of 64 images, 8 chunks per shuffle buffer: part
+    of the pinned data order) and that a store given by its path works like a Store."""
+    from usae.sources import chunked_order
+
+    n = 600
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s"
+    store_from_arrays(path, {"a": rng.normal(size=(n, 1, 2)).astype(np.float32)},
+                      dtype="float32", splits=["train"] * n)
+    by_path = StoreSource(str(path))
+    assert by_path.image_order(4, 1).tolist() == chunked_order(n, 64, 8, 4, 1).tolist()
+    assert next(by_path.batches(5, 4, 1))["a"].shape == (5, 2)
