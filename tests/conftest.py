@@ -27,6 +27,18 @@ def shared_latent_arrays(n_images: int = 48, tokens: int = 4, dims=(12, 8, 10), 
     return out
 
 
+def write_noise_images(root, n: int, seed: int = 0, shape=(40, 48)):
+    """``n`` seeded noise PNGs named 00.png, 01.png, ... in ``root``; returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(
+            root / f"{i:02d}.png")
+    return root
+
+
 @pytest.fixture
 def arrays() -> dict[str, np.ndarray]:
     """Three linear views (d = 12, 8, 10) of one sparse latent, 48 images x 4 tokens."""

@@ -41,7 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, args: list[str], *, timeout: float = 120, **kw) -> subprocess.Popen:
+def torchrun(nproc: int, args: list[str], *, timeout: float = 120, **kw
+             ) -> subprocess.CompletedProcess:
     cmd = [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "usae", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), **kw)
@@ -228,7 +229,7 @@ def test_shards_of_a_batch_cover_it_once(make_arrays, tmp_path):
 def test_single_process_dist_is_a_no_op(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = Dist.from_env()
-    assert (d.rank, d.world, d.enabled, d.is_main) == (0, 1, False, True)
+    assert (d.rank, d.world, d.enabled, d.is_main, d.owns_group) == (0, 1, False, True, False)
     fired = torch.tensor([True, False])
     assert d.reduce_step([], fired, [1.0], False) == (fired, [1.0], False)
     assert d.device("cuda") == "cuda"

@@ -9,13 +9,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from usae.cache import cache
 from usae.cli import main
 from usae.errors import UsaeError
 from usae.store import Store
 from usae.store_merge import merge_shards
+from tests.conftest import write_noise_images
 from tests.test_distributed import TORCHRUN, _env, free_port
 
 SPEC = "effnet:lite0?pretrained=0&img_size=32&name=a,effnet:lite0?pretrained=0&img_size=32&name=b"
@@ -23,10 +23,7 @@ SPEC = "effnet:lite0?pretrained=0&img_size=32&name=a,effnet:lite0?pretrained=0&i
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(11):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    root = write_noise_images(tmp_path_factory.mktemp("imgs"), 11, seed=0)
     (root / "05bad.png").write_bytes(b"not an image")
     return root
 

@@ -6,18 +6,18 @@ import os
 import signal
 import subprocess
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from usae.cache import cache
 from usae.cli import main
+from usae.errors import UsaeError
 from usae.interrupts import TrainingInterrupted
 from usae.stream import train_from_images
 from usae.train import Trainer
 from usae.training import train_from_store
+from tests.conftest import write_noise_images
 from tests.test_distributed import TORCHRUN, _env, assert_same_run, free_port
 
 SPEC = "effnet:lite0?img_size=64&name=a,effnet:lite1?img_size=64&name=b"  # pretrained, offline
@@ -26,11 +26,7 @@ SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1"]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("simgs")
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("simgs"), 24, seed=1)
 
 
 def stream(images, out, **kw):
@@ -90,7 +86,7 @@ def test_streaming_mistakes_are_clear(images, tmp_path, capsys):
     for p in sorted(images.iterdir())[:8]:
         (bad / p.name).write_bytes(p.read_bytes())
     (bad / "03.png").write_bytes(b"broken")
-    with pytest.raises(Exception, match="cannot stream .*03.png.* then --resume"):
+    with pytest.raises(UsaeError, match="cannot stream .*03.png.* then --resume"):
         stream(bad, tmp_path / "r")
     out = str(tmp_path / "r2")
     assert main(["train", "--out", out]) == 2

@@ -81,9 +81,9 @@ def cache(models: str | list[str], images: str | Path, out: str | Path,
 def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
            pretrained: bool | None, progress: bool, timings: dict[str, float] | None,
            dist: Dist) -> dict[str, Any]:
-    if not o.device.startswith("cuda"):
-        keep_freed_memory()  # the backbones' activations page-fault in afresh otherwise: the
-        # forward passes take twice as long, half of it in the kernel (benchmarks/cache.py)
+    # the backbones' activations page-fault in afresh otherwise: CPU forward passes take
+    # twice as long, half of it in the kernel (benchmarks/cache.py)
+    keep_freed_memory(o.device)
     entries = list_images(images, val_fraction=o.val_fraction, seed=o.seed)
     list_text = json.dumps([[e["path"], e.get("split")] for e in entries])
     dist.agree("image lists", list_text)

@@ -42,6 +42,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     backend: str = "gloo"
+    owns_group: bool = False  # from_env created the process group, so close() ends it
 
     @property
     def enabled(self) -> bool:
@@ -58,7 +59,8 @@ class Dist:
         if world <= 1:
             return cls()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not tdist.is_initialized():
+        owns = not tdist.is_initialized()
+        if owns:
             backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.startswith("cuda")
                                                       else "gloo")
             if backend == "nccl":
@@ -66,7 +68,7 @@ class Dist:
             timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
             tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
             log.debug("rank %d of %d joined (%s, timeout %.0f s)", rank, world, backend, timeout)
-        return cls(rank, world, local, tdist.get_backend())
+        return cls(rank, world, local, tdist.get_backend(), owns)
 
     def device(self, device: str) -> str:
         """``cuda`` means this process's own GPU (``cuda:LOCAL_RANK``) under torchrun; set
@@ -76,7 +78,7 @@ class Dist:
     # -- collectives (no-ops for one process) -------------------------------------------
     def barrier(self) -> None:
         if self.enabled:
-            self._collective(tdist.barrier)
+            _checked(tdist.barrier)
 
     def all_sum_(self, t: Tensor, op: Any = tdist.ReduceOp.SUM) -> Tensor:
         """In-place reduction over ranks (NCCL gets a GPU copy of a CPU tensor)."""
@@ -84,9 +86,9 @@ class Dist:
             return t
         if self.backend == "nccl" and not t.is_cuda:
             moved = t.to(f"cuda:{self.local_rank}")
-            self._collective(tdist.all_reduce, moved, op=op)
+            _checked(tdist.all_reduce, moved, op=op)
             return t.copy_(moved)
-        self._collective(tdist.all_reduce, t, op=op)
+        _checked(tdist.all_reduce, t, op=op)
         return t
 
     def agree(self, what: str, text: str) -> None:
@@ -99,13 +101,6 @@ class Dist:
         if not torch.equal(lo, hi):
             raise UsaeError(f"the ranks were started with different {what}; start every "
                             "rank with the same command")
-
-    def all_flag(self, flag: bool) -> bool:
-        """True on every rank when any rank says True."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        return bool(self.all_sum_(t)[0] > 0)
 
     def reduce_step(self, params: list[nn.Parameter], fired_c: Tensor, scalars: list[float],
                     stop: bool) -> tuple[Tensor, list[float], bool]:
@@ -127,11 +122,9 @@ class Dist:
         return fired, (tail[:-1] / self.world).tolist(), bool(tail[-1] > 0)
 
     def close(self) -> None:
-        if self.enabled and tdist.is_initialized():
+        """End the process group if ``from_env`` created it (not one the caller made)."""
+        if self.owns_group and tdist.is_initialized():
             tdist.destroy_process_group()
-
-    def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        _checked(fn, *args, **kwargs)
 
 
 def _checked(fn: Any, *args: Any, **kwargs: Any) -> None:

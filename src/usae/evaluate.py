@@ -158,8 +158,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     o = merged(EvalOptions, options, changes)
     run = local_run(run)
     store = Store(store_path)
-    if not o.device.startswith("cuda"):
-        keep_freed_memory()
+    keep_freed_memory(o.device)
     sae = UniversalSAE.load(run, device=o.device)
     check_run_matches_store(sae, run, store)
     rows, split_used = eval_rows(store, o.split)

@@ -30,8 +30,11 @@ def _mallopt(settings: dict[int, int]) -> bool:
         return False
 
 
-def keep_freed_memory() -> bool:
-    """Switch glibc to heap-only, untrimmed allocation; True when it took effect."""
+def keep_freed_memory(device: object = "cpu") -> bool:
+    """Switch glibc to heap-only, untrimmed allocation for work on ``device``; True when it
+    took effect. A CUDA device allocates through its own caching allocator: nothing to do."""
+    if str(device).startswith("cuda"):
+        return False
     ok = _mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2 ** 30})
     log.debug("glibc malloc: heap-only, untrimmed (%s)", "on" if ok else "unavailable")
     return ok

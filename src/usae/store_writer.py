@@ -289,8 +289,8 @@ def wait_for_parts(path: Path, world: int, poll_s: float = 2.0) -> None:
             if not progress.exists():
                 waiting += 1
                 continue
-            done, _, hi, _, _ = read_progress(progress, {})
-            waiting += done != hi
+            meta = _progress_meta(progress)  # the header only: polled every few seconds
+            waiting += meta["done"] != meta["hi"]
         if not waiting:
             return
         time.sleep(poll_s)
@@ -310,22 +310,31 @@ def sums_into(tensors: dict[str, Tensor], accs: dict[str, StatsAccumulator]
     return accs
 
 
-def read_progress(path: Path, accs: dict[str, StatsAccumulator]
-                  ) -> tuple[int, int, int, dict[int, str], dict[str, StatsAccumulator]]:
-    """(done, lo, hi, skipped, statistics) of one writer's progress file."""
+def _progress_meta(path: Path) -> dict[str, Any]:
+    """The header of a progress file: done, lo, hi (-1 in files of older versions), skipped."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-        tensors = load_safetensors(path)
-        skipped = {int(k): v for k, v in json.loads(meta["skipped"]).items()}
-        sums_into(tensors, accs)
-        done = int(meta["done"])
-        return done, int(meta.get("lo", 0)), int(meta.get("hi", -1)), skipped, accs
+        return {"done": int(meta["done"]), "lo": int(meta.get("lo", 0)),
+                "hi": int(meta.get("hi", -1)),
+                "skipped": {int(k): v for k, v in json.loads(meta["skipped"]).items()}}
+    except (KeyError, ValueError) as err:
+        raise UsaeError(f"{path} is unreadable ({err}); delete {path.parent} and start "
+                        "again") from None
+
+
+def read_progress(path: Path, accs: dict[str, StatsAccumulator]
+                  ) -> tuple[int, int, int, dict[int, str], dict[str, StatsAccumulator]]:
+    """(done, lo, hi, skipped, statistics) of one writer's progress file."""
+    meta = _progress_meta(path)
+    try:
+        sums_into(load_safetensors(path), accs)
     except (KeyError, ValueError, UsaeError) as err:
         raise UsaeError(f"{path} is unreadable ({err}); delete {path.parent} and start "
                         "again") from None
+    return meta["done"], meta["lo"], meta["hi"], meta["skipped"], accs
 
 
 def store_from_arrays(path: str | Path, arrays: dict[str, np.ndarray], dtype: str = "float16",

@@ -78,8 +78,8 @@ class Trainer:
         self.shard = (self.dist.rank, self.dist.world)
         shard_slice(tc.batch_images, self.shard)  # a world size that splits the batch
         self.dist.agree("configs", json.dumps(run_cfg.to_json(), sort_keys=True))
-        if tc.keep_freed_memory and self.device.type == "cpu":
-            keep_freed_memory()
+        if tc.keep_freed_memory:
+            keep_freed_memory(self.device.type)
         torch.manual_seed(tc.seed)
         self.sae = UniversalSAE(run_cfg.sae).to(self.device)
         if tc.encoder_init == "transpose":
