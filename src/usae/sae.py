@@ -36,7 +36,6 @@ class Encoder(nn.Module):
 
     def __init__(self, d: int, n: int, kind: str) -> None:
         super().__init__()
-        self.kind = kind
         self.linear = nn.Linear(d, n)
         if kind == "mlp_bn_1":
             self.norm: nn.Module = nn.BatchNorm1d(n, eps=1e-5)

@@ -1,0 +1,201 @@
+"""Mutation testing of the core modules, one module at a time (`make mutation`).
+
+Each core module is mutated on its own, with its own unit tests as the selection: a run over
+every module with the whole suite as the selection spends its time on CLI subprocess tests
+and timeouts. Each module runs in its own work folder (`mutants-work/<module>/`, a copy of
+`src/`, `tests/`, `examples/` and a `pyproject.toml` whose `[tool.mutmut]` names only that
+module), so runs never share mutmut's state.
+
+Mutants listed in `scripts/mutation_equivalent.txt` (with the reason each cannot change
+behaviour) are counted apart. The script prints a per-module table and writes
+`mutants-work/results.json`: for each module, the mutant names by status.
+
+    python scripts/mutation.py                 # every core module
+    python scripts/mutation.py sae store       # some modules
+    python scripts/mutation.py --rerun sae     # re-run only the last run's survivors of sae
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "mutants-work"
+EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
+
+# module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
+SELECTION: dict[str, list[str]] = {
+    "sae": ["tests/test_sae.py", "tests/test_step.py"],
+    "step": ["tests/test_step.py", "tests/test_fused.py"],
+    "fused": ["tests/test_fused.py", "tests/test_step.py"],
+    "metrics": ["tests/test_metrics.py"],
+    "evaluate": ["tests/test_evaluate.py", "tests/test_controls.py"],
+    "store": ["tests/test_store.py"],
+    "store_writer": ["tests/test_store.py", "tests/test_cache.py"],
+    "sources": ["tests/test_sources.py",
+                "tests/test_distributed.py::test_shards_are_disjoint_and_cover_every_token"],
+    "stats": ["tests/test_sources.py", "tests/test_cache.py"],
+    "cache": ["tests/test_cache.py"],
+    "align": ["tests/test_images_align.py", "tests/test_backbones.py"],
+}
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
+STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
+                "segfault", "not checked", "caught by type check")
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """Mutant name -> why it cannot change behaviour, from `mutation_equivalent.txt`."""
+    out: dict[str, str] = {}
+    for line in EQUIVALENT_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, why = line.partition(" ")
+            out[name] = why.strip()
+    return out
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(x) for x in items) + "]"
+
+
+def prepare(module: str) -> Path:
+    """A fresh work folder for `module`: sources, tests and a one-module mutmut config."""
+    work = WORK / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for name in ("src", "tests", "examples"):
+        shutil.copytree(ROOT / name, work / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    text = (ROOT / "pyproject.toml").read_text()
+    head, _, _ = text.partition("[tool.mutmut]")
+    config = "\n".join([
+        "[tool.mutmut]",
+        'source_paths = ["src/"]',
+        f'only_mutate = ["src/usae/{module}.py"]',
+        f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
+        f"pytest_add_cli_args_test_selection = {_toml_list(SELECTION[module])}",
+        'also_copy = ["examples/"]',
+        "mutate_only_covered_lines = true",
+        # fork straight from a process that has run torch deadlocks in the OpenMP pool
+        'process_isolation = "forkserver"',
+        "",
+    ])
+    (work / "pyproject.toml").write_text(head + config)
+    return work
+
+
+def refresh_tests(module: str) -> Path:
+    """Copy the current tests into an existing work folder (for `--rerun`)."""
+    work = WORK / module
+    for target in (work / "tests", work / "mutants" / "tests"):
+        if target.exists():
+            shutil.rmtree(target)
+            shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
+    return work
+
+
+def results(work: Path, mutmut: str) -> dict[str, str]:
+    """Mutant name -> status, from `mutmut results --all true`."""
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=_env(),
+                         capture_output=True, text=True, check=True).stdout
+    status: dict[str, str] = {}
+    for line in out.splitlines():
+        name, sep, word = line.strip().rpartition(": ")
+        if sep and word in STATUS_WORDS:
+            status[name] = word
+    return status
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # mutants run side by side
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_module(module: str, mutmut: str, max_children: int, rerun: bool) -> dict[str, str]:
+    """Run mutmut on one module; returns mutant name -> status."""
+    if rerun:
+        work = refresh_tests(module)
+        previous = json.loads((WORK / "results.json").read_text())[module]["status"]
+        names = [n for n, s in previous.items() if s == "survived"]
+        if names:
+            subprocess.run([mutmut, "run", "--max-children", str(max_children), *names],
+                           cwd=work, env=_env(), check=False, stdout=subprocess.DEVNULL)
+        return {**previous, **results(work, mutmut)}
+    work = prepare(module)
+    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, env=_env(),
+                   check=False, stdout=subprocess.DEVNULL)
+    return results(work, mutmut)
+
+
+def summarize(module: str, status: dict[str, str], equivalent: dict[str, str]) -> dict:
+    """Counts per status, survivors split into equivalent (explained) and live."""
+    counts: dict[str, int] = {}
+    for word in status.values():
+        counts[word] = counts.get(word, 0) + 1
+    survivors = sorted(n for n, s in status.items() if s == "survived")
+    live = [n for n in survivors if n not in equivalent]
+    detected = counts.get("killed", 0) + counts.get("timeout", 0)
+    non_equivalent = detected + len(live)
+    return {
+        "counts": counts,
+        "equivalent": sorted(set(survivors) - set(live)),
+        "live_survivors": live,
+        "score": round(detected / non_equivalent, 4) if non_equivalent else 1.0,
+        "status": status,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected modules and print the per-module table; exit 1 below `--target`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"some of: {' '.join(SELECTION)} (default: all)")
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--rerun", action="store_true", help="re-run the last run's survivors")
+    parser.add_argument("--target", type=float, default=0.90)
+    args = parser.parse_args(argv)
+    args.modules = args.modules or list(SELECTION)
+    unknown = sorted(set(args.modules) - set(SELECTION))
+    if unknown:
+        parser.error(f"not a core module: {', '.join(unknown)}")
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    equivalent = equivalent_mutants()
+    saved_path = WORK / "results.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    for module in args.modules:
+        start = time.monotonic()
+        status = run_module(module, mutmut, args.max_children, args.rerun)
+        saved[module] = {**summarize(module, status, equivalent),
+                         "seconds": round(time.monotonic() - start, 1)}
+        WORK.mkdir(exist_ok=True)
+        saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        print(_row(module, saved[module]), flush=True)
+    print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors | score |")
+    print("|---|---|---|---|---|---|---|---|")
+    for module in SELECTION:
+        if module in saved:
+            print(_row(module, saved[module]))
+    below = [m for m in args.modules if saved[m]["score"] < args.target]
+    for module in args.modules:
+        for name in saved[module]["live_survivors"]:
+            print(f"survived: {name}")
+    return 1 if below else 0
+
+
+def _row(module: str, entry: dict) -> str:
+    c = entry["counts"]
+    return (f"| {module} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+            f"{c.get('no tests', 0)} | {len(entry['equivalent'])} | {len(entry['live_survivors'])} "
+            f"| {entry['score']:.0%} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
