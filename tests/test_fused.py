@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from usae.fused import multi_decode, paired_criterion, topk_reference_aux_decode
+from usae.fused import (
+    multi_decode,
+    paired_criterion,
+    sparse_decode_train,
+    sparse_linear_topk,
+    topk_reference_aux_decode,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 from usae.oracles import naive_criterion, naive_reference_aux_codes, naive_topk_codes
 
 
@@ -84,3 +92,118 @@ def test_paired_criterion_matches_autograd(squared, detach):
     for t1, t2 in ((x, x2), (xh, xh2), (ah, ah2)):
         torch.testing.assert_close(t1.grad, t2.grad)
     assert main.shape == (2,) and aux.shape == (2,)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_paired_criterion_by_default_trains_through_the_residual_and_scales_with_upstream(
+        squared):
+    """Guards the default ``detach_residual=False`` (the reference's aux term back-propagates
+    into x - xh), the upstream gradient multiplying (not dividing) the gradient, gradients for
+    whichever inputs need them (x alone here), and the per-model parts carrying none."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    xh = torch.randn(6, 5, dtype=torch.float64)
+    ah = torch.randn(6, 5, dtype=torch.float64)
+    total, main, aux = paired_criterion(x, xh, ah, [2, 3], 0.5, squared)
+    assert not main.requires_grad and not aux.requires_grad
+    (3.0 * total).backward()
+    x2 = x.detach().clone().requires_grad_()
+    name = "l2" if squared else "l1"
+    ref = sum(naive_criterion(name, x2[:, a:b], xh[:, a:b])
+              + 0.5 * naive_criterion(name, x2[:, a:b] - xh[:, a:b], ah[:, a:b])
+              for a, b in ((0, 2), (2, 5)))
+    (3.0 * ref).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_multi_decode_codes_gradient_with_frozen_dictionaries():
+    """Guards which input's need is checked: the codes' gradient when no dictionary trains."""
+    torch.manual_seed(3)
+    a = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    cat = torch.randn(6, 4, dtype=torch.float64)
+    multi_decode(a, cat, [4], [False]).square().sum().backward()
+    a2 = a.detach().clone().requires_grad_()
+    (a2 @ cat).square().sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+
+
+def _naive_linear_topk(x, w, b, k, dead, aux_k):
+    """Dense codes of TopK(ReLU(x W^T + b)) and of AuxK among the dead concepts."""
+    post = torch.relu(x @ w.T + b)
+    codes = naive_topk_codes(x @ w.T + b, k)
+    masked = post * dead
+    aux = torch.zeros_like(post)
+    if aux_k:
+        v, i = masked.topk(aux_k, dim=1)
+        aux = aux.scatter(1, i, v)
+    return codes, aux
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", ["xwb", "w", "b", "x"])
+@pytest.mark.parametrize("use_aux", [True, False])
+def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, device):
+    """Guards the sparse encoder step: values, AuxK among dead concepts (their gradient goes
+    into the encoder), each input's gradient computed when that input needs one (a frozen bias,
+    a frozen weight, the input itself), and a loss that ignores the AuxK outputs."""
+    torch.manual_seed(4)
+    n, d, k, aux_k = 24, 6, 3, 4
+    x0 = torch.randn(10, d, dtype=torch.float64)
+    w0 = torch.randn(n, d, dtype=torch.float64)
+    b0 = torch.randn(n, dtype=torch.float64) * 0.1 - 0.3
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::3] = True
+    c_main, c_aux = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+
+    def leaves():
+        return [t.to(device).requires_grad_(name in needs)
+                for t, name in ((x0, "x"), (w0, "w"), (b0, "b"))]
+
+    x, w, b = leaves()
+    dead, c_main, c_aux = dead.to(device), c_main.to(device), c_aux.to(device)
+    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, k, dead, aux_k)
+    loss = (vals * c_main[idx]).sum()
+    if use_aux:
+        loss = loss + (aux_v * c_aux[aux_i]).sum()
+    loss.backward()
+    x2, w2, b2 = leaves()
+    codes, aux = _naive_linear_topk(x2, w2, b2, k, dead, aux_k)
+    ref = (codes @ c_main).sum() + ((aux @ c_aux).sum() if use_aux else 0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for ours, theirs in ((x, x2), (w, w2), (b, b2)):
+        if ours.requires_grad:
+            torch.testing.assert_close(ours.grad, theirs.grad)
+    # AuxK picks among dead concepts; where a row has fewer positive dead entries, zeros
+    assert aux_i.shape == (10, aux_k) and bool((dead[aux_i] | (aux_v == 0)).all())
+    assert bool((aux_v > 0).any())
+
+
+def test_sparse_linear_topk_without_auxk_returns_empty_aux_codes():
+    """Guards the empty (N, 0) AuxK outputs: no dead mask, nothing dead, or aux_k left at 0."""
+    torch.manual_seed(5)
+    x, w, b = torch.randn(7, 4), torch.randn(10, 4), torch.zeros(10)
+    for dead, kwargs in ((None, {}), (torch.zeros(10, dtype=torch.bool), {"aux_k": 3}),
+                         (torch.ones(10, dtype=torch.bool), {})):
+        _, _, aux_v, aux_i = sparse_linear_topk(x, w, b, 2, dead, **kwargs)
+        assert aux_v.shape == (7, 0) and aux_i.shape == (7, 0) and aux_i.dtype == torch.long
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_decode_train_gradients_match_dense_autograd(device):
+    """Guards the sorted-embedding_bag dictionary gradient (and its index tensors built on the
+    dictionary's device) against the dense product's autograd."""
+    torch.manual_seed(6)
+    n, d, k = 20, 5, 3
+    idx = torch.argsort(torch.rand(8, n), dim=1)[:, :k].to(device)
+    vals = torch.rand(8, k, dtype=torch.float64, device=device, requires_grad=True)
+    dict_nd = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    out = sparse_decode_train(vals, idx, dict_nd)
+    (out.sin().sum()).backward()
+    v2, d2 = vals.detach().clone().requires_grad_(), dict_nd.detach().clone().requires_grad_()
+    dense = torch.zeros(8, n, dtype=torch.float64, device=device).scatter(1, idx, v2)
+    ref = dense @ d2
+    torch.testing.assert_close(out, ref)
+    ref.sin().sum().backward()
+    torch.testing.assert_close(vals.grad, v2.grad)
+    torch.testing.assert_close(dict_nd.grad, d2.grad)

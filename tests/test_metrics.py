@@ -57,3 +57,23 @@ def test_r2_matrix_restores_training_mode():
     sae.train()
     r2_matrix(sae, [{"a": torch.randn(16, 4)}])
     assert sae.training
+
+
+def test_r2_for_small_variance_and_a_single_token():
+    """Guards the tiny floor under the total sum of squares (data with variance far below 1
+    must not be clamped) and the token count in the formulas down to one token (scalar-mean
+    R² and MSE are defined there; per-dimension R² is not, its SST is 0)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 0.01, size=(40, 3))
+    xhat = x + rng.normal(0, 0.002, size=x.shape)
+    acc = R2Accumulator(("a",), (3,))
+    acc.update_targets({"a": torch.from_numpy(x)})
+    acc.update_error(0, 0, torch.from_numpy(x), torch.from_numpy(xhat))
+    expected = 1 - ((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert abs(acc.r2()[0, 0] - expected) < 1e-10 and 0.5 < expected < 1
+    one = np.array([[1.0, 2.0, 6.0]])
+    acc = R2Accumulator(("a",), (3,))
+    acc.update_targets({"a": torch.from_numpy(one)})
+    acc.update_error(0, 0, torch.from_numpy(one), torch.zeros(1, 3, dtype=torch.float64))
+    assert abs(acc.r2_paper()[0, 0] - (1 - 41 / 14)) < 1e-12  # SST about the mean 3: 4+1+9
+    assert abs(acc.mse()[0, 0] - 41 / 3) < 1e-12

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from usae.config import resolve
 from usae.fused import reference_aux_codes_
-from usae.oracles import naive_reference_aux_codes, naive_step_loss
+from usae.oracles import (
+    naive_reference_aux_codes,
+    naive_step_loss,
+    naive_topk_codes,
+    naive_unit_rows,
+)
 from usae.sae import UniversalSAE
 from usae.step import reference_aux_codes, step_loss
 
@@ -119,3 +124,115 @@ def test_sparse_linear_step_matches_autograd_with_inactive_rows_and_dead_overlap
     ref.backward()
     for p, q in zip(ours.model_parameters("b"), naive.model_parameters("b")):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
+@pytest.mark.parametrize("n, k", [(64, 3), (16, 3)])
+def test_default_aux_k_is_four_k_capped_at_half_the_concepts(encoder, n, k):
+    """Guards AuxK's default size min(4k, n // 2) on both encoder paths: with every concept
+    dead and most pre-activations positive, every selected entry counts."""
+    torch.manual_seed(5)
+    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": n, "k": k, "aux": "gao",
+                                                 "encoder": encoder})
+    sae = UniversalSAE(cfg.sae).double()
+    with torch.no_grad():
+        sae.encoders["a"].linear.bias.add_(2.0)
+    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    dead = torch.ones(n, dtype=torch.bool)
+    loss, _, _ = step_loss(copy.deepcopy(sae), xs, 0, cfg, dead)
+    expected = min(4 * k, n // 2)
+    for aux_k, same in ((expected, True), (expected - 1, False)):
+        ref = naive_step_loss(copy.deepcopy(sae), xs, 0, aux="gao", dead_c=dead, aux_k=aux_k)
+        assert torch.allclose(loss, ref, rtol=1e-12, atol=1e-12) == same, aux_k
+
+
+@pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
+def test_aux_none_ignores_a_dead_mask(encoder):
+    """Guards that only aux=gao reads the dead mask: aux=none with one given adds nothing."""
+    torch.manual_seed(6)
+    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": "none",
+                                                 "encoder": encoder})
+    sae = UniversalSAE(cfg.sae).double()
+    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    with_mask, out, _ = step_loss(copy.deepcopy(sae), xs, 0, cfg,
+                                  torch.ones(32, dtype=torch.bool))
+    ref = naive_step_loss(copy.deepcopy(sae), xs, 0, aux="none")
+    torch.testing.assert_close(with_mask, ref, rtol=1e-12, atol=1e-12)
+    assert out.aux == 0.0
+
+
+@pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
+def test_step_scalars_fired_concepts_and_l0_by_hand(encoder):
+    """Guards the step's reported scalars against hand computations: the loss as a float, the
+    source index, each decoder's reconstruction term, L0 and the fired mask (a bool mask of the
+    concepts with a positive selected value; rows with fewer than k positives select zeros)."""
+    torch.manual_seed(7)
+    models, dims = ("a", "b"), (10, 6)
+    cfg = resolve(models, dims, "paper", {"n_concepts": 32, "k": 4, "aux": "none",
+                                          "encoder": encoder, "criterion": "l2"})
+    sae = UniversalSAE(cfg.sae).double()
+    with torch.no_grad():  # many rows with fewer than k positive pre-activations
+        sae.encoders["b"].linear.bias.sub_(1.0)
+        if encoder == "mlp_bn_1":
+            sae.encoders["b"].norm.bias.sub_(2.0)
+    xs = {m: torch.randn(25, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    loss, out, fired = step_loss(copy.deepcopy(sae), xs, 1, cfg)
+    pre = sae.encoders["b"](xs["b"]).detach()
+    codes = naive_topk_codes(pre, 4)
+    assert ((pre > 0).sum(1) < 4).any()
+    assert fired.dtype == torch.bool and torch.equal(fired, (codes > 0).any(0))
+    assert out.l0 == pytest.approx(float((codes > 0).sum(1).double().mean()))
+    recon = [float((xs[m] - codes @ naive_unit_rows(sae.dictionaries[m].detach()))
+                   .square().mean()) for m in models]
+    assert out.recon == pytest.approx(recon, rel=1e-10)
+    assert out.loss == float(loss.detach()) and out.source == 1 and out.aux == 0.0
+
+
+@pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
+def test_a_one_model_sae_steps_like_the_naive_reference(encoder):
+    """Guards the single-dictionary case (no concatenation)."""
+    torch.manual_seed(8)
+    cfg = resolve(("a",), (9,), "paper", {"n_concepts": 24, "k": 3, "encoder": encoder})
+    sae = UniversalSAE(cfg.sae).double()
+    xs = {"a": torch.randn(15, 9, dtype=torch.float64)}
+    loss, _, _ = step_loss(copy.deepcopy(sae), xs, 0, cfg)
+    torch.testing.assert_close(loss, naive_step_loss(copy.deepcopy(sae), xs, 0))
+
+
+def test_linear_encoders_take_the_sparse_path(monkeypatch):
+    """Guards the dispatch to the sparse step for encoder=linear (the dense path gives the same
+    numbers, about twice as slowly), and that normalized encoders do not take it."""
+    import usae.step as step_module
+
+    calls = []
+    real = step_module.sparse_linear_topk
+    monkeypatch.setattr(step_module, "sparse_linear_topk",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for encoder, expected in (("linear", 1), ("mlp_bn_1", 0)):
+        calls.clear()
+        cfg = resolve(("a",), (8,), "paper", {"n_concepts": 16, "k": 2, "aux": "none",
+                                              "encoder": encoder})
+        step_loss(UniversalSAE(cfg.sae), {"a": torch.randn(5, 8)}, 0, cfg)
+        assert len(calls) == expected, encoder
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
+def test_the_step_on_cuda_matches_the_cpu(encoder):
+    """Guards tensors the step builds itself (the fired mask, index rows) on the data's device."""
+    torch.manual_seed(9)
+    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": "gao",
+                                                 "encoder": encoder})
+    sae = UniversalSAE(cfg.sae).double()
+    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    dead = torch.rand(32) < 0.5
+    cpu, gpu = copy.deepcopy(sae), copy.deepcopy(sae).cuda()
+    loss_c, out_c, fired_c = step_loss(cpu, xs, 0, cfg, dead)
+    loss_g, out_g, fired_g = step_loss(gpu, {m: x.cuda() for m, x in xs.items()}, 0, cfg,
+                                       dead.cuda())
+    loss_c.backward()
+    loss_g.backward()
+    torch.testing.assert_close(loss_g.cpu(), loss_c)
+    assert fired_g.device.type == "cuda" and torch.equal(fired_g.cpu(), fired_c)
+    for p, q in zip(cpu.model_parameters("a"), gpu.model_parameters("a")):
+        torch.testing.assert_close(q.grad.cpu(), p.grad)
