@@ -10,7 +10,8 @@ k = 32, fp32, for n = 6144 and n = 24576:
 Both AuxK variants use the same dead set (25 % of the latents) and sparsify's AuxK size
 (d / 2 = 384). Implementations are interleaved round by round; medians are reported, and
 also the USAE step at paper dims (M = 3, 6272 tokens) with the ``fast`` preset against
-``paper``. Needs the ``bench`` extra; a peer that cannot be imported is skipped, and said so.
+``paper``. ``floor`` is the part of a step no exact fp32 TopK SAE avoids (encoder GEMM, TopK,
+Adam); ``floor_ratio_none`` = sparsify's step over it, the most ``ratio_none`` could be. Needs the ``bench`` extra; a peer that cannot be imported is skipped, and said so.
 Prints one JSON object as its last line.
 """
 
@@ -84,6 +85,27 @@ def overcomplete(n: int, x: torch.Tensor):
     return step
 
 
+def floor(n: int, x: torch.Tensor):
+    """What every exact fp32 TopK SAE step pays whatever its backward: the dense encoder GEMM
+    (every pre-activation is needed to find the TopK), ReLU and TopK, and one Adam step over
+    the same parameters (an encoder and a dictionary). Its time bounds ``ratio_none`` from
+    above: ``sparsify_s / floor_s`` is the ratio a step with a free decode, loss and backward
+    would reach."""
+    w = torch.randn(n, D) / D ** 0.5
+    params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(n)),
+              torch.nn.Parameter(w.clone())]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.no_grad():
+            pre = torch.addmm(params[1], x, params[0].T).clamp_min_(0)
+            torch.topk(pre, K, dim=1, sorted=False)
+        opt.step()
+    return step
+
+
 def usae_step(preset: str, n: int):
     models, dims = ("siglip", "dinov2", "vit"), (768, 384, 768)
     cfg = resolve(models, dims, preset, {"n_concepts": n, "k": K})
@@ -135,7 +157,8 @@ def main() -> None:
     for n, suffix in sizes:
         x = torch.randn(TOKENS, D)
         dead = torch.rand(n) < 0.25
-        steps = {"ours_none": ours(n, "none", x, dead), "ours_gao": ours(n, "gao", x, dead)}
+        steps = {"ours_none": ours(n, "none", x, dead), "ours_gao": ours(n, "gao", x, dead),
+                 "floor": floor(n, x)}
         for name, make in (("sparsify", lambda: sparsify(n, False, x, dead)),
                            ("sparsify_auxk", lambda: sparsify(n, True, x, dead)),
                            ("overcomplete", lambda: overcomplete(n, x))):
@@ -150,6 +173,8 @@ def main() -> None:
         if "sparsify" in med:
             result[f"ratio_none{suffix}"] = round(med["sparsify"] / med["ours_none"], 3)
             result[f"ratio_gao{suffix}"] = round(med["sparsify_auxk"] / med["ours_gao"], 3)
+            result[f"floor_ratio_none{suffix}"] = round(med["sparsify"] / med["floor"], 3)
+        result[f"ours_none_over_floor{suffix}"] = round(med["ours_none"] / med["floor"], 3)
     for n, suffix in () if args.quick else sizes:  # the USAE step at paper dims
         usae = measure({"paper": usae_step("paper", n), "fast": usae_step("fast", n)},
                        max(2, args.rounds // 2))

@@ -33,8 +33,11 @@ MUTANTS = [
      "dtype=torch.bool, device=None)"),
     ("step", "x_step_loss__mutmut_189", "dtype=torch.bool, device=indices_nk.device)",
      "dtype=torch.bool, )"),
+    ("evaluate", "x__stream__mutmut_18", "device = sae.device_of()", "device = None"),
+    ("evaluate", "x__stream__mutmut_43", ".reshape(-1, store.dims[j]).to(device)",
+     ".reshape(-1, store.dims[j]).to(None)"),
 ]
-TESTS = ["tests/test_fused.py", "tests/test_step.py", "-k", "cuda"]
+TESTS = ["tests/test_fused.py", "tests/test_step.py", "tests/test_evaluate.py", "-k", "cuda"]
 
 
 def _pytest(extra: list[str]) -> subprocess.CompletedProcess:

@@ -62,7 +62,7 @@ def naive(sae, arrays, rows, tau):
 def test_report_and_csv_match_naive_formulas(trained, tmp_path):
     root, arrays = trained
     report = evaluate(root / "run", root / "store", tmp_path, split="all", threshold=0.1,
-                      batch_images=7, progress=False)
+                      batch_images=7, progress=False, plots=False)
     store = Store(root / "store")
     rows = store.rows("all")
     sae = UniversalSAE.load(root / "run")
@@ -222,3 +222,142 @@ def test_independent_and_shuffled_controls_end_to_end(trained, tmp_path):
     rows = report["comparison"]
     assert [r["shuffle_pairing"] for r in rows] == [False, True]
     assert {"cross_r2_mean", "firing_entropy_median", "dead_fraction_mean"} <= set(rows[1])
+
+
+def _codes(values, indices):
+    return (torch.tensor(values, dtype=torch.float32), torch.tensor(indices))
+
+
+def test_concept_accumulator_and_concept_numbers_by_hand(monkeypatch):
+    """Guards ConceptAccumulator and the per-concept numbers against hand-computed values:
+    fires are strictly above τ (a value equal to τ does not fire), a selected zero is not
+    active, co-fires need every model, top images merge across batches, the firing entropy
+    (a concept firing in one model only: 0; equally in both: 1; never: NaN, without warnings),
+    co-fire proportions, dead concepts, energy with a zero dictionary row (0, not inf), and the
+    classes at their exact thresholds."""
+    import warnings
+
+    import usae.evaluate as ev
+
+    acc = ev.ConceptAccumulator(("a", "b"), n=4, threshold=0.5, top=2)
+    # 2 images x 2 tokens; k = 2 selected (value, concept) per token
+    acc.update({"a": _codes([[0.9, 0.5], [0.6, 0.0], [0.0, 0.0], [2.0, 0.7]],
+                            [[0, 1], [0, 2], [1, 2], [0, 1]]),
+                "b": _codes([[0.8, 0.1], [0.4, 0.0], [0.0, 0.0], [1.0, 0.0]],
+                            [[0, 3], [0, 1], [1, 2], [0, 2]])},
+               torch.tensor([10, 11]), tokens=2)
+    acc.update({"a": _codes([[2.6, 0.0], [0.0, 0.0]], [[0, 1], [1, 2]]),
+                "b": _codes([[0.2, 0.0], [0.0, 0.0]], [[3, 1], [1, 2]])},
+               torch.tensor([12]), tokens=2)
+    assert acc.tokens == 6 and acc.l0_sum.dtype == torch.float64  # sums reach 1e10
+    # fires (> 0.5): a: concept 0 at tokens 0, 1, 3, 4; concept 1 at token 3 (0.7)
+    assert acc.fires.tolist() == [[4, 1, 0, 0], [2, 0, 0, 0]]
+    assert acc.active.tolist() == [[4, 2, 0, 0], [3, 0, 0, 2]]
+    assert acc.l0_sum.tolist() == [6, 5]
+    assert acc.cofires.tolist() == [2, 0, 0, 0]  # tokens 0 and 3 fire concept 0 in both
+    # per-image mean codes of concept 0, model a: image 10 (0.9+0.6)/2, 11: 2/2, 12: 2.6/2
+    assert acc.top_rows["a"][0].tolist() == [12, 11]
+    assert torch.allclose(acc.top_scores["a"][0], torch.tensor([1.3, 1.0]))
+    # mean over models, concept 0: image 10 (0.75+0.6)/2, 11 (1+0.5)/2, 12 (1.3+0)/2
+    assert acc.top_rows["mean"][0].tolist() == [11, 10]
+    assert acc.top_rows["a"].dtype == torch.long
+
+    norms = {"a": torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64),
+             "b": torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arr = ev._concept_arrays(("a", "b"), {"concepts": acc, "dict_norms": norms})
+    assert arr["fe"][0] == pytest.approx(-(4 / 6 * math.log(4 / 6) + 2 / 6 * math.log(2 / 6))
+                                         / math.log(2))
+    assert arr["fe"][1] == 0.0 and math.isnan(arr["fe"][2]) and math.isnan(arr["fe"][3])
+    np.testing.assert_allclose(arr["cfp"][:, 0], [2 / 4, 2 / 2])
+    assert arr["cfp"][0, 1] == 0.0 and math.isnan(arr["cfp"][1, 1])
+    assert arr["dead"].tolist() == [[False, False, True, True], [False, True, True, False]]
+    mean_a = np.array([6.1, 1.2, 0.0, 0.0]) / 6
+    mean_b = np.array([2.2, 0.0, 0.0, 0.3]) / 6
+    np.testing.assert_allclose(arr["energy_mn"], [mean_a * [1, 1, 0, 1], mean_b * [1, 2, 1, 1]])
+    assert arr["specific"].tolist() == [False, True, False, False]
+    assert arr["universal"].tolist() == [True, False, False, False]  # FE 0.918
+    assert arr["owner"][1] == 0
+    # the class boundaries are inclusive: equal fires give FE exactly 1, one model's FE is 0
+    monkeypatch.setattr(ev, "UNIVERSAL_FE", 1.0)
+    monkeypatch.setattr(ev, "SPECIFIC_FE", 0.0)
+    even = ev.ConceptAccumulator(("a", "b"), n=2, threshold=0.5, top=1)
+    even.update({"a": _codes([[1.0], [1.0]], [[0], [1]]), "b": _codes([[1.0], [0.0]], [[0], [1]])},
+                torch.tensor([0]), tokens=2)
+    arr = ev._concept_arrays(("a", "b"), {"concepts": even, "dict_norms": {
+        m: torch.ones(2, dtype=torch.float64) for m in ("a", "b")}})
+    assert arr["universal"].tolist() == [True, False]
+    assert arr["specific"].tolist() == [False, True]
+
+
+def test_entropy_of_one_model_and_a_single_fire():
+    """Guards FE for a one-model SAE (0, not NaN from log 1) and for a concept that fired once
+    (defined, not NaN)."""
+    from usae.evaluate import _entropy
+
+    assert _entropy(np.array([[3.0, 0.0]])).tolist()[0] == 0.0
+    assert math.isnan(_entropy(np.array([[3.0, 0.0]]))[1])
+    assert _entropy(np.array([[1.0], [0.0]])).tolist() == [0.0]
+
+
+def test_one_token_report_numbers():
+    """Guards the token count in the per-token means down to one token."""
+    from types import SimpleNamespace
+
+    import usae.evaluate as ev
+    from usae.metrics import R2Accumulator
+
+    acc = ev.ConceptAccumulator(("a",), n=3, threshold=0.1, top=1)
+    acc.update({"a": _codes([[2.0, 1.0]], [[0, 2]])}, torch.tensor([0]), tokens=1)
+    r2 = R2Accumulator(("a",), (2,))
+    stats = {"concepts": acc, "r2": r2, "dict_norms": {"a": torch.ones(3, dtype=torch.float64)}}
+    sae = SimpleNamespace(models=("a",), cfg=SimpleNamespace(n=3))
+    report, rows = ev._report(sae, stats, 0.1, "all", np.array([0]))
+    assert report["l0"] == {"a": 2.0}
+    assert [r["energy"] for r in rows] == [2.0, 0.0, 1.0]
+
+
+def test_comparison_rows_carry_each_runs_settings(trained, tmp_path, capsys):
+    """Guards the comparison: other runs are evaluated with this eval's options (split,
+    threshold) and without progress bars, and each row carries the run's own settings."""
+    from usae.evaluate import _comparison_row
+
+    root, _ = trained
+    report = evaluate(root / "run", root / "store", tmp_path / "e", progress=False,
+                      plots=False, split="all", threshold=0.3, compare=[root / "run"])
+    assert capsys.readouterr().err == ""
+    other = json.loads((tmp_path / "e" / "compare" / "0-run" / "report.json").read_text())
+    assert other["split"] == "all" and other["threshold"] == 0.3
+    cfg = json.loads((root / "run" / "config.json").read_text())
+    row = report["comparison"][1]
+    assert {k: row[k] for k in ("run", "preset", "shuffle_pairing", "decoder_update",
+                                "schedule", "standardize")} == {
+        "run": "run", "preset": cfg["preset"], "shuffle_pairing": cfg["train"]["shuffle_pairing"],
+        "decoder_update": cfg["train"]["decoder_update"], "schedule": cfg["train"]["schedule"],
+        "standardize": cfg["sae"]["standardize"]}
+    assert row["cross_r2_mean"] == other["summary"]["cross_r2_mean"]
+    unreadable = _comparison_row(tmp_path / "nothing", other)
+    assert unreadable["preset"] is None and unreadable["schedule"] is None
+    assert unreadable["standardize"] is None
+
+
+def test_progress_bar_counts_images(trained, tmp_path, capsys):
+    """Guards eval's progress bar: its label, unit and count of images (shown when asked)."""
+    root, _ = trained
+    report = evaluate(root / "run", root / "store", tmp_path / "e", progress=True, plots=False,
+                      split="all")
+    err = capsys.readouterr().err
+    n = report["n_images"]
+    assert "eval: 100%" in err and f"{n}/{n}" in err and "img/s" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eval_on_cuda_matches_the_cpu(trained, tmp_path):
+    """Guards eval's device handling (the store's batches moved to the SAE's device)."""
+    root, _ = trained
+    cpu = evaluate(root / "run", root / "store", tmp_path / "c", progress=False, plots=False)
+    gpu = evaluate(root / "run", root / "store", tmp_path / "g", progress=False, plots=False,
+                   device="cuda")
+    np.testing.assert_allclose(gpu["r2"], cpu["r2"], atol=1e-4)
+    assert gpu["l0"] == pytest.approx(cpu["l0"])
