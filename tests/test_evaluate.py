@@ -25,7 +25,7 @@ def trained(tmp_path_factory, make_arrays):
     arrays = make_arrays(n_images=40, tokens=4, dims=(12, 8, 10))
     store = store_from_arrays(root / "store", arrays, dtype="float32")
     cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 24, "k": 3,
-                                                     "batch_images": 4, "max_steps": 80})
+                                                     "batch_images": 4, "max_steps": 30})
     train_run(cfg, StoreSource(store, "train"), root / "run", progress=False,
               store_manifest=store.manifest)
     return root, arrays
@@ -361,3 +361,98 @@ def test_eval_on_cuda_matches_the_cpu(trained, tmp_path):
                    device="cuda")
     np.testing.assert_allclose(gpu["r2"], cpu["r2"], atol=1e-4)
     assert gpu["l0"] == pytest.approx(cpu["l0"])
+
+
+def test_concepts_csv_rows_and_report_schema_by_hand(tmp_path):
+    """Guards concepts.csv cells (empty for undefined entropies and proportions; classes
+    dead / specific:<model> / universal / mixed; per-model energies), the report's keys and
+    class counts per owning model, and a one-concept table (its header comes from row 0)."""
+    from types import SimpleNamespace
+
+    import usae.evaluate as ev
+    from usae.metrics import R2Accumulator
+
+    acc = ev.ConceptAccumulator(("a", "b"), n=4, threshold=0.5, top=1)
+    # concept 0 fires in both (universal), 1 only in b (specific:b), 2 only in a, 3 never
+    acc.update({"a": _codes([[1.0, 0.9], [0.8, 0.0]], [[0, 2], [0, 3]]),
+                "b": _codes([[1.0, 0.7], [0.9, 0.6]], [[0, 1], [0, 1]])},
+               torch.tensor([0]), tokens=2)
+    ones = {m: torch.ones(4, dtype=torch.float64) for m in ("a", "b")}
+    r2 = R2Accumulator(("a", "b"), (2, 2))
+    stats = {"concepts": acc, "r2": r2, "dict_norms": ones}
+    sae = SimpleNamespace(models=("a", "b"), cfg=SimpleNamespace(n=4))
+    report, rows = ev._report(sae, stats, 0.5, "all", np.array([0]))
+    assert [r["class"] for r in rows] == ["universal", "specific:b", "specific:a", "dead"]
+    assert rows[3]["firing_entropy"] == "" and rows[3]["cofire_proportion_a"] == ""
+    assert rows[1]["cofire_proportion_b"] == 0.0 and rows[1]["cofire_proportion_a"] == ""
+    assert rows[0]["firing_entropy"] == 1.0 and rows[2]["energy_a"] == pytest.approx(0.45)
+    assert rows[2]["energy_b"] == 0.0 and rows[1]["energy_b"] == pytest.approx(0.65)
+    classes = report["concept_classes"]
+    assert classes == {"thresholds": {"universal_fe_at_least": 0.85,
+                                      "model_specific_fe_at_most": 0.2},
+                       "universal": 1, "model_specific": {"a": 1, "b": 1}, "never_fire": 1}
+    assert set(report) == {"models", "r2", "r2_paper", "mse", "l0", "dead_fraction",
+                           "n_tokens", "n_images", "n_concepts", "threshold", "split",
+                           "summary", "concept_classes"}
+    assert report["n_concepts"] == 4 and report["summary"]["never_fire_fraction"] == 0.25
+    # one model: no cross R²; nothing fires: no entropy median
+    silent = ev.ConceptAccumulator(("a",), n=2, threshold=0.5, top=1)
+    silent.update({"a": _codes([[0.1]], [[0]])}, torch.tensor([0]), tokens=1)
+    one = SimpleNamespace(models=("a",), cfg=SimpleNamespace(n=2))
+    rep1, rows1 = ev._report(one, {"concepts": silent, "r2": R2Accumulator(("a",), (2,)),
+                                   "dict_norms": {"a": torch.ones(2, dtype=torch.float64)}},
+                             0.5, "all", np.array([0]))
+    assert rep1["summary"]["cross_r2_mean"] is None
+    assert rep1["summary"]["firing_entropy_median"] is None
+    ev._write(tmp_path / "w" / "x", rep1, rows1[:1], {"concepts": silent}, ("a",))
+    assert (tmp_path / "w" / "x" / "concepts.csv").read_text().splitlines()[0].startswith("concept,")
+
+
+def test_report_numbers_are_rounded_to_six_decimals(trained, tmp_path):
+    root, _ = trained
+    report = evaluate(root / "run", root / "store", tmp_path, progress=False, plots=False)
+    for key in ("r2", "r2_paper", "mse"):
+        for value in np.ravel(report[key]):
+            assert value == round(value, 6)
+    assert any(value != round(value, 5) for value in np.ravel(report["mse"]))
+
+
+@pytest.mark.parametrize("key", ["aligned_grid", "spec", "keep_cls", "prefix_tokens"])
+def test_every_recorded_store_setting_is_compared(trained, tmp_path, caplog, key):
+    """Guards the settings eval compares between the training store and this one (each gives
+    a warning naming both values), and runs whose record lacks a model (no warning)."""
+    import shutil
+
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["store"]["models"]["m0"][key] = "then"
+    del cfg["store"]["models"]["m1"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(root / "store", tmp_path / "store")
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    manifest["models"]["m0"][key] = "now"
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        evaluate(tmp_path / "run", tmp_path / "store", tmp_path / "e", progress=False,
+                 plots=False)
+    assert (f"warning: model 'm0' was trained with {key}='then' but the store has 'now'"
+            in caplog.text)
+    assert "'m1'" not in caplog.text
+
+
+def test_eval_rows_fall_back_only_for_a_missing_val_split(make_arrays, tmp_path, caplog):
+    """Guards the fallback: only `val`, only when the store has none, with its warning."""
+    from usae.evaluate import eval_rows
+
+    arrays = make_arrays(n_images=6, tokens=2, dims=(3,))
+    with_val = store_from_arrays(tmp_path / "v", arrays, splits=["train"] * 4 + ["val"] * 2)
+    rows, split = eval_rows(with_val, "val")
+    assert rows.tolist() == [4, 5] and split == "val"
+    no_val = store_from_arrays(tmp_path / "n", arrays, splits=["train"] * 5 + ["test"])
+    with caplog.at_level("WARNING"):
+        rows, split = eval_rows(no_val, "train")
+        assert rows.tolist() == [0, 1, 2, 3, 4] and split == "train" and not caplog.text
+        rows, split = eval_rows(no_val, "val")
+    assert rows.tolist() == list(range(6)) and split == "all"
+    assert caplog.messages == ["warning: the store has no 'val' split; evaluating on every image"]
