@@ -160,3 +160,69 @@ def test_any_arrays_round_trip_through_a_store(tmp_path, n, tokens, d, dtype, se
         want = from_storage(to_storage(a, dtype), dtype)
         torch.testing.assert_close(store.read(m, rows), want[rows], rtol=0, atol=0)
     assert store.verify()
+
+
+def test_content_hash_is_sha256_of_images_dtype_and_every_byte(arrays, tmp_path):
+    """Guards the content hash against hashlib written out: the image paths and dtype as JSON,
+    then each model's name, a NUL byte and every byte of its array, in model order."""
+    import hashlib
+
+    store = store_from_arrays(tmp_path / "s", arrays, dtype="float16")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    h = hashlib.sha256(json.dumps([[i["path"] for i in manifest["images"]], "float16"]).encode())
+    for m in arrays:
+        h.update(m.encode() + b"\0" + (tmp_path / "s" / f"acts_{m}.bin").read_bytes())
+    assert manifest["content_hash"] == h.hexdigest() and store.verify()
+
+
+def test_store_attributes_info_and_read_only_arrays(arrays, tmp_path):
+    """Guards the Store's dims, tokens, info keys, read-only memory maps, the default split of
+    `rows()`, split counts without skipped images, and reading no rows at all."""
+    store_from_arrays(tmp_path / "s", arrays, dtype="float32")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["images"][0]["skipped"] = True
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    store = Store(tmp_path / "s")
+    assert store.dims == tuple(a.shape[2] for a in arrays.values())
+    assert store.tokens == arrays["m0"].shape[1]
+    assert not store.array("m0").flags.writeable
+    assert store.rows().tolist() == list(range(1, 48))
+    split0 = manifest["images"][0]["split"]
+    assert store.splits()[split0] == sum(1 for i in manifest["images"][1:] if i["split"] == split0)
+    info = store.info()
+    assert set(info) == {"models", "n_images", "splits", "dtype", "schema_version", "skipped",
+                         "content_hash"}
+    assert (info["dtype"], info["schema_version"], info["skipped"]) == ("float32", 1, 1)
+    assert info["content_hash"] == manifest["content_hash"]
+    empty = store.read("m0", np.array([], dtype=np.int64))
+    assert tuple(empty.shape) == (0,) + arrays["m0"].shape[1:]
+
+
+def test_a_corrupt_manifest_is_named(arrays, tmp_path):
+    store_from_arrays(tmp_path / "s", arrays)
+    (tmp_path / "s" / "manifest.json").write_text("{")
+    with pytest.raises(UsaeError, match=r"^store manifest .*manifest.json is corrupt"):
+        Store(tmp_path / "s")
+
+
+def test_prefetch_asks_for_each_contiguous_run(arrays, tmp_path, monkeypatch):
+    """Guards the read-ahead hints: one POSIX_FADV_WILLNEED per contiguous run of rows and
+    model, at the run's byte offset and length; a single row too, and none for no rows."""
+    store = store_from_arrays(tmp_path / "s", arrays, dtype="float16")
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, off, length, advice: calls.append((off, length, advice)),
+                        raising=False)
+    store.prefetch(np.array([7, 2, 3, 4]))
+    row = {m: a.shape[1] * a.shape[2] * 2 for m, a in arrays.items()}
+    expected = []
+    for m in arrays:
+        expected += [(2 * row[m], 3 * row[m], os.POSIX_FADV_WILLNEED),
+                     (7 * row[m], row[m], os.POSIX_FADV_WILLNEED)]
+    assert calls == expected
+    calls.clear()
+    store.prefetch(np.array([5]))
+    assert calls == [(5 * row[m], row[m], os.POSIX_FADV_WILLNEED) for m in arrays]
+    calls.clear()
+    store.prefetch(np.array([], dtype=np.int64))
+    assert calls == []
