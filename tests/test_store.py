@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from usae.errors import UsaeError
 from usae.sources import StoreSource
 from usae.store import ModelEntry, Store, from_storage, to_storage
-from usae.store_writer import StoreWriter, store_from_arrays
+from usae.store_writer import Part, StoreWriter, read_progress, store_from_arrays
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float16", 1e-2), ("bfloat16", 1e-1)])
@@ -226,3 +226,49 @@ def test_prefetch_asks_for_each_contiguous_run(arrays, tmp_path, monkeypatch):
     calls.clear()
     store.prefetch(np.array([], dtype=np.int64))
     assert calls == []
+
+
+def test_a_store_resumes_only_with_the_same_number_of_writers(tmp_path):
+    """Guards the layout check: progress files of another number of writers are refused
+    (naming them), and a writer's recorded rows must match its part, an empty part included."""
+    models, images = _entries()
+    rows = np.zeros((6, 2, 3), np.float32)
+    StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 0, 0, 2))
+    w1 = StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 6, 1, 2))
+    w1.commit(0, {"a": rows[:2]}, {})
+    for part in (None, Part(0, 3, 0, 3)):
+        with pytest.raises(UsaeError, match=r"different number of processes "
+                                            r"\(progress.rank0of2.safetensors, "
+                                            r"progress.rank1of2.safetensors\)"):
+            StoreWriter(tmp_path / "s", models, images, "float32", part=part)
+    with pytest.raises(UsaeError, match=r"rows were 0..0, now 0..3"):
+        StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 3, 0, 2))
+    assert StoreWriter(tmp_path / "s", models, images, "float32",
+                       part=Part(0, 6, 1, 2)).done == 2
+
+
+def test_progress_files_of_older_versions_and_skipped_keys(tmp_path):
+    """Guards reading a progress header: lo 0 and hi -1 when a file predates parts, and the
+    skipped images' indices as integers."""
+    from safetensors.torch import save_file
+
+    from usae.stats import StatsAccumulator
+
+    sums = {"sum.a": torch.zeros(3, dtype=torch.float64), "sumsq.a": torch.ones(3, dtype=torch.float64),
+            "count.a": torch.tensor([4])}
+    save_file(sums, tmp_path / "p.safetensors", metadata={"done": "4", "skipped": '{"2": "bad"}'})
+    done, lo, hi, skipped, accs = read_progress(tmp_path / "p.safetensors",
+                                                {"a": StatsAccumulator(3)})
+    assert (done, lo, hi, skipped) == (4, 0, -1, {2: "bad"})
+    assert accs["a"].count == 4 and accs["a"].sumsq_d.dtype == np.float64
+
+
+def test_store_from_arrays_records_specs_paths_and_seeded_splits(tmp_path):
+    """Guards store_from_arrays: one model alone, each model's spec, the given image paths
+    with no label, and the default seed's split (pinned: an older store must read the same)."""
+    arrays = {"solo": np.arange(20 * 2 * 3, dtype=np.float32).reshape(20, 2, 3)}
+    store = store_from_arrays(tmp_path / "s", arrays, paths=[f"p{i}.png" for i in range(20)])
+    assert store.manifest["models"]["solo"]["spec"] == "array:solo"
+    assert store.manifest["images"][3]["path"] == "p3.png"
+    assert all(i["label"] is None and "label" in i for i in store.manifest["images"])
+    assert store.rows("val").tolist() == [5, 12]
