@@ -103,7 +103,9 @@ def test_full_disk_loses_nothing_and_resumes(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(UsaeError, match="No space left.*2 images committed.*resume"):
+    with pytest.raises(UsaeError, match=r"writing .*acts_a.bin failed \(No space left.*2 "
+                                        r"images committed.*re-run the same command to "
+                                        r"resume$"):
         w.commit(2, {"a": rows[2:4]}, {})
     monkeypatch.setattr(os, "pwrite", real)
     w2 = StoreWriter(tmp_path / "s", models, images, "float32")
@@ -243,8 +245,14 @@ def test_a_store_resumes_only_with_the_same_number_of_writers(tmp_path):
             StoreWriter(tmp_path / "s", models, images, "float32", part=part)
     with pytest.raises(UsaeError, match=r"rows were 0..0, now 0..3"):
         StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 3, 0, 2))
-    assert StoreWriter(tmp_path / "s", models, images, "float32",
-                       part=Part(0, 6, 1, 2)).done == 2
+    w1 = StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 6, 1, 2))
+    assert w1.done == 2
+    rows = np.arange(36, dtype=np.float32).reshape(6, 2, 3)
+    w1.commit(2, {"a": rows[2:]}, {})
+    w0 = StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 0, 0, 2))
+    w0.finalize()
+    store = Store(tmp_path / "s")
+    np.testing.assert_array_equal(store.read("a", np.arange(2, 6)).numpy(), rows[2:])
 
 
 def test_progress_files_of_older_versions_and_skipped_keys(tmp_path):
@@ -272,3 +280,22 @@ def test_store_from_arrays_records_specs_paths_and_seeded_splits(tmp_path):
     assert store.manifest["images"][3]["path"] == "p3.png"
     assert all(i["label"] is None and "label" in i for i in store.manifest["images"])
     assert store.rows("val").tolist() == [5, 12]
+
+
+def test_short_writes_are_completed_and_no_sums_are_kept(tmp_path, monkeypatch):
+    """Guards the pwrite loop (a short write continues at the right offset), finalize's
+    check of a single writer's rows, and that only shards keep raw sums by default."""
+    models, images = _entries()
+    rows = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, data[:7], offset))
+    w = StoreWriter(tmp_path / "s", models, images, "float32")
+    w.commit(0, {"a": rows[:4]}, {})
+    with pytest.raises(UsaeError, match="internal: finalize with 4/6 rows done"):
+        w.finalize()
+    w.commit(4, {"a": rows[4:]}, {})
+    w.finalize()
+    monkeypatch.setattr(os, "pwrite", real)
+    store = Store(tmp_path / "s")
+    np.testing.assert_array_equal(store.read("a", np.arange(6)).numpy(), rows)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["acts_a.bin", "manifest.json"]
