@@ -74,7 +74,7 @@ def prepare(module: str) -> Path:
         shutil.copytree(ROOT / name, work / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     text = (ROOT / "pyproject.toml").read_text()
-    head, _, _ = text.partition("[tool.mutmut]")
+    head = text.partition("[tool.mutmut]")[0]  # a table of its own, if any, is replaced
     config = "\n".join([
         "[tool.mutmut]",
         'source_paths = ["src/"]',

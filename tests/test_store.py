@@ -299,3 +299,82 @@ def test_short_writes_are_completed_and_no_sums_are_kept(tmp_path, monkeypatch):
     store = Store(tmp_path / "s")
     np.testing.assert_array_equal(store.read("a", np.arange(6)).numpy(), rows)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["acts_a.bin", "manifest.json"]
+
+
+def _two_models():
+    models = [ModelEntry("a", 3, 2, {}), ModelEntry("b", 2, 2, {})]
+    images = [{"path": f"img{i}", "label": None, "split": "train"} for i in range(6)]
+    return models, images
+
+
+def test_writer_defaults_building_state_and_its_checks(tmp_path):
+    """Guards the writer's default dtype (float16), the manifest's 'building' state until
+    finalize, the batch checks (models agreeing on the batch size, rows past the writer's part,
+    the non-finite message's image range) and the statistics leaving out skipped images of a
+    later batch."""
+    models, images = _two_models()
+    w = StoreWriter(tmp_path / "s", models, images)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert w.dtype == "float16" and manifest["dtype"] == "float16"
+    assert manifest["state"] == "building"
+    with pytest.raises(UsaeError, match=r"not finished \(state 'building'\)"):
+        Store(tmp_path / "s")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 2, 3)), rng.normal(size=(6, 2, 2))
+    with pytest.raises(UsaeError, match="models disagree on the batch size"):
+        w.commit(0, {"a": a[:3], "b": b[:2]}, {})
+    w.commit(0, {"a": a[:3], "b": b[:3]}, {})
+    bad = a[3:].copy()
+    bad[1, 0, 0] = np.inf
+    with pytest.raises(UsaeError, match=r"non-finite activations in images 3\.\.5$"):
+        w.commit(3, {"a": bad, "b": b[3:]}, {})
+    with pytest.raises(UsaeError, match="belong to another writer"):
+        w.commit(3, {"a": a[2:], "b": b[2:]}, {})
+    w.commit(3, {"a": a[3:], "b": b[3:]}, {4: "corrupt"})
+    manifest = w.finalize()
+    kept = [0, 1, 2, 3, 5]
+    stats = Store(tmp_path / "s").stats()["a"]
+    assert stats.mean == pytest.approx(float(a[kept].mean()), abs=1e-6)
+    np.testing.assert_allclose(stats.mean_d, a[kept].reshape(-1, 3).mean(0), atol=1e-6)
+
+
+def test_finalized_at_is_utc(tmp_path, monkeypatch):
+    """Guards the finalization time: ISO 8601 in UTC whatever the local time zone."""
+    import re
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        models, images = _entries()
+        w = StoreWriter(tmp_path / "s", models, images, "float32")
+        w.commit(0, {"a": np.zeros((6, 2, 3))}, {})
+        stamp = w.finalize()["finalized_at"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+    utc = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert abs(utc - time.time()) < 120
+
+
+def test_parts_record_their_rows_and_skips_and_only_writer_zero_creates(tmp_path):
+    """Guards the progress header of a part (lo, hi, skipped indices), a writer other than 0
+    refusing to create the store, and writer 0 clearing stale temp files."""
+    models, images = _entries()
+    with pytest.raises(UsaeError, match="writer 1 opened .* before writer 0 created it"):
+        StoreWriter(tmp_path / "s", models, images, "float32", part=Part(2, 6, 1, 2))
+    (tmp_path / "s").mkdir(exist_ok=True)
+    (tmp_path / "s" / ".manifest.json.x.tmp").write_text("left by a kill")
+    StoreWriter(tmp_path / "s", models, images, "float32", part=Part(0, 2, 0, 2))
+    assert not (tmp_path / "s" / ".manifest.json.x.tmp").exists()
+    w1 = StoreWriter(tmp_path / "s", models, images, "float32", part=Part(2, 6, 1, 2))
+    (tmp_path / "s" / ".other.tmp").write_text("a temp of a live writer 0")
+    w1.commit(2, {"a": np.zeros((2, 2, 3))}, {3: "corrupt"})
+    StoreWriter(tmp_path / "s", models, images, "float32", part=Part(2, 6, 1, 2))
+    assert (tmp_path / "s" / ".other.tmp").exists()
+    from usae.stats import StatsAccumulator
+
+    done, lo, hi, skipped, _ = read_progress(tmp_path / "s" / "progress.rank1of2.safetensors",
+                                             {"a": StatsAccumulator(3)})
+    assert (done, lo, hi, skipped) == (4, 2, 6, {3: "corrupt"})
