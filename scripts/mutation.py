@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def prepare(module: str) -> Path:
         shutil.copytree(ROOT / name, work / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     text = (ROOT / "pyproject.toml").read_text()
-    head = text.partition("[tool.mutmut]")[0]  # a table of its own, if any, is replaced
+    head = re.split(r"^\[tool\.mutmut\]", text, flags=re.M)[0]  # a table of its own is replaced
     config = "\n".join([
         "[tool.mutmut]",
         'source_paths = ["src/"]',
@@ -88,6 +89,10 @@ def prepare(module: str) -> Path:
         "",
     ])
     (work / "pyproject.toml").write_text(head + config)
+    import tomllib
+
+    written = tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert written["only_mutate"] == [f"src/usae/{module}.py"], written  # one module only
     return work
 
 
