@@ -196,3 +196,39 @@ def test_decoded_batches_keep_order_and_match_per_image_preprocessing(tmp_path, 
             assert torch.equal(pixels[m], want)
     reasons = {i: r for items in got for i, _, r in items if r}
     assert [paths[i].endswith("broken.jpg") for i in reasons] == [True]
+
+
+VIT = next(s for s in SPECS.split(",") if "vit" in s)
+
+
+def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
+    """Guards what `usae cache` records and reports beyond the rows: the manifest's source and
+    alignment, keep_cls (one more row per image, first the CLS token, and a skipped image's
+    zero rows of that shape), the seeded split, the timings, the summary and skip lines in the
+    log, and the progress bar (label, unit, count)."""
+    from usae.images import list_images
+
+    make_images(tmp_path / "imgs", n=6)
+    timings: dict = {}
+    with caplog.at_level("INFO"):
+        manifest = cache(VIT, tmp_path / "imgs", tmp_path / "store", batch_size=3,
+                         workers=1, keep_cls=True, seed=3, val_fraction=0.5, progress=True,
+                         timings=timings)
+    err = capsys.readouterr().err
+    assert "cache: 100%" in err and "7/7" in err and "img/s" in err
+    assert manifest["source"] == str((tmp_path / "imgs").resolve())
+    assert manifest["align"] == "resample"
+    expected = list_images(tmp_path / "imgs", val_fraction=0.5, seed=3)
+    assert [i["split"] for i in manifest["images"]] == [e["split"] for e in expected]
+    store = Store(tmp_path / "store")
+    assert store.tokens == 4 * 4 + 1 and manifest["models"]["vit_tiny_patch16_224"]["keep_cls"]
+    assert set(timings) == {"seconds", "images_per_s", "forward_seconds"}
+    assert 0 < timings["forward_seconds"] <= timings["seconds"]
+    assert timings["images_per_s"] == pytest.approx(7 / timings["seconds"], rel=1e-6)
+    broken = next(i for i, e in enumerate(manifest["images"]) if e.get("skipped"))
+    assert not store.array("vit_tiny_patch16_224")[broken].any()
+    names = ", ".join(manifest["models"])
+    assert (f"stored 6 images (1 skipped) for {names} in {timings['seconds']:.1f}s "
+            f"({timings['images_per_s']:.1f} images/s) -> {tmp_path / 'store'}") in caplog.text
+    path = manifest["images"][broken]["path"]
+    assert f"skipping {path}: UnidentifiedImageError" in caplog.text
