@@ -40,6 +40,28 @@ def test_model_stats_json_round_trip():
     back = ModelStats.from_json(s.to_json())
     assert back.mean == 1.5 and back.std == 2.5
     np.testing.assert_array_equal(back.mean_d, s.mean_d)
+    np.testing.assert_array_equal(back.std_d, s.std_d)
+    assert back.std_d.dtype == np.float64
+
+
+def test_statistics_of_one_token_small_variance_and_large_float32_values():
+    """Guards the accumulator at its edges: one token is enough (std 0), a variance far below
+    1 is not clamped, and float32 input is summed in float64 (mean 1000, std 1: float32 sums
+    of squares would cancel catastrophically)."""
+    one = StatsAccumulator(2)
+    one.update(np.array([[3.0, 4.0]], np.float32))
+    r = one.result()
+    assert r.mean == 3.5 and r.std == 0.5 and r.mean_d.tolist() == [3.0, 4.0]
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 0.01, size=(500, 3))
+    acc = StatsAccumulator(3)
+    acc.update(small)
+    assert acc.result().std == pytest.approx(small.std(), rel=1e-9)
+    big = (1000 + rng.normal(0, 1, size=(4000, 4))).astype(np.float32)
+    acc = StatsAccumulator(4)
+    for part in np.array_split(big, 7):
+        acc.update(part)
+    np.testing.assert_allclose(acc.result().std_d, big.astype(np.float64).std(0), rtol=1e-6)
 
 
 def test_skipped_images_are_left_out_of_the_statistics(tmp_path):
