@@ -168,3 +168,14 @@ def test_grid_rules_at_their_boundaries():
         common_grid({"a": (10, 10), "b": (12, 10)})
     with pytest.raises(UsaeError, match=r"^--keep-cls: this model has no CLS token$"):
         align_tokens(torch.randn(1, 4, 3), 0, (2, 2), (2, 2), keep_cls=True)
+
+
+def test_exact_square_grid_names_what_is_not_square():
+    """Guards the error of a token count that is not a square grid, with its default label."""
+    from usae.align import exact_square_grid
+
+    assert exact_square_grid(49) == (7, 7)
+    with pytest.raises(UsaeError, match=r"^the layer: 50 tokens are not a square grid"):
+        exact_square_grid(50)
+    with pytest.raises(UsaeError, match=r"^blocks.3: 50 tokens"):
+        exact_square_grid(50, "blocks.3")
