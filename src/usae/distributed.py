@@ -123,15 +123,20 @@ class Dist:
 
     def close(self) -> None:
         """End the process group if ``from_env`` created it (not one the caller made)."""
-        if self.owns_group and tdist.is_initialized():
-            tdist.destroy_process_group()
+        if self.owns_group and tdist.is_initialized() and not _PEER_LOST:
+            tdist.destroy_process_group()  # (after a lost peer, gloo can abort in teardown)
+
+
+_PEER_LOST = False  # a collective failed: the group is broken and is not torn down
 
 
 def _checked(fn: Any, *args: Any, **kwargs: Any) -> None:
     """Run a collective; a dead or silent peer (gloo/NCCL error or timeout) is a UsaeError."""
+    global _PEER_LOST
     try:
         fn(*args, **kwargs)
     except RuntimeError as err:  # DistBackendError and gloo's errors are RuntimeErrors
+        _PEER_LOST = True
         text = str(err).strip()
         first = text.splitlines()[0][:200] if text else type(err).__name__
         raise UsaeError(f"rank {tdist.get_rank()}: a peer process died or stopped answering "
