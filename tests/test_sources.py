@@ -1,5 +1,7 @@
 """Data sources and statistics (``usae.sources``, ``usae.stats``) against naive numpy."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -226,7 +228,9 @@ def test_array_source_shapes_dtypes_stats_and_defaults(make_arrays):
         np.testing.assert_allclose(src.stats()[m].std_d, flat.std(0), rtol=1e-9)
     bad = dict(arrays)
     bad["m1"] = bad["m1"][:, :2]
-    with pytest.raises(UsaeError, match="differs from"):
+    n, t = arrays["m0"].shape[:2]
+    with pytest.raises(UsaeError, match=re.escape(f"model 'm1': shape ({n}, 2) (images, tokens) "
+                                                  f"differs from model 'm0' with ({n}, {t})")):
         ArraySource(bad)
     sub = ModelSubset(src, ("m2",))
     for got, want in zip(sub.batches(8, 0, 0), src.batches(8, 0, 0)):

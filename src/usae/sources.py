@@ -101,7 +101,7 @@ class ArraySource:
                 shape0 = a.shape[:2]
             elif a.shape[:2] != shape0:
                 raise UsaeError(f"model {m!r}: shape {a.shape[:2]} (images, tokens) differs from "
-                                f"{self.models[0]!r}'s {shape0}")
+                                f"model {self.models[0]!r} with {shape0}")
             if not np.isfinite(a).all():
                 raise UsaeError(f"model {m!r}: activations contain NaN or Inf")
             self._arrays[m] = a
