@@ -18,6 +18,7 @@ behaviour) are counted apart. The script prints a per-module table and writes
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import re
@@ -141,11 +142,9 @@ def run_module(module: str, mutmut: str, max_children: int, rerun: bool) -> dict
     return results(work, mutmut)
 
 
-def summarize(module: str, status: dict[str, str], equivalent: dict[str, str]) -> dict:
+def summarize(status: dict[str, str], equivalent: dict[str, str]) -> dict:
     """Counts per status, survivors split into equivalent (explained) and live."""
-    counts: dict[str, int] = {}
-    for word in status.values():
-        counts[word] = counts.get(word, 0) + 1
+    counts = dict(Counter(status.values()))
     survivors = sorted(n for n, s in status.items() if s == "survived")
     live = [n for n in survivors if n not in equivalent]
     detected = counts.get("killed", 0) + counts.get("timeout", 0)
@@ -183,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             status = run_module(module, mutmut, args.max_children, args.rerun)
         saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-        seconds = saved.get(module, {}).get("seconds") if args.collect else \
+        # "seconds": the last full run (a re-run or a collect keeps it)
+        seconds = saved.get(module, {}).get("seconds") if args.collect or args.rerun else \
             round(time.monotonic() - start, 1)
-        saved[module] = {**summarize(module, status, equivalent), "seconds": seconds}
+        saved[module] = {**summarize(status, equivalent), "seconds": seconds}
         WORK.mkdir(exist_ok=True)
         saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
         print(_row(module, saved[module]), flush=True)

@@ -404,6 +404,15 @@ def test_concepts_csv_rows_and_report_schema_by_hand(tmp_path):
                              0.5, "all", np.array([0]))
     assert rep1["summary"]["cross_r2_mean"] is None
     assert rep1["summary"]["firing_entropy_median"] is None
+    # unequal counts per owner: two concepts only in a, one only in b
+    uneven = ev.ConceptAccumulator(("a", "b"), n=3, threshold=0.5, top=1)
+    uneven.update({"a": _codes([[1.0, 0.9]], [[0, 1]]), "b": _codes([[0.8, 0.0]], [[2, 0]])},
+                  torch.tensor([0]), tokens=1)
+    rep2, _ = ev._report(SimpleNamespace(models=("a", "b"), cfg=SimpleNamespace(n=3)),
+                         {"concepts": uneven, "r2": R2Accumulator(("a", "b"), (2, 2)),
+                          "dict_norms": {m: torch.ones(3, dtype=torch.float64)
+                                         for m in ("a", "b")}}, 0.5, "all", np.array([0]))
+    assert rep2["concept_classes"]["model_specific"] == {"a": 2, "b": 1}
     ev._write(tmp_path / "w" / "x", rep1, rows1[:1], {"concepts": silent}, ("a",))
     assert (tmp_path / "w" / "x" / "concepts.csv").read_text().splitlines()[0].startswith("concept,")
 

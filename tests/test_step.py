@@ -19,6 +19,16 @@ from usae.sae import UniversalSAE
 from usae.step import reference_aux_codes, step_loss
 
 
+def _two_model_sae(seed: int, tokens: int = 20, **settings):
+    """(cfg, fp64 SAE, batches) for models a (d=10) and b (d=6), n = 32 and k = 3 unless
+    ``settings`` say otherwise; seeded, SAE first, then the batches."""
+    torch.manual_seed(seed)
+    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, **settings})
+    sae = UniversalSAE(cfg.sae).double()
+    xs = {"a": torch.randn(tokens, 10).double(), "b": torch.randn(tokens, 6).double()}
+    return cfg, sae, xs
+
+
 @given(st.integers(2, 40), st.integers(4, 64), st.integers(1, 8), st.integers(0, 10_000))
 @settings(max_examples=40, deadline=None)
 def test_aux_selection_equals_full_sort(rows, n, k, seed):
@@ -77,12 +87,8 @@ def test_aux_none_and_gao_match_the_naive_step_in_loss_and_gradients(aux, decode
                                                                      encoder):
     """Guards aux=none/gao: the loss and every stepped gradient equal dense autograd, with only
     some concepts dead (AuxK must pick among the dead ones and train their encoder rows)."""
-    torch.manual_seed(0)
-    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": aux,
-                                                 "decoder_update": decoder_update,
-                                                 "encoder": encoder})
-    base = UniversalSAE(cfg.sae).double()
-    xs = {"a": torch.randn(30, 10).double(), "b": torch.randn(30, 6).double()}
+    cfg, base, xs = _two_model_sae(0, tokens=30, aux=aux, decoder_update=decoder_update,
+                                   encoder=encoder)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[::3] = True  # 11 dead concepts
     ours, naive = copy.deepcopy(base), copy.deepcopy(base)
@@ -131,13 +137,9 @@ def test_sparse_linear_step_matches_autograd_with_inactive_rows_and_dead_overlap
 def test_default_aux_k_is_four_k_capped_at_half_the_concepts(encoder, n, k):
     """Guards AuxK's default size min(4k, n // 2) on both encoder paths: with every concept
     dead and most pre-activations positive, every selected entry counts."""
-    torch.manual_seed(5)
-    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": n, "k": k, "aux": "gao",
-                                                 "encoder": encoder})
-    sae = UniversalSAE(cfg.sae).double()
+    cfg, sae, xs = _two_model_sae(5, n_concepts=n, k=k, aux="gao", encoder=encoder)
     with torch.no_grad():
         sae.encoders["a"].linear.bias.add_(2.0)
-    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
     dead = torch.ones(n, dtype=torch.bool)
     loss, _, _ = step_loss(copy.deepcopy(sae), xs, 0, cfg, dead)
     expected = min(4 * k, n // 2)
@@ -149,11 +151,7 @@ def test_default_aux_k_is_four_k_capped_at_half_the_concepts(encoder, n, k):
 @pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
 def test_aux_none_ignores_a_dead_mask(encoder):
     """Guards that only aux=gao reads the dead mask: aux=none with one given adds nothing."""
-    torch.manual_seed(6)
-    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": "none",
-                                                 "encoder": encoder})
-    sae = UniversalSAE(cfg.sae).double()
-    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    cfg, sae, xs = _two_model_sae(6, aux="none", encoder=encoder)
     with_mask, out, _ = step_loss(copy.deepcopy(sae), xs, 0, cfg,
                                   torch.ones(32, dtype=torch.bool))
     ref = naive_step_loss(copy.deepcopy(sae), xs, 0, aux="none")
@@ -220,11 +218,7 @@ def test_linear_encoders_take_the_sparse_path(monkeypatch):
 @pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
 def test_the_step_on_cuda_matches_the_cpu(encoder):
     """Guards tensors the step builds itself (the fired mask, index rows) on the data's device."""
-    torch.manual_seed(9)
-    cfg = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3, "aux": "gao",
-                                                 "encoder": encoder})
-    sae = UniversalSAE(cfg.sae).double()
-    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    cfg, sae, xs = _two_model_sae(9, aux="gao", encoder=encoder)
     dead = torch.rand(32) < 0.5
     cpu, gpu = copy.deepcopy(sae), copy.deepcopy(sae).cuda()
     loss_c, out_c, fired_c = step_loss(cpu, xs, 0, cfg, dead)
