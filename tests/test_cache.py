@@ -1,9 +1,13 @@
+import hashlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,10 +17,13 @@ from PIL import Image
 from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Preprocess
+from usae import cache as cache_module
+from usae import store_writer
 from usae.cache import cache
+from usae.distributed import Dist
 from usae.errors import UsaeError
 from usae.images import load_rgb, normalize, preprocess_image, resize_crop
-from usae.store import Store
+from usae.store import Store, read_manifest
 
 SPECS = "effnet:lite0?img_size=64,timm:vit_tiny_patch16_224?img_size=64&pretrained=0"
 
@@ -232,3 +239,231 @@ def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
             f"({timings['images_per_s']:.1f} images/s) -> {tmp_path / 'store'}") in caplog.text
     path = manifest["images"][broken]["path"]
     assert f"skipping {path}: UnidentifiedImageError" in caplog.text
+
+
+@dataclass(frozen=True)
+class ThreadDist(Dist):
+    """A rank of an in-process job: ranks are threads, `barrier` is a `threading.Barrier` and
+    `agree` records what it was given (the real collectives are tested under torchrun in
+    test_distributed.py; this runs the cache's rank logic fast, in one process)."""
+
+    sync: Any = None
+    calls: Any = None  # list of (method, args)
+
+    def barrier(self) -> None:
+        self.calls.append(("barrier", ()))
+        if self.enabled:
+            self.sync.wait(timeout=60)
+
+    def agree(self, what: str, text: str) -> None:
+        self.calls.append(("agree", (what, text)))
+
+    def device(self, device: str) -> str:
+        self.calls.append(("device", (device,)))
+        return "cpu"
+
+    def close(self) -> None:
+        self.calls.append(("close", ()))
+
+
+def _run_ranks(world: int, fn) -> list:
+    """`fn(dist)` in one thread per rank; returns each rank's result (re-raises a failure)."""
+    sync = threading.Barrier(world)
+    dists = [ThreadDist(rank=r, world=world, sync=sync, calls=[]) for r in range(world)]
+    out: list = [None] * world
+    errors: list = []
+
+    def body(r: int) -> None:
+        try:
+            out[r] = fn(dists[r])
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            sync.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    if errors:
+        raise errors[0]
+    return [(d, o) for d, o in zip(dists, out)]
+
+
+def _quick_wait(monkeypatch) -> None:
+    real = store_writer.wait_for_parts
+    monkeypatch.setattr(cache_module, "wait_for_parts",
+                        lambda path, world: real(path, world, poll_s=0.02))
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    sa, sb = Store(a), Store(b)
+    assert sa.manifest["images"] == sb.manifest["images"]
+    assert sa.manifest["models"] == sb.manifest["models"]
+    for m in sa.models:
+        x, y = np.asarray(sa.array(m)), np.asarray(sb.array(m))
+        assert x.dtype == y.dtype and np.array_equal(x, y), m
+        assert np.array_equal(sa.stats()[m].mean_d, sb.stats()[m].mean_d)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_two_ranks_write_the_same_rows_as_one_process(tmp_path, monkeypatch, sharded):
+    """Guards the cache's rank logic: each rank opens the shared store (rank 0 first, the
+    others after the barrier) for its own contiguous part, in the requested dtype, with the
+    same manifest extras; or, with `shard_dir`, a store of its own whose `shard` block records
+    its start and the hash of the agreed image list. Either way the result equals the store
+    one process writes, and every rank agreed on the same image list first."""
+    from usae.images import list_images
+    from usae.store_merge import merge_shards
+
+    _quick_wait(monkeypatch)
+    lock, real_build = threading.Lock(), cache_module.build_backbones
+
+    def build(*a, **kw):  # random-weight backbones are seeded through the global RNG
+        with lock:
+            return real_build(*a, **kw)
+
+    monkeypatch.setattr(cache_module, "build_backbones", build)
+    imgs = make_images(tmp_path / "imgs", n=12)
+    kw = dict(batch_size=4, workers=0, dtype="float32", progress=False)
+    cache(VIT, imgs, tmp_path / "one", **kw)
+    shards = tmp_path / "shards"
+    ranks = _run_ranks(2, lambda d: cache(VIT, imgs, tmp_path / "two", dist=d,
+                                          shard_dir=str(shards) if sharded else "", **kw))
+    list_text = json.dumps([[e["path"], e.get("split")]
+                            for e in list_images(imgs, val_fraction=0.1, seed=0)])
+    for dist, _ in ranks:
+        assert ("agree", ("image lists", list_text)) in dist.calls
+        assert ("device", ("cpu",)) in dist.calls and ("close", ()) not in dist.calls
+    if sharded:
+        parts = sorted(shards.iterdir())
+        assert [p.name for p in parts] == ["shard-00000-of-00002", "shard-00001-of-00002"]
+        digest = hashlib.sha256(list_text.encode()).hexdigest()
+        blocks = [read_manifest(p)["shard"] for p in parts]
+        assert blocks == [{"index": r, "count": 2, "start": start, "n_total": 13,
+                           "list_hash": digest} for r, start in ((0, 0), (1, 8))]
+        merge_shards(parts, tmp_path / "two", progress=False)
+    else:
+        assert ranks[1][0].calls.count(("barrier", ())) == 1
+    _assert_same_store(tmp_path / "one", tmp_path / "two")
+    assert read_manifest(tmp_path / "two")["source"] == str(imgs.resolve())
+
+
+def test_cache_hands_its_options_to_each_stage(tmp_path, monkeypatch, capsys):
+    """Guards the wiring of `cache`'s options: the options object itself (not only keyword
+    changes), `pretrained` and `align` to the backbones, the device to the allocator setting,
+    the torchrun job (joined from the environment with the device, and closed after) and to
+    the backbones' `.to`, `workers` (0 stays 0; -1 asks the machine for the given device),
+    and that the progress bar is on by default and off when asked (or on other ranks)."""
+    from usae.options import CacheOptions
+
+    seen: dict = {"to": [], "workers": [], "default_workers": [], "malloc": []}
+    real_build = cache_module.build_backbones
+    real_extraction = cache_module.run_extraction
+
+    def build(specs, **kw):
+        seen["build"] = kw
+        backbones, target = real_build(specs, **kw)
+        for b in backbones:
+            real_to = b.to
+            b.to = lambda device, real_to=real_to: (seen["to"].append(device), real_to(device))[1]
+        return backbones, target
+
+    def extraction(writer, backbones, target, paths, batch_size, workers, *a, **kw):
+        seen["workers"].append(workers)
+        return real_extraction(writer, backbones, target, paths, batch_size, workers, *a, **kw)
+
+    own = ThreadDist(calls=[])
+    monkeypatch.setattr(cache_module, "build_backbones", build)
+    monkeypatch.setattr(cache_module, "run_extraction", extraction)
+    monkeypatch.setattr(cache_module, "keep_freed_memory", seen["malloc"].append)
+    monkeypatch.setattr(cache_module, "default_workers",
+                        lambda device: (seen["default_workers"].append(device), 0)[1])
+    monkeypatch.setattr(Dist, "from_env", classmethod(
+        lambda cls, device: (own.calls.append(("from_env", (device,))), own)[1]))
+    imgs = make_images(tmp_path / "imgs", n=3, bad=False)
+    cache(VIT, imgs, tmp_path / "a", CacheOptions(workers=0, align="resize_input"),
+          pretrained=False)
+    assert seen["build"] == {"pretrained": False, "align": "resize_input"}
+    assert read_manifest(tmp_path / "a")["align"] == "resize_input"
+    assert seen["workers"] == [0] and seen["malloc"] == ["cpu"] and seen["to"] == ["cpu"]
+    assert own.calls[0] == ("from_env", ("cpu",)) and own.calls[-1] == ("close", ())
+    assert ("device", ("cpu",)) in own.calls
+    assert "cache: 100%" in capsys.readouterr().err  # progress is on by default
+    cache(VIT, imgs, tmp_path / "b", workers=-1, progress=False)
+    assert seen["workers"] == [0, 0] and seen["default_workers"] == ["cpu"]
+    assert "cache:" not in capsys.readouterr().err
+    cache_module._cache(expand_specs(VIT), imgs, tmp_path / "d",
+                        CacheOptions(workers=0), None, False, None, ThreadDist(calls=[]))
+    assert "cache:" not in capsys.readouterr().err
+
+
+def test_interrupted_cache_resumes_in_process_with_the_right_rows_and_counts(
+        tmp_path, monkeypatch, caplog, capsys):
+    """Guards resuming: the images after the last committed batch are decoded with their own
+    row indices (not from row 0), the log says how many were already stored (and a fresh run
+    says nothing of resuming), the bar starts at the stored count, and the store equals one
+    written without interruption."""
+    imgs = make_images(tmp_path / "imgs", n=12)
+    kw = dict(batch_size=4, workers=0, dtype="float32")
+    cache(VIT, imgs, tmp_path / "full", progress=False, **kw)
+    real_commit, commits = store_writer.StoreWriter.commit, []
+
+    def commit_then_stop(self, *a, **k):
+        if len(commits) == 1:
+            raise KeyboardInterrupt
+        commits.append(1)
+        return real_commit(self, *a, **k)
+
+    monkeypatch.setattr(store_writer.StoreWriter, "commit", commit_then_stop)
+    with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
+        cache(VIT, imgs, tmp_path / "part", progress=False, **kw)
+    assert "resuming" not in caplog.text
+    monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)
+    capsys.readouterr()
+    with caplog.at_level("INFO"):
+        cache(VIT, imgs, tmp_path / "part", progress=True, **kw)
+    assert f"resuming {tmp_path / 'part'}: 4 of 13 images already stored" in caplog.text
+    err = capsys.readouterr().err
+    assert "13/13" in err and " 0/13" not in err and "| 4/13" in err
+    _assert_same_store(tmp_path / "full", tmp_path / "part")
+
+
+def test_cache_timings_and_bar_postfix_are_measured(tmp_path, monkeypatch, capsys):
+    """Guards the reported speed: `forward_seconds` adds up every batch's backbone time
+    (each batch here takes at least 0.05 s), `seconds` is the loop's wall time (no more than
+    the call's), and the bar's last postfix shows the images/s so far and the skip count."""
+    import re
+
+    real_extract = cache_module.extract_batch
+
+    def slow_extract(*a, **k):
+        time.sleep(0.05)
+        return real_extract(*a, **k)
+
+    monkeypatch.setattr(cache_module, "extract_batch", slow_extract)
+    imgs = make_images(tmp_path / "imgs", n=12)
+    timings: dict = {}
+    t0 = time.perf_counter()
+    cache(VIT, imgs, tmp_path / "s", batch_size=4, workers=0, timings=timings, progress=True)
+    wall = time.perf_counter() - t0
+    assert 4 * 0.05 <= timings["forward_seconds"] <= timings["seconds"] <= wall
+    postfix = re.findall(r"img_s=([\d.]+), skipped=(\d+)", capsys.readouterr().err)
+    img_s, skipped = postfix[-1]
+    assert skipped == "1"
+    assert float(img_s) == pytest.approx(timings["images_per_s"], rel=0.3)
+
+
+def test_token_counts_use_both_sides_of_a_non_square_grid():
+    """Guards rows per image on a non-square aligned grid (h * w, plus one with CLS)."""
+    class Fake:
+        name, d = "m", 5
+
+        def info(self):
+            return {}
+
+    (entry,) = cache_module.model_entries([Fake()], (2, 3), keep_cls=False)
+    assert entry.tokens == 6 and entry.info["aligned_grid"] == [2, 3]
+    assert cache_module._shape(Fake(), (2, 3), True) == (7, 5)
+    assert cache_module._shape(Fake(), (3, 2), False) == (6, 5)

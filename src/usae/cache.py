@@ -145,7 +145,7 @@ def _open_writer(out: Path, models: list[ModelEntry], entries: list[dict[str, An
 
 def run_extraction(writer: StoreWriter, backbones: list[Backbone], target: tuple[int, int],
                    paths: list[str], batch_size: int, workers: int, keep_cls: bool,
-                   progress: bool = True) -> dict[str, float]:
+                   progress: bool) -> dict[str, float]:
     """Decode, extract and commit ``paths`` (the images after ``writer.done``), in order."""
     dataset = ImageDataset(paths, {b.name: b.preprocess for b in backbones}, writer.done)
     plan = (list(range(s, min(s + batch_size, len(paths))))
