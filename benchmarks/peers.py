@@ -2,10 +2,12 @@
 
 A step = encode, decode, loss, backward, optimizer step, on 4096 tokens of d = 768 with
 k = 32, fp32, for n = 6144 and n = 24576:
-- ours: a one-model ``UniversalSAE`` (``encoder=linear``, L2) with ``aux=none`` and
-  ``aux=gao`` (sparse step: sparse encoder weight gradient, AuxK decoded by embedding_bag,
-  the AuxK gradient reaching the encoder);
-- eai-sparsify 1.3.3 ``SparseCoder`` (eager decoder), without and with its AuxK;
+- ours: a one-model ``UniversalSAE`` (``encoder=linear``, L2, ``fused_optimizer``) with
+  ``aux=none`` and ``aux=gao`` (sparse step: sparse encoder weight gradient; AuxK selected
+  among the dead columns only, decoded by embedding_bag, its weight gradients one GEMM over
+  the dead columns, and its gradient reaching the encoder);
+- eai-sparsify 1.3.3 ``SparseCoder`` (eager decoder), without and with its AuxK, with
+  ``torch.optim.Adam`` as sparsify's trainer uses on a machine without bitsandbytes;
 - overcomplete 0.3 ``TopKSAE``.
 Both AuxK variants use the same dead set (25 % of the latents) and sparsify's AuxK size
 (d / 2 = 384). Implementations are interleaved round by round; medians are reported, and
@@ -30,16 +32,19 @@ import torch  # noqa: E402
 from usae.config import resolve  # noqa: E402
 from usae.sae import UniversalSAE  # noqa: E402
 from usae.step import step_loss  # noqa: E402
+from usae.train import make_optimizer  # noqa: E402
 
 D, K, TOKENS = 768, 32, 4096
 AUX_K = D // 2
 
 
-def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor):
+def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor, fused_optimizer: bool = True):
     cfg = resolve(("m",), (D,), "paper", {"n_concepts": n, "k": K, "encoder": "linear",
-                                          "criterion": "l2", "aux": aux, "aux_k": AUX_K})
+                                          "criterion": "l2", "aux": aux, "aux_k": AUX_K,
+                                          "lr": 1e-4, "weight_decay": 0.0,
+                                          "fused_optimizer": fused_optimizer})
     sae = UniversalSAE(cfg.sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_optimizer(sae.parameters(), cfg.train)  # AdamW without decay = Adam
     xs = {"m": x}
 
     def step() -> None:
@@ -88,15 +93,15 @@ def overcomplete(n: int, x: torch.Tensor):
 def floor(n: int, x: torch.Tensor):
     """What every exact fp32 TopK SAE step pays whatever its backward: the dense encoder GEMM
     (every pre-activation is needed to find the TopK), ReLU and TopK, and one Adam step over
-    the same parameters (an encoder and a dictionary). Its time bounds ``ratio_none`` from
-    above: ``sparsify_s / floor_s`` is the ratio a step with a free decode, loss and backward
-    would reach."""
+    the same parameters (an encoder and a dictionary), fused (the fastest exact Adam in
+    PyTorch). Its time bounds ``ratio_none`` from above: ``sparsify_s / floor_s`` is the
+    ratio a step with a free decode, loss and backward would reach."""
     w = torch.randn(n, D) / D ** 0.5
     params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(n)),
               torch.nn.Parameter(w.clone())]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    opt = torch.optim.Adam(params, lr=1e-4)
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
 
     def step() -> None:
         with torch.no_grad():
@@ -110,7 +115,7 @@ def usae_step(preset: str, n: int):
     models, dims = ("siglip", "dinov2", "vit"), (768, 384, 768)
     cfg = resolve(models, dims, preset, {"n_concepts": n, "k": K})
     sae = UniversalSAE(cfg.sae)
-    opts = {m: torch.optim.AdamW(sae.model_parameters(m), lr=3e-4) for m in models}
+    opts = {m: make_optimizer(sae.model_parameters(m), cfg.train) for m in models}
     xs = {m: torch.randn(32 * 196, d) for m, d in zip(models, dims)}
     dead = torch.rand(cfg.sae.n) < 0.25
     state = {"src": 0}
@@ -158,6 +163,8 @@ def main() -> None:
         x = torch.randn(TOKENS, D)
         dead = torch.rand(n) < 0.25
         steps = {"ours_none": ours(n, "none", x, dead), "ours_gao": ours(n, "gao", x, dead),
+                 # the same step with PyTorch's default Adam loop, as the peers use
+                 "ours_none_plain_adam": ours(n, "none", x, dead, fused_optimizer=False),
                  "floor": floor(n, x)}
         for name, make in (("sparsify", lambda: sparsify(n, False, x, dead)),
                            ("sparsify_auxk", lambda: sparsify(n, True, x, dead)),

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from usae import fused
 from usae.fused import (
     multi_decode,
     paired_criterion,
     sparse_decode_train,
     sparse_linear_topk,
+    support_is_dense,
     topk_reference_aux_decode,
 )
 
@@ -142,10 +144,14 @@ def _naive_linear_topk(x, w, b, k, dead, aux_k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("needs", ["xwb", "w", "b", "x"])
 @pytest.mark.parametrize("use_aux", [True, False])
-def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, device):
+@pytest.mark.parametrize("dense_ratio", [0, 10**6], ids=["sparse-aux", "dense-aux"])
+def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, device, dense_ratio,
+                                                          monkeypatch):
     """Guards the sparse encoder step: values, AuxK among dead concepts (their gradient goes
-    into the encoder), each input's gradient computed when that input needs one (a frozen bias,
-    a frozen weight, the input itself), and a loss that ignores the AuxK outputs."""
+    into the encoder, as a sparse product or as a GEMM over the dead columns), each input's
+    gradient computed when that input needs one (a frozen bias, a frozen weight, the input
+    itself), and a loss that ignores the AuxK outputs."""
+    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", dense_ratio)
     torch.manual_seed(4)
     n, d, k, aux_k = 24, 6, 3, 4
     x0 = torch.randn(10, d, dtype=torch.float64)
@@ -174,9 +180,9 @@ def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, devic
     for ours, theirs in ((x, x2), (w, w2), (b, b2)):
         if ours.requires_grad:
             torch.testing.assert_close(ours.grad, theirs.grad)
-    # AuxK picks among dead concepts; where a row has fewer positive dead entries, zeros
-    assert aux_i.shape == (10, aux_k) and bool((dead[aux_i] | (aux_v == 0)).all())
-    assert bool((aux_v > 0).any())
+    # AuxK picks only dead concepts (zeros where a row has fewer positive dead entries)
+    assert aux_i.shape == (10, aux_k) and bool(dead[aux_i].all())
+    assert bool((aux_v > 0).any()) and bool((aux_v == 0).any())
 
 
 def test_sparse_linear_topk_without_auxk_returns_empty_aux_codes():
@@ -190,15 +196,20 @@ def test_sparse_linear_topk_without_auxk_returns_empty_aux_codes():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_decode_train_gradients_match_dense_autograd(device):
+@pytest.mark.parametrize("support", ["none", "sparse", "dense"])
+def test_sparse_decode_train_gradients_match_dense_autograd(device, support, monkeypatch):
     """Guards the sorted-embedding_bag dictionary gradient (and its index tensors built on the
-    dictionary's device) against the dense product's autograd."""
+    dictionary's device) against the dense product's autograd; and, given the concepts every
+    index falls in, the same gradient as a GEMM over their rows (other rows exactly zero)."""
+    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", 0 if support == "sparse" else 10**6)
     torch.manual_seed(6)
     n, d, k = 20, 5, 3
-    idx = torch.argsort(torch.rand(8, n), dim=1)[:, :k].to(device)
+    concepts = torch.tensor([1, 4, 5, 9, 12, 13, 17]) if support != "none" else torch.arange(n)
+    idx = concepts[torch.argsort(torch.rand(8, len(concepts)), dim=1)[:, :k]].to(device)
     vals = torch.rand(8, k, dtype=torch.float64, device=device, requires_grad=True)
     dict_nd = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
-    out = sparse_decode_train(vals, idx, dict_nd)
+    out = sparse_decode_train(vals, idx, dict_nd,
+                              None if support == "none" else concepts.to(device))
     (out.sin().sum()).backward()
     v2, d2 = vals.detach().clone().requires_grad_(), dict_nd.detach().clone().requires_grad_()
     dense = torch.zeros(8, n, dtype=torch.float64, device=device).scatter(1, idx, v2)
@@ -207,3 +218,12 @@ def test_sparse_decode_train_gradients_match_dense_autograd(device):
     ref.sin().sum().backward()
     torch.testing.assert_close(vals.grad, v2.grad)
     torch.testing.assert_close(dict_nd.grad, d2.grad)
+    assert dict_nd.grad.shape == (n, d)
+
+
+def test_a_gradient_over_few_columns_is_a_dense_gemm():
+    """Guards the rule that picks a GEMM over the support's columns: up to DENSE_SUPPORT_RATIO
+    (8) columns per entry in a row, and a sparse product beyond."""
+    assert fused.DENSE_SUPPORT_RATIO == 8
+    assert support_is_dense(1536, 384) and support_is_dense(24, 3)
+    assert not support_is_dense(25, 3) and not support_is_dense(6144, 32)

@@ -408,3 +408,32 @@ def test_encoder_init_transpose_starts_each_encoder_as_its_dictionary(arrays, tm
                               default.sae.dictionaries[m].detach(), atol=1e-3)
     with pytest.raises(UsaeError, match="encoder_init must be one of"):
         small_cfg(arrays, encoder_init="zeros")
+
+
+def test_fused_optimizer_is_the_same_adamw_update_and_may_change_on_resume(arrays, tmp_path):
+    """Guards `fused_optimizer`: each model's AdamW is fused only when asked (the `fast`
+    preset asks, `paper` does not), with the run's lr and weight decay; fused and default give
+    the same losses to rounding; and a run may resume with the other implementation."""
+    from usae.train import make_optimizer
+
+    assert resolve(("a",), (4,), "fast").train.fused_optimizer
+    assert not resolve(("a",), (4,), "paper").train.fused_optimizer
+    cfg = small_cfg(arrays, max_steps=6, weight_decay=0.5, lr=2e-3, checkpoint_every=3)
+    fused_cfg = with_train(cfg, fused_optimizer=True)
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], fused_cfg.train)
+    assert opt.defaults["fused"] is True and opt.defaults["lr"] == 2e-3
+    assert opt.defaults["weight_decay"] == 0.5
+    assert not make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train).defaults["fused"]
+    plain = Trainer(cfg, tmp_path / "plain", progress=False)
+    assert not any(o.defaults["fused"] for o in plain.optimizers.values())
+    plain.fit(ArraySource(arrays))
+    tr = Trainer(fused_cfg, tmp_path / "fused", progress=False)
+    assert all(o.defaults["fused"] for o in tr.optimizers.values())
+    tr.fit(ArraySource(arrays))
+    np.testing.assert_allclose(losses_of(tmp_path / "fused"), losses_of(tmp_path / "plain"),
+                               rtol=1e-5)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, part, progress=False).fit(_StopAfter(ArraySource(arrays), 4))
+    Trainer(fused_cfg, part, progress=False).fit(ArraySource(arrays), resume=True)
+    np.testing.assert_allclose(losses_of(part), losses_of(tmp_path / "plain"), rtol=1e-5)

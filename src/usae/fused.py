@@ -184,6 +184,24 @@ def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n
                                              per_sample_weights=grads[order], mode="sum")
 
 
+# A weight gradient over a few columns (AuxK's: the dead concepts) is cheaper as one dense
+# GEMM over those columns than as a sparse product: on a CPU the sparse product's gathers run
+# about 15x slower per FLOP than BLAS (benchmarks/peers.py), so the GEMM wins while the
+# columns number up to about 8 entries per row.
+DENSE_SUPPORT_RATIO = 8
+
+
+def support_is_dense(n_support: int, entries_per_row: int) -> bool:
+    """Whether entries confined to ``n_support`` columns get their weight gradient as a
+    dense GEMM over those columns (rather than a sparse product)."""
+    return n_support <= DENSE_SUPPORT_RATIO * entries_per_row
+
+
+def _dense_codes(values_nk: Tensor, local_nk: Tensor, n_support: int) -> Tensor:
+    """(N, n_support) codes with ``values_nk`` at columns ``local_nk`` (distinct per row)."""
+    return values_nk.new_zeros(values_nk.shape[0], n_support).scatter_(1, local_nk, values_nk)
+
+
 class _SparseLinearTopK(torch.autograd.Function):
     """``pre = x W^T + b``, TopK of ReLU(pre), and (optionally) AuxK among dead concepts,
     with a backward that touches only the selected entries.
@@ -199,38 +217,54 @@ class _SparseLinearTopK(torch.autograd.Function):
         pre_nc = torch.addmm(bias_n, x_nd, weight_nd.T)
         post_nc = pre_nc.clamp_min_(0)  # our own buffer: ReLU in place
         values_nk, indices_nk = torch.topk(post_nc, k, dim=1, sorted=False)
-        aux_v = aux_i = None
-        if dead_n is not None and bool(dead_n.any()):
-            post_nc.masked_fill_(~dead_n.unsqueeze(0), 0.0)
-            aux_v, aux_i = torch.topk(post_nc, min(aux_k, int(dead_n.sum())), dim=1,
-                                      sorted=False)
         empty = values_nk.new_zeros(x_nd.shape[0], 0)
-        aux_v = empty if aux_v is None else aux_v
-        aux_i = empty.long() if aux_i is None else aux_i
-        ctx.save_for_backward(x_nd, weight_nd, values_nk, indices_nk, aux_v, aux_i)
+        aux_v, aux_i, local = empty, empty.long(), empty.long()
+        support = indices_nk.new_zeros(0)
+        if dead_n is not None and bool(dead_n.any()):
+            # AuxK looks only at the dead concepts' columns (rows stay short for the TopK)
+            support = dead_n.nonzero().squeeze(1)
+            aux_v, local = torch.topk(post_nc.index_select(1, support),
+                                      min(aux_k, support.numel()), dim=1, sorted=False)
+            aux_i = support[local]
+        ctx.save_for_backward(x_nd, weight_nd, values_nk, indices_nk, aux_v, aux_i, local,
+                              support)
         ctx.mark_non_differentiable(indices_nk, aux_i)
         return values_nk, indices_nk, aux_v, aux_i
 
     @staticmethod
     def backward(ctx, g_values, _gi, g_aux, _ga):  # type: ignore[override]
-        x_nd, weight_nd, values_nk, indices_nk, aux_v, aux_i = ctx.saved_tensors
+        x_nd, weight_nd, values_nk, indices_nk, aux_v, aux_i, local, support = \
+            ctx.saved_tensors
         n_rows, n = x_nd.shape[0], weight_nd.shape[0]
-        parts_i, parts_g = [], []
+        parts_i, parts_g = [], []  # every entry, for the input gradient
+        sparse_i, sparse_g = [], []  # the entries whose weight gradient is a sparse product
+        dense_aux = None  # AuxK's gradient as dense codes over the support's columns
         if g_values is not None:
             parts_i.append(indices_nk)
             parts_g.append(g_values * (values_nk > 0))
+            sparse_i.append(parts_i[-1])
+            sparse_g.append(parts_g[-1])
         if g_aux is not None and aux_i.shape[1]:
             parts_i.append(aux_i)
             parts_g.append(g_aux * (aux_v > 0))
+            if support_is_dense(support.numel(), aux_i.shape[1]):
+                dense_aux = _dense_codes(parts_g[-1], local, support.numel())
+            else:
+                sparse_i.append(aux_i)
+                sparse_g.append(parts_g[-1])
         if not parts_i:
             return None, None, None, None, None, None
-        idx = torch.cat(parts_i, dim=1)
-        grads = torch.cat(parts_g, dim=1)
-        rows = torch.arange(n_rows, device=idx.device).unsqueeze(1).expand_as(idx)
         grad_w = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_w = _sparse_rows_grad(x_nd, rows.reshape(-1), idx.reshape(-1),
-                                       grads.reshape(-1), n)
+            grad_w = weight_nd.new_zeros(n, x_nd.shape[1])
+            if sparse_i:
+                idx, grads = torch.cat(sparse_i, dim=1), torch.cat(sparse_g, dim=1)
+                rows = torch.arange(n_rows, device=idx.device).unsqueeze(1).expand_as(idx)
+                grad_w = _sparse_rows_grad(x_nd, rows.reshape(-1), idx.reshape(-1),
+                                           grads.reshape(-1), n)
+            if dense_aux is not None:
+                grad_w.index_add_(0, support, dense_aux.T @ x_nd)
+        idx, grads = torch.cat(parts_i, dim=1), torch.cat(parts_g, dim=1)
         if ctx.needs_input_grad[2]:
             grad_b = grads.new_zeros(n).index_add_(0, idx.reshape(-1), grads.reshape(-1))
         if ctx.needs_input_grad[0]:
@@ -253,26 +287,36 @@ class _DictionaryGrad(torch.autograd.Function):
     ``embedding_bag``'s own weight gradient, about 3x faster on CPU for large k)."""
 
     @staticmethod
-    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor):  # type: ignore
-        ctx.save_for_backward(indices_nk, values_nk)
+    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor,  # type: ignore
+                support: Tensor | None):
+        ctx.save_for_backward(indices_nk, values_nk, support)
         ctx.n = dict_nd.shape[0]
         return dict_nd.new_zeros(indices_nk.shape[0], dict_nd.shape[1])
 
     @staticmethod
     def backward(ctx, grad_nd):  # type: ignore[override]
-        indices_nk, values_nk = ctx.saved_tensors
+        indices_nk, values_nk, support = ctx.saved_tensors
+        if support is not None and support_is_dense(support.numel(), indices_nk.shape[1]):
+            position = torch.zeros(ctx.n, dtype=torch.long, device=support.device)
+            position[support] = torch.arange(support.numel(), device=support.device)
+            codes = _dense_codes(values_nk, position[indices_nk], support.numel())
+            grad_dict = grad_nd.new_zeros(ctx.n, grad_nd.shape[1])
+            return grad_dict.index_copy_(0, support, codes.T @ grad_nd), None, None, None
         rows = torch.arange(indices_nk.shape[0], device=indices_nk.device)
         rows = rows.unsqueeze(1).expand_as(indices_nk).reshape(-1)
         grad_dict = _sparse_rows_grad(grad_nd, rows, indices_nk.reshape(-1),
                                       values_nk.reshape(-1), ctx.n)
-        return grad_dict, None, None
+        return grad_dict, None, None, None
 
 
-def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor) -> Tensor:
+def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,
+                        support: Tensor | None = None) -> Tensor:
     """``codes @ D`` for sparse codes, for training: ``embedding_bag`` gives the forward and
-    the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``."""
+    the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``.
+    ``support``: sorted distinct concepts that every index falls in (AuxK: the dead ones);
+    when they are few, the dictionary's gradient is one GEMM over their rows."""
     out = torch.nn.functional.embedding_bag(indices_nk, dict_nd.detach(),
                                             per_sample_weights=values_nk, mode="sum")
     if dict_nd.requires_grad:
-        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach())
+        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach(), support)
     return out

@@ -102,7 +102,9 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
             xs[src], lin.weight, lin.bias, sae.cfg.k, dead_c if tc.aux == "gao" else None,
             aux_k)
         if aux_i.shape[1]:
-            aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d) for d in dicts], dim=1)
+            dead_s = dead_c.nonzero().squeeze(1)
+            aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s) for d in dicts],
+                                dim=1)
         decode = sparse_decode_train
     else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])

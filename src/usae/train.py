@@ -20,15 +20,15 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from usae import run as run_folder
 from usae.checkpoint import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
-from usae.config import RunConfig
+from usae.config import RunConfig, TrainConfig
 from usae.distributed import Dist, sync_batch_norms
 from usae.errors import UsaeError
 from usae.interrupts import StopSignals, TrainingInterrupted
@@ -43,7 +43,14 @@ from usae.step import StepOut, step_loss
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resume without changing its maths.
 RESUMABLE_KEYS = {"log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
-                  "eval_batches", "device", "tensorboard", "wandb", "keep_freed_memory"}
+                  "eval_batches", "device", "tensorboard", "wandb", "keep_freed_memory",
+                  "fused_optimizer"}  # the same update: only its rounding differs
+
+
+def make_optimizer(params: Iterable[nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """One model's AdamW (``tc.lr``, ``tc.weight_decay``; fused when ``tc.fused_optimizer``)."""
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                             fused=True if tc.fused_optimizer else None)
 
 
 def lr_at(t: int, warmup: int, total: int, peak: float, floor: float) -> float:
@@ -86,8 +93,7 @@ class Trainer:
             self.sae.init_encoders_from_dictionaries()
         if self.dist.enabled:
             sync_batch_norms(self.sae)  # the paper normalizes over the whole batch
-        self.optimizers = {m: torch.optim.AdamW(self.sae.model_parameters(m), lr=tc.lr,
-                                                weight_decay=tc.weight_decay)
+        self.optimizers = {m: make_optimizer(self.sae.model_parameters(m), tc)
                            for m in self.sae.models}
         self.model_gen = torch.Generator().manual_seed(tc.seed)
         self.step = 0
