@@ -287,26 +287,47 @@ class _DictionaryGrad(torch.autograd.Function):
     ``embedding_bag``'s own weight gradient, about 3x faster on CPU for large k)."""
 
     @staticmethod
-    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor,  # type: ignore
-                support: Tensor | None):
-        ctx.save_for_backward(indices_nk, values_nk, support)
+    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor):  # type: ignore
+        ctx.save_for_backward(indices_nk, values_nk)
         ctx.n = dict_nd.shape[0]
         return dict_nd.new_zeros(indices_nk.shape[0], dict_nd.shape[1])
 
     @staticmethod
     def backward(ctx, grad_nd):  # type: ignore[override]
-        indices_nk, values_nk, support = ctx.saved_tensors
-        if support is not None and support_is_dense(support.numel(), indices_nk.shape[1]):
-            position = torch.zeros(ctx.n, dtype=torch.long, device=support.device)
-            position[support] = torch.arange(support.numel(), device=support.device)
-            codes = _dense_codes(values_nk, position[indices_nk], support.numel())
-            grad_dict = grad_nd.new_zeros(ctx.n, grad_nd.shape[1])
-            return grad_dict.index_copy_(0, support, codes.T @ grad_nd), None, None, None
+        indices_nk, values_nk = ctx.saved_tensors
         rows = torch.arange(indices_nk.shape[0], device=indices_nk.device)
         rows = rows.unsqueeze(1).expand_as(indices_nk).reshape(-1)
         grad_dict = _sparse_rows_grad(grad_nd, rows, indices_nk.reshape(-1),
                                       values_nk.reshape(-1), ctx.n)
-        return grad_dict, None, None, None
+        return grad_dict, None, None
+
+
+class _SupportDecode(torch.autograd.Function):
+    """``codes @ D`` for sparse codes whose indices all fall in a few concepts ``support``
+    (AuxK: the dead ones): ``embedding_bag`` forward; both gradients are GEMMs over the
+    support's rows of ``D`` (the codes' gradient would otherwise be ``embedding_bag``'s
+    per-sample-weights backward, a loop several times slower)."""
+
+    @staticmethod
+    def forward(ctx, values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,  # type: ignore
+                support: Tensor):
+        position = torch.zeros(dict_nd.shape[0], dtype=torch.long, device=support.device)
+        position[support] = torch.arange(support.numel(), device=support.device)
+        ctx.save_for_backward(values_nk, position[indices_nk], dict_nd, support)
+        return torch.nn.functional.embedding_bag(indices_nk, dict_nd, per_sample_weights=values_nk,
+                                                 mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_nd):  # type: ignore[override]
+        values_nk, local_nk, dict_nd, support = ctx.saved_tensors
+        grad_values = grad_dict = None
+        if ctx.needs_input_grad[0]:
+            grad_values = (grad_nd @ dict_nd.index_select(0, support).T).gather(1, local_nk)
+        if ctx.needs_input_grad[2]:
+            codes = _dense_codes(values_nk, local_nk, support.numel())
+            grad_dict = grad_nd.new_zeros(dict_nd.shape)
+            grad_dict.index_copy_(0, support, codes.T @ grad_nd)
+        return grad_values, None, grad_dict, None
 
 
 def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,
@@ -314,9 +335,11 @@ def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,
     """``codes @ D`` for sparse codes, for training: ``embedding_bag`` gives the forward and
     the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``.
     ``support``: sorted distinct concepts that every index falls in (AuxK: the dead ones);
-    when they are few, the dictionary's gradient is one GEMM over their rows."""
+    when they are few (``support_is_dense``), both gradients are GEMMs over their rows."""
+    if support is not None and support_is_dense(support.numel(), indices_nk.shape[1]):
+        return _SupportDecode.apply(values_nk, indices_nk, dict_nd, support)
     out = torch.nn.functional.embedding_bag(indices_nk, dict_nd.detach(),
                                             per_sample_weights=values_nk, mode="sum")
     if dict_nd.requires_grad:
-        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach(), support)
+        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach())
     return out
