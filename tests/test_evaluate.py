@@ -445,8 +445,9 @@ def test_every_recorded_store_setting_is_compared(trained, tmp_path, caplog, key
     with caplog.at_level("WARNING"):
         evaluate(tmp_path / "run", tmp_path / "store", tmp_path / "e", progress=False,
                  plots=False)
-    assert (f"warning: model 'm0' was trained with {key}='then' but the store has 'now'"
-            in caplog.text)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"warning: model 'm0' was trained with {key}='then' but the store has 'now'" in \
+        messages  # the whole message
     assert "'m1'" not in caplog.text
 
 
