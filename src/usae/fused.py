@@ -311,8 +311,8 @@ class _SupportDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,  # type: ignore
                 support: Tensor):
-        position = torch.zeros(dict_nd.shape[0], dtype=torch.long, device=support.device)
-        position[support] = torch.arange(support.numel(), device=support.device)
+        position = support.new_zeros(dict_nd.shape[0])  # each concept's place in support
+        position[support] = torch.ones_like(support).cumsum(0) - 1  # 0.. on support's device
         ctx.save_for_backward(values_nk, position[indices_nk], dict_nd, support)
         return torch.nn.functional.embedding_bag(indices_nk, dict_nd, per_sample_weights=values_nk,
                                                  mode="sum")
