@@ -47,6 +47,13 @@ SELECTION: dict[str, list[str]] = {
     "cache": ["tests/test_cache.py"],
     "align": ["tests/test_images_align.py", "tests/test_backbones.py"],
 }
+# module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
+# tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
+# never run: evaluate's `trained` run is made by the store writer and the trainer alone, so a
+# mutant of evaluate cannot change it. The artifacts are built once, unmutated, before mutmut.
+PREBUILT: dict[str, str] = {
+    "evaluate": "tests/test_evaluate.py::test_report_and_csv_match_naive_formulas",
+}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")
@@ -119,26 +126,46 @@ def results(work: Path, mutmut: str) -> dict[str, str]:
     return status
 
 
-def _env() -> dict[str, str]:
+def _env(module: str | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # mutants run side by side
-    env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", "USAE_TEST_ARTIFACTS", "USAE_TEST_ARTIFACTS_WRITE",
+                 "USAE_TEST_ORDER"):
+        env.pop(name, None)
+    if module in PREBUILT:
+        env["USAE_TEST_ARTIFACTS"] = str(WORK / module / "artifacts")
+    if module:  # conftest runs a mutant's fastest tests first (it stops at the first failure)
+        env["USAE_TEST_ORDER"] = str(WORK / module / "mutants" / "mutmut-stats.json")
     return env
+
+
+def prebuild(module: str) -> None:
+    """Build the module's shared test artifacts with the unmutated code (see PREBUILT)."""
+    if module not in PREBUILT:
+        return
+    folder = WORK / module / "artifacts"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env = dict(_env(module), USAE_TEST_ARTIFACTS_WRITE="1")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    PREBUILT[module]], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def run_module(module: str, mutmut: str, max_children: int, rerun: bool) -> dict[str, str]:
     """Run mutmut on one module; returns mutant name -> status."""
     if rerun:
         work = refresh_tests(module)
+        prebuild(module)
         previous = json.loads((WORK / "results.json").read_text())[module]["status"]
         names = [n for n, s in previous.items() if s == "survived"]
         if names:
             subprocess.run([mutmut, "run", "--max-children", str(max_children), *names],
-                           cwd=work, env=_env(), check=False, stdout=subprocess.DEVNULL)
+                           cwd=work, env=_env(module), check=False, stdout=subprocess.DEVNULL)
         return {**previous, **results(work, mutmut)}
     work = prepare(module)
-    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, env=_env(),
-                   check=False, stdout=subprocess.DEVNULL)
+    prebuild(module)
+    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work,
+                   env=_env(module), check=False, stdout=subprocess.DEVNULL)
     return results(work, mutmut)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -11,6 +15,39 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# `scripts/mutation.py` points this at a folder of artifacts that the unmutated code built
+# once, for a module whose code those artifacts never run (evaluate: the `trained` run is made
+# by the store writer and the trainer alone). Each mutant's tests then copy them instead of
+# rebuilding; the write flag is set only for that clean build.
+ARTIFACTS_ENV = "USAE_TEST_ARTIFACTS"
+ARTIFACTS_WRITE_ENV = "USAE_TEST_ARTIFACTS_WRITE"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under mutation testing (``USAE_TEST_ORDER``: mutmut's recorded test durations), the
+    fastest tests first: a mutant's run stops at its first failing test (``-x``)."""
+    path = os.environ.get("USAE_TEST_ORDER")
+    if path and Path(path).exists():
+        durations = json.loads(Path(path).read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+def prebuilt(name: str, dest: Path, build: Callable[[Path], None]) -> None:
+    """``build(dest)``, or a copy of the artifact ``name`` built once (see ARTIFACTS_ENV)."""
+    folder = os.environ.get(ARTIFACTS_ENV)
+    if not folder:
+        build(dest)
+        return
+    shared = Path(folder) / name
+    if not shared.exists():
+        if not os.environ.get(ARTIFACTS_WRITE_ENV):
+            build(dest)  # never share what a mutant built
+            return
+        tmp = Path(folder) / f".{name}.{os.getpid()}"
+        build(tmp)
+        tmp.rename(shared)
+    shutil.copytree(shared, dest, dirs_exist_ok=True)
 
 
 def shared_latent_arrays(n_images: int = 48, tokens: int = 4, dims=(12, 8, 10), seed: int = 0,

@@ -18,16 +18,24 @@ from usae.store import Store
 from usae.store_writer import store_from_arrays
 from usae.training import train_run
 
+from tests.conftest import prebuilt
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, make_arrays):
+    """A store of 40 images and a 30-step demo-preset run on it (prebuilt under mutation
+    testing: conftest.prebuilt)."""
     root = tmp_path_factory.mktemp("eval")
     arrays = make_arrays(n_images=40, tokens=4, dims=(12, 8, 10))
-    store = store_from_arrays(root / "store", arrays, dtype="float32")
-    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 24, "k": 3,
-                                                     "batch_images": 4, "max_steps": 30})
-    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False,
-              store_manifest=store.manifest)
+
+    def build(dest):
+        store = store_from_arrays(dest / "store", arrays, dtype="float32")
+        cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 24, "k": 3,
+                                                         "batch_images": 4, "max_steps": 30})
+        train_run(cfg, StoreSource(store, "train"), dest / "run", progress=False,
+                  store_manifest=store.manifest)
+
+    prebuilt("evaluate-trained", root, build)
     return root, arrays
 
 
