@@ -105,7 +105,7 @@ def floor(n: int, x: torch.Tensor):
 
     def step() -> None:
         with torch.no_grad():
-            pre = torch.addmm(params[1], x, params[0].T).clamp_min_(0)
+            pre = torch.mm(x, params[0].T).add_(params[1]).clamp_min_(0)
             torch.topk(pre, K, dim=1, sorted=False)
         opt.step()
     return step
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="n = 6144 only, no USAE step")
+    ap.add_argument("--sizes", default="6144,24576", help="the n to measure (comma-separated)")
+    ap.add_argument("--no-usae", action="store_true", help="skip the USAE step at paper dims")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # what usae's trainer does on CPU, process-wide so every implementation gets it
@@ -158,7 +160,9 @@ def main() -> None:
     result: dict = {"benchmark": "peers", "tokens": TOKENS, "d": D, "k": K, "aux_k": AUX_K,
                     "threads": args.threads, "keep_freed_memory": result_malloc,
                     "skipped": {}}
-    sizes = ((6144, ""),) if args.quick else ((6144, ""), (24576, "_24k"))
+    suffixes = {6144: "", 24576: "_24k"}
+    sizes = ((6144, ""),) if args.quick else tuple(
+        (int(n), suffixes.get(int(n), f"_{n}")) for n in args.sizes.split(","))
     for n, suffix in sizes:
         x = torch.randn(TOKENS, D)
         dead = torch.rand(n) < 0.25
@@ -182,7 +186,7 @@ def main() -> None:
             result[f"ratio_gao{suffix}"] = round(med["sparsify_auxk"] / med["ours_gao"], 3)
             result[f"floor_ratio_none{suffix}"] = round(med["sparsify"] / med["floor"], 3)
         result[f"ours_none_over_floor{suffix}"] = round(med["ours_none"] / med["floor"], 3)
-    for n, suffix in () if args.quick else sizes:  # the USAE step at paper dims
+    for n, suffix in () if args.quick or args.no_usae else sizes:  # USAE step, paper dims
         usae = measure({"paper": usae_step("paper", n), "fast": usae_step("fast", n)},
                        max(2, args.rounds // 2))
         result[f"usae_paper_s{suffix}"] = round(usae["paper"], 3)

@@ -234,3 +234,28 @@ def test_a_gradient_over_few_columns_is_a_dense_gemm():
     assert fused.DENSE_SUPPORT_RATIO == 8
     assert support_is_dense(1536, 384) and support_is_dense(24, 3)
     assert not support_is_dense(25, 3) and not support_is_dense(6144, 32)
+
+
+def test_normalize_rows_fused_equals_the_reference_forward_bit_for_bit_and_its_gradient():
+    """Guards the sparse step's dictionary normalization: the forward is the reference's
+    ``w / (||w|| + eps)`` to the bit (fp32), the gradient autograd's (fp64), a zero row gets
+    a zero output and the plain ``g / eps`` gradient, and eps is the one given."""
+    from usae.fused import normalize_rows_fused
+    from usae.sae import normalize_rows
+
+    torch.manual_seed(9)
+    w32 = torch.randn(7, 5)
+    w32[3] = 0.0
+    assert torch.equal(normalize_rows_fused(w32, 1e-8), normalize_rows(w32))
+    w = torch.randn(7, 5, dtype=torch.float64) * torch.rand(7, 1, dtype=torch.float64)
+    w[3] = 0.0
+    g = torch.randn(7, 5, dtype=torch.float64)
+    for eps in (1e-8, 0.5):
+        w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+        out = normalize_rows_fused(w1, eps)
+        ref = w2 / (w2.norm(dim=1, keepdim=True) + eps)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        (out * g).sum().backward()
+        (ref * g).sum().backward()
+        torch.testing.assert_close(w1.grad, w2.grad)
+        torch.testing.assert_close(w1.grad[3], g[3] / eps)

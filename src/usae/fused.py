@@ -46,6 +46,31 @@ def _weight_grad(a_nc: Tensor, grad_out: Tensor, cat: Tensor, widths: list[int],
     return grad_cat
 
 
+class _NormalizeRows(torch.autograd.Function):
+    """``w / (||w_row|| + eps)`` with the same forward as autograd's (the same division) and
+    a backward of three passes over ``w`` instead of autograd's eight:
+    ``g / s - w * (g . w) / (s^2 ||w||)`` per row, ``s = ||w|| + eps`` (0 for a zero row)."""
+
+    @staticmethod
+    def forward(ctx, w_nd: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        norm = w_nd.norm(dim=1, keepdim=True)
+        s = norm + eps
+        ctx.save_for_backward(w_nd, norm, s)
+        return w_nd / s
+
+    @staticmethod
+    def backward(ctx, grad_nd):  # type: ignore[override]
+        w_nd, norm, s = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad_nd, w_nd, dim=1).unsqueeze(1)
+        coef = torch.where(norm > 0, dot / (s * s * norm.clamp_min(1e-30)), 0.0)
+        return torch.addcmul(grad_nd / s, w_nd, coef, value=-1.0), None
+
+
+def normalize_rows_fused(w_nd: Tensor, eps: float) -> Tensor:
+    """``w / (||w_row|| + eps)``: autograd's forward bit for bit, a cheaper backward."""
+    return _NormalizeRows.apply(w_nd, eps)
+
+
 class _MultiDecode(torch.autograd.Function):
     """``a @ cat`` where ``cat = [D_1 | ... | D_M]``: one GEMM for all models."""
 
@@ -214,8 +239,8 @@ class _SparseLinearTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,  # type: ignore
                 dead_n: Tensor | None, aux_k: int):
-        pre_nc = torch.addmm(bias_n, x_nd, weight_nd.T)
-        post_nc = pre_nc.clamp_min_(0)  # our own buffer: ReLU in place
+        # mm then an in-place bias: addmm would first copy the broadcast bias into (N, n)
+        post_nc = torch.mm(x_nd, weight_nd.T).add_(bias_n).clamp_min_(0)  # ReLU in place
         values_nk, indices_nk = torch.topk(post_nc, k, dim=1, sorted=False)
         empty = values_nk.new_zeros(x_nd.shape[0], 0)
         aux_v, aux_i, local = empty, empty.long(), empty.long()

@@ -20,13 +20,14 @@ from torch import Tensor
 from usae.config import RunConfig
 from usae.fused import (
     multi_decode,
+    normalize_rows_fused,
     paired_criterion,
     reference_aux_codes_,
     sparse_decode_train,
     sparse_linear_topk,
     topk_reference_aux_decode,
 )
-from usae.sae import UniversalSAE, normalize_rows, sparse_decode
+from usae.sae import DICT_EPS, UniversalSAE, normalize_rows, sparse_decode
 
 
 def l1(target: Tensor, estimate: Tensor) -> Tensor:
@@ -40,6 +41,11 @@ def l2(target: Tensor, estimate: Tensor) -> Tensor:
 
 
 CRITERIA = {"l1": l1, "l2": l2}
+
+
+def normalize_rows_sparse_path(w_nd: Tensor) -> Tensor:
+    """``normalize_rows`` for the sparse step: the same forward, a fused backward."""
+    return normalize_rows_fused(w_nd, DICT_EPS)
 
 
 def reference_aux_codes(post_nc: Tensor, indices_nk: Tensor) -> Tensor:
@@ -82,8 +88,9 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     models = sae.models
     src = models[source]
     trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
-    dicts = [normalize_rows(sae.dictionaries[m]) if t
-             else normalize_rows(sae.dictionaries[m].detach())
+    sparse = tc.aux != "reference" and sae.cfg.encoder == "linear"
+    dicts = [(normalize_rows_sparse_path if sparse else normalize_rows)(sae.dictionaries[m])
+             if t else normalize_rows(sae.dictionaries[m].detach())
              for m, t in zip(models, trainable)]
     widths = [d.shape[1] for d in dicts]
 
@@ -94,7 +101,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
         pre_nc = sae.encoders[src](xs[src])
         values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
                                                                    widths, trainable)
-    elif sae.cfg.encoder == "linear":
+    elif sparse:
         # the sparse path: no dense weight gradient, no dense AuxK decode (same maths)
         lin = sae.encoders[src].linear
         aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
