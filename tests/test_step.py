@@ -214,6 +214,46 @@ def test_linear_encoders_take_the_sparse_path(monkeypatch):
         assert len(calls) == expected, encoder
 
 
+def test_the_sparse_step_normalizes_with_the_fused_backward_and_decodes_auxk_over_the_dead(
+        monkeypatch):
+    """Guards two speed choices that give the same numbers: the sparse step (linear encoder,
+    aux none or gao) normalizes the stepped dictionaries with the fused backward, while the
+    paper's path (aux=reference) and normalized encoders keep autograd's; and AuxK's decode is
+    told its support, the dead concepts (sorted), so its gradients can be GEMMs."""
+    import usae.step as step_module
+
+    fused_norms, supports = [], []
+    real_norm, real_decode = step_module.normalize_rows_sparse_path, \
+        step_module.sparse_decode_train
+    monkeypatch.setattr(step_module, "normalize_rows_sparse_path",
+                        lambda w: fused_norms.append(1) or real_norm(w))
+
+    def decode(values, indices, dict_nd, support=None):
+        supports.append(support)
+        return real_decode(values, indices, dict_nd, support)
+
+    monkeypatch.setattr(step_module, "sparse_decode_train", decode)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[3, 7, 12]] = True
+    for aux, encoder, expected in (("gao", "linear", 2), ("none", "linear", 2),
+                                   ("reference", "linear", 0), ("gao", "mlp_bn_1", 0)):
+        fused_norms.clear()
+        supports.clear()
+        cfg = resolve(("a", "b"), (8, 6), "paper", {"n_concepts": 16, "k": 2, "aux": aux,
+                                                    "encoder": encoder,
+                                                    "decoder_update": "all"})
+        step_loss(UniversalSAE(cfg.sae), {"a": torch.randn(5, 8), "b": torch.randn(5, 6)}, 0,
+                  cfg, dead)
+        assert len(fused_norms) == expected, (aux, encoder)
+        aux_supports = [s for s in supports if s is not None]
+        if (aux, encoder) == ("gao", "linear"):
+            assert len(aux_supports) == 2  # one AuxK decode per dictionary
+            for s in aux_supports:
+                assert s.tolist() == [3, 7, 12]
+        else:
+            assert not aux_supports
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("encoder", ["linear", "mlp_bn_1"])
 def test_the_step_on_cuda_matches_the_cpu(encoder):
