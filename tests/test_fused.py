@@ -161,8 +161,8 @@ def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, devic
     dead[::3] = True
     c_main, c_aux = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
 
-    def leaves():
-        return [t.to(device).requires_grad_(name in needs)
+    def leaves():  # fresh leaves each call (on the CPU, .to(device) returns the same tensor)
+        return [t.clone().to(device).requires_grad_(name in needs)
                 for t, name in ((x0, "x"), (w0, "w"), (b0, "b"))]
 
     x, w, b = leaves()
