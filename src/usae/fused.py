@@ -49,7 +49,8 @@ def _weight_grad(a_nc: Tensor, grad_out: Tensor, cat: Tensor, widths: list[int],
 class _NormalizeRows(torch.autograd.Function):
     """``w / (||w_row|| + eps)`` with the same forward as autograd's (the same division) and
     a backward of three passes over ``w`` instead of autograd's eight:
-    ``g / s - w * (g . w) / (s^2 ||w||)`` per row, ``s = ||w|| + eps`` (0 for a zero row)."""
+    ``g / s - w * (g . w) / (s^2 ||w||)`` per row, ``s = ||w|| + eps`` (the second term is 0
+    for a zero row)."""
 
     @staticmethod
     def forward(ctx, w_nd: Tensor, eps: float) -> Tensor:  # type: ignore[override]
@@ -61,8 +62,8 @@ class _NormalizeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nd):  # type: ignore[override]
         w_nd, norm, s = ctx.saved_tensors
-        dot = torch.linalg.vecdot(grad_nd, w_nd, dim=1).unsqueeze(1)
-        coef = torch.where(norm > 0, dot / (s * s * norm.clamp_min(1e-30)), 0.0)
+        dot = torch.linalg.vecdot(grad_nd, w_nd, dim=1).unsqueeze(1)  # 0 for a zero row
+        coef = dot / (s * s * norm.clamp_min(1e-30))
         return torch.addcmul(grad_nd / s, w_nd, coef, value=-1.0), None
 
 
