@@ -321,7 +321,7 @@ def test_writer_defaults_building_state_and_its_checks(tmp_path):
         Store(tmp_path / "s")
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(6, 2, 3)), rng.normal(size=(6, 2, 2))
-    with pytest.raises(UsaeError, match="models disagree on the batch size"):
+    with pytest.raises(UsaeError, match=r"^internal: models disagree on the batch size$"):
         w.commit(0, {"a": a[:3], "b": b[:2]}, {})
     w.commit(0, {"a": a[:3], "b": b[:3]}, {})
     bad = a[3:].copy()
@@ -378,3 +378,65 @@ def test_parts_record_their_rows_and_skips_and_only_writer_zero_creates(tmp_path
     done, lo, hi, skipped, _ = read_progress(tmp_path / "s" / "progress.rank1of2.safetensors",
                                              {"a": StatsAccumulator(3)})
     assert (done, lo, hi, skipped) == (4, 2, 6, {3: "corrupt"})
+
+
+def test_writers_keep_each_others_rows_and_finalize_needs_every_part_whole(tmp_path):
+    """Guards writers sharing a store: writer 1 opening after writer 0 wrote rows leaves them
+    (only writer 0 reserves the files); writer 0 re-opened after a kill that left only the
+    manifest reserves them again; finalize refuses a part that starts in its place but is not
+    whole; and the statistics merge every part's sums (equal to naive ones over all rows)."""
+    models, images = _entries()
+    rows = np.random.default_rng(1).normal(size=(6, 2, 3)).astype(np.float32)
+    s = tmp_path / "s"
+    w0 = StoreWriter(s, models, images, "float32", part=Part(0, 3, 0, 2))
+    w0.commit(0, {"a": rows[:3]}, {})
+    w1 = StoreWriter(s, models, images, "float32", part=Part(3, 6, 1, 2))
+    w1.commit(3, {"a": rows[3:4]}, {})
+    with pytest.raises(UsaeError, match=r"^process 1 committed rows 3\.\.4 of 3\.\.6; "):
+        w0.finalize()
+    w1.commit(4, {"a": rows[4:]}, {})
+    w0.finalize()
+    store = Store(s)
+    np.testing.assert_array_equal(store.read("a", np.arange(6)).numpy(), rows)
+    flat = rows.reshape(-1, 3).astype(np.float64)
+    stats = store.stats()["a"]
+    np.testing.assert_allclose(stats.mean_d, flat.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(stats.std_d, flat.std(0), rtol=1e-9)
+    assert stats.std == pytest.approx(float(flat.std()), rel=1e-9)
+
+    crash = tmp_path / "crash"
+    StoreWriter(crash, models, images, "float32", part=Part(0, 3, 0, 2))
+    for leftover in [*crash.glob("acts_*.bin"), *crash.glob("progress*")]:
+        leftover.unlink()  # killed between the manifest and the first progress file
+    w0 = StoreWriter(crash, models, images, "float32", part=Part(0, 3, 0, 2))
+    w0.commit(0, {"a": rows[:3]}, {})
+    assert (crash / "acts_a.bin").stat().st_size == 6 * 2 * 3 * 4
+
+
+def test_wait_for_parts_returns_only_when_every_part_is_done(tmp_path):
+    """Guards writer 0's wait before finalizing: a missing progress file, or any writer short
+    of its last row (first or last in rank order), keeps it waiting."""
+    import threading
+
+    from usae.store_writer import wait_for_parts
+
+    models, images = _entries()
+    rows = np.zeros((6, 2, 3), np.float32)
+    s = tmp_path / "s"
+
+    def returns() -> bool:
+        t = threading.Thread(target=wait_for_parts, args=(s, 2, 0.005), daemon=True)
+        t.start()
+        t.join(0.3)
+        return not t.is_alive()
+
+    w0 = StoreWriter(s, models, images, "float32", part=Part(0, 3, 0, 2))
+    w1 = StoreWriter(s, models, images, "float32", part=Part(3, 6, 1, 2))
+    w1.commit(3, {"a": rows[3:4]}, {})
+    (s / "progress.rank0of2.safetensors").rename(s / "held")
+    assert not returns()  # writer 0's file missing, writer 1 short
+    (s / "held").rename(s / "progress.rank0of2.safetensors")
+    w1.commit(4, {"a": rows[4:]}, {})
+    assert not returns()  # writer 0 short, writer 1 done
+    w0.commit(0, {"a": rows[:3]}, {})
+    assert returns()

@@ -57,8 +57,12 @@ class Part(NamedTuple):
 
     @property
     def progress_file(self) -> str:
-        return PROGRESS if self.world == 1 else \
-            f"progress.rank{self.rank}of{self.world}.safetensors"
+        return progress_name(self.rank, self.world)
+
+
+def progress_name(rank: int, world: int) -> str:
+    """The progress file of writer ``rank`` of ``world`` (one writer: ``PROGRESS``)."""
+    return PROGRESS if world == 1 else f"progress.rank{rank}of{world}.safetensors"
 
 
 class StoreWriter:
@@ -203,7 +207,7 @@ class StoreWriter:
                                 f"{start}..{start + count - 1}")
             keep = [i for i in range(count) if start + i not in skipped]
             if keep:
-                self.acc[m.name].update(t[keep].reshape(-1, m.d).numpy())
+                self.acc[m.name].update(t[keep].numpy())  # (kept, tokens, d): it flattens
             self._write_rows(m, start, to_storage(t, self.dtype))
         self.skipped.update(skipped)
         self.done = start + count
@@ -261,7 +265,7 @@ class StoreWriter:
         skipped: dict[int, str] = {}
         covered = 0
         for rank in range(self.part.world):
-            path = self.path / Part(0, 0, rank, self.part.world).progress_file
+            path = self.path / progress_name(rank, self.part.world)
             if not path.exists():
                 raise UsaeError(f"{path.name} is missing: process {rank} never started")
             done, lo, hi, part_skipped, accs = read_progress(
@@ -285,7 +289,7 @@ def wait_for_parts(path: Path, world: int, poll_s: float = 2.0) -> None:
     while True:
         waiting = 0
         for rank in range(world):
-            progress = path / Part(0, 0, rank, world).progress_file
+            progress = path / progress_name(rank, world)
             if not progress.exists():
                 waiting += 1
                 continue
