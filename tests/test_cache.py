@@ -266,21 +266,40 @@ class ThreadDist(Dist):
         self.calls.append(("close", ()))
 
 
-def _run_ranks(world: int, fn) -> list:
-    """`fn(dist)` in one thread per rank; returns each rank's result (re-raises a failure)."""
+def _run_ranks(world: int, fn, monkeypatch) -> list:
+    """`fn(dist)` in one thread per rank; returns each rank's (dist, result) and re-raises a
+    failure. A rank left waiting for ranks that have all returned fails at once instead of
+    hanging: a rank that returns breaks the barrier, and writer 0's wait for the other parts
+    gives up when no other rank is still running."""
     sync = threading.Barrier(world)
     dists = [ThreadDist(rank=r, world=world, sync=sync, calls=[]) for r in range(world)]
     out: list = [None] * world
     errors: list = []
+    threads: list = []
+    real_wait = store_writer.wait_for_parts
+
+    def wait_while_others_run(path, n) -> None:
+        waiter = threading.Thread(target=real_wait, args=(path, n, 0.02), daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            waiter.join(0.05)
+            others = [t for t in threads if t is not threading.current_thread()]
+            if not any(t.is_alive() for t in others):
+                waiter.join(0.5)  # one last poll after the others' final commits
+                if waiter.is_alive():
+                    raise AssertionError("waiting for parts no rank is writing")
+
+    monkeypatch.setattr(cache_module, "wait_for_parts", wait_while_others_run)
 
     def body(r: int) -> None:
         try:
             out[r] = fn(dists[r])
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
-            sync.abort()
+        finally:
+            sync.abort()  # every barrier of a finished rank has been passed by all
 
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
+    threads.extend(threading.Thread(target=body, args=(r,), daemon=True) for r in range(world))
     for t in threads:
         t.start()
     for t in threads:
@@ -289,12 +308,6 @@ def _run_ranks(world: int, fn) -> list:
     if errors:
         raise errors[0]
     return [(d, o) for d, o in zip(dists, out)]
-
-
-def _quick_wait(monkeypatch) -> None:
-    real = store_writer.wait_for_parts
-    monkeypatch.setattr(cache_module, "wait_for_parts",
-                        lambda path, world: real(path, world, poll_s=0.02))
 
 
 def _assert_same_store(a: Path, b: Path) -> None:
@@ -318,7 +331,6 @@ def test_two_ranks_write_the_same_rows_as_one_process(tmp_path, monkeypatch, sha
     from usae.images import list_images
     from usae.store_merge import merge_shards
 
-    _quick_wait(monkeypatch)
     lock, real_build = threading.Lock(), cache_module.build_backbones
 
     def build(*a, **kw):  # random-weight backbones are seeded through the global RNG
@@ -331,7 +343,8 @@ def test_two_ranks_write_the_same_rows_as_one_process(tmp_path, monkeypatch, sha
     cache(VIT, imgs, tmp_path / "one", **kw)
     shards = tmp_path / "shards"
     ranks = _run_ranks(2, lambda d: cache(VIT, imgs, tmp_path / "two", dist=d,
-                                          shard_dir=str(shards) if sharded else "", **kw))
+                                          shard_dir=str(shards) if sharded else "", **kw),
+                       monkeypatch)
     list_text = json.dumps([[e["path"], e.get("split")]
                             for e in list_images(imgs, val_fraction=0.1, seed=0)])
     for dist, _ in ranks:
