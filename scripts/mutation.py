@@ -54,6 +54,9 @@ SELECTION: dict[str, list[str]] = {
 PREBUILT: dict[str, str] = {
     "evaluate": "tests/test_evaluate.py::test_report_and_csv_match_naive_formulas",
 }
+# module -> packages its tests import lazily, imported once by mutmut's fork server instead
+# of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
+PRELOAD: dict[str, str] = {"cache": "timm", "align": "timm,transformers"}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")
@@ -130,10 +133,12 @@ def _env(module: str | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # mutants run side by side
     for name in ("PYTHONPATH", "USAE_TEST_ARTIFACTS", "USAE_TEST_ARTIFACTS_WRITE",
-                 "USAE_TEST_ORDER"):
+                 "USAE_TEST_ORDER", "USAE_TEST_PRELOAD"):
         env.pop(name, None)
     if module in PREBUILT:
         env["USAE_TEST_ARTIFACTS"] = str(WORK / module / "artifacts")
+    if module in PRELOAD:
+        env["USAE_TEST_PRELOAD"] = PRELOAD[module]
     if module:  # conftest runs a mutant's fastest tests first (it stops at the first failure)
         env["USAE_TEST_ORDER"] = str(WORK / module / "mutants" / "mutmut-stats.json")
     return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -15,6 +16,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# `scripts/mutation.py` names packages that tests import lazily (timm takes 3 s), so that
+# mutmut's fork server imports them once, at collection, instead of every mutant's process.
+for _package in filter(None, os.environ.get("USAE_TEST_PRELOAD", "").split(",")):
+    importlib.import_module(_package)
 
 # `scripts/mutation.py` points this at a folder of artifacts that the unmutated code built
 # once, for a module whose code those artifacts never run (evaluate: the `trained` run is made

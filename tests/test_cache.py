@@ -215,7 +215,10 @@ def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
     log, and the progress bar (label, unit, count)."""
     from usae.images import list_images
 
-    make_images(tmp_path / "imgs", n=6)
+    make_images(tmp_path / "split", n=6)
+    for path in (tmp_path / "split").glob("*/*/*"):  # no split folders: --val-fraction splits
+        (tmp_path / "imgs" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        path.rename(tmp_path / "imgs" / path.parent.name / path.name)
     timings: dict = {}
     with caplog.at_level("INFO"):
         manifest = cache(VIT, tmp_path / "imgs", tmp_path / "store", batch_size=3,
@@ -225,8 +228,11 @@ def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
     assert "cache: 100%" in err and "7/7" in err and "img/s" in err
     assert manifest["source"] == str((tmp_path / "imgs").resolve())
     assert manifest["align"] == "resample"
-    expected = list_images(tmp_path / "imgs", val_fraction=0.5, seed=3)
-    assert [i["split"] for i in manifest["images"]] == [e["split"] for e in expected]
+    splits = [i["split"] for i in manifest["images"]]
+    assert splits == [e["split"] for e in list_images(tmp_path / "imgs", val_fraction=0.5,
+                                                       seed=3)]
+    for other in ({"val_fraction": 0.1, "seed": 3}, {"val_fraction": 0.5, "seed": 0}):
+        assert splits != [e["split"] for e in list_images(tmp_path / "imgs", **other)]
     store = Store(tmp_path / "store")
     assert store.tokens == 4 * 4 + 1 and manifest["models"]["vit_tiny_patch16_224"]["keep_cls"]
     assert set(timings) == {"seconds", "images_per_s", "forward_seconds"}
@@ -235,10 +241,11 @@ def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
     broken = next(i for i, e in enumerate(manifest["images"]) if e.get("skipped"))
     assert not store.array("vit_tiny_patch16_224")[broken].any()
     names = ", ".join(manifest["models"])
+    messages = [r.getMessage() for r in caplog.records]  # whole messages
     assert (f"stored 6 images (1 skipped) for {names} in {timings['seconds']:.1f}s "
-            f"({timings['images_per_s']:.1f} images/s) -> {tmp_path / 'store'}") in caplog.text
+            f"({timings['images_per_s']:.1f} images/s) -> {tmp_path / 'store'}") in messages
     path = manifest["images"][broken]["path"]
-    assert f"skipping {path}: UnidentifiedImageError" in caplog.text
+    assert any(m.startswith(f"skipping {path}: UnidentifiedImageError") for m in messages)
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,15 @@ def _run_ranks(world: int, fn, monkeypatch) -> list:
     real_wait = store_writer.wait_for_parts
 
     def wait_while_others_run(path, n) -> None:
-        waiter = threading.Thread(target=real_wait, args=(path, n, 0.02), daemon=True)
+        failed: list = []
+
+        def wait() -> None:
+            try:
+                real_wait(path, n, 0.02)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the rank's thread
+                failed.append(e)
+
+        waiter = threading.Thread(target=wait, daemon=True)
         waiter.start()
         while waiter.is_alive():
             waiter.join(0.05)
@@ -288,6 +303,8 @@ def _run_ranks(world: int, fn, monkeypatch) -> list:
                 waiter.join(0.5)  # one last poll after the others' final commits
                 if waiter.is_alive():
                     raise AssertionError("waiting for parts no rank is writing")
+        if failed:
+            raise failed[0]
 
     monkeypatch.setattr(cache_module, "wait_for_parts", wait_while_others_run)
 
@@ -299,7 +316,8 @@ def _run_ranks(world: int, fn, monkeypatch) -> list:
         finally:
             sync.abort()  # every barrier of a finished rank has been passed by all
 
-    threads.extend(threading.Thread(target=body, args=(r,), daemon=True) for r in range(world))
+    threads.extend(threading.Thread(target=body, args=(r,), name=f"rank{r}", daemon=True)
+                   for r in range(world))
     for t in threads:
         t.start()
     for t in threads:
@@ -331,13 +349,7 @@ def test_two_ranks_write_the_same_rows_as_one_process(tmp_path, monkeypatch, sha
     from usae.images import list_images
     from usae.store_merge import merge_shards
 
-    lock, real_build = threading.Lock(), cache_module.build_backbones
-
-    def build(*a, **kw):  # random-weight backbones are seeded through the global RNG
-        with lock:
-            return real_build(*a, **kw)
-
-    monkeypatch.setattr(cache_module, "build_backbones", build)
+    _serial_builds(monkeypatch)
     imgs = make_images(tmp_path / "imgs", n=12)
     kw = dict(batch_size=4, workers=0, dtype="float32", progress=False)
     cache(VIT, imgs, tmp_path / "one", **kw)
@@ -438,7 +450,8 @@ def test_interrupted_cache_resumes_in_process_with_the_right_rows_and_counts(
     capsys.readouterr()
     with caplog.at_level("INFO"):
         cache(VIT, imgs, tmp_path / "part", progress=True, **kw)
-    assert f"resuming {tmp_path / 'part'}: 4 of 13 images already stored" in caplog.text
+    assert f"resuming {tmp_path / 'part'}: 4 of 13 images already stored" in \
+        [r.getMessage() for r in caplog.records]
     err = capsys.readouterr().err
     assert "13/13" in err and " 0/13" not in err and "| 4/13" in err
     _assert_same_store(tmp_path / "full", tmp_path / "part")
@@ -481,3 +494,59 @@ def test_token_counts_use_both_sides_of_a_non_square_grid():
     assert entry.tokens == 6 and entry.info["aligned_grid"] == [2, 3]
     assert cache_module._shape(Fake(), (2, 3), True) == (7, 5)
     assert cache_module._shape(Fake(), (3, 2), False) == (6, 5)
+
+
+def _serial_builds(monkeypatch) -> None:
+    """Ranks as threads build their random-weight backbones one at a time (seeded through
+    the global RNG)."""
+    lock, real_build = threading.Lock(), cache_module.build_backbones
+
+    def build(*a, **kw):
+        with lock:
+            return real_build(*a, **kw)
+
+    monkeypatch.setattr(cache_module, "build_backbones", build)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_rank_resumes_its_own_part_and_a_finished_shard_is_left_alone(
+        tmp_path, monkeypatch, caplog, sharded):
+    """Guards resuming under torchrun: rank 1, stopped after its first batch (rows 8..12 of
+    its 8..13), resumes at its own next image, in the shared store or in its shard (whose
+    rows count from 0), and says how many of its own images were stored; rank 0, whose shard
+    an earlier run finalized, leaves it alone instead of refusing the re-run. The result
+    equals one process's store."""
+    from usae.store_merge import merge_shards
+
+    _serial_builds(monkeypatch)
+    imgs = make_images(tmp_path / "imgs", n=12)
+    kw = dict(batch_size=4, workers=0, dtype="float32", progress=False)
+    cache(VIT, imgs, tmp_path / "one", **kw)
+    shards = tmp_path / "shards"
+
+    def job(dist):
+        return cache(VIT, imgs, tmp_path / "two", dist=dist,
+                     shard_dir=str(shards) if sharded else "", **kw)
+
+    real_commit, rank1_commits = store_writer.StoreWriter.commit, []
+
+    def commit(self, *a, **k):
+        if threading.current_thread().name == "rank1":
+            if len(rank1_commits) == 1:
+                raise KeyboardInterrupt
+            rank1_commits.append(1)
+        return real_commit(self, *a, **k)
+
+    monkeypatch.setattr(store_writer.StoreWriter, "commit", commit)
+    with pytest.raises((KeyboardInterrupt, AssertionError)):
+        _run_ranks(2, job, monkeypatch)
+    monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)
+    with caplog.at_level("INFO"):
+        _run_ranks(2, job, monkeypatch)
+    messages = [r.getMessage() for r in caplog.records]
+    where = shards / "shard-00001-of-00002" if sharded else tmp_path / "two"
+    assert f"resuming {where}: 4 of 5 images already stored" in messages
+    if sharded:
+        assert f"{shards / 'shard-00000-of-00002'} is already complete" in messages
+        merge_shards(sorted(shards.iterdir()), tmp_path / "two", progress=False)
+    _assert_same_store(tmp_path / "one", tmp_path / "two")

@@ -33,7 +33,7 @@ from usae.images import list_images
 from usae.malloc import keep_freed_memory
 from usae.options import CacheOptions, default_workers, merged
 from usae.progress import bar as progress_bar
-from usae.store import ModelEntry, read_manifest
+from usae.store import MANIFEST, ModelEntry, read_manifest
 from usae.store_writer import Part, StoreWriter, wait_for_parts
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
                         "images: use fewer processes or a smaller --batch-size")
     writer, todo = _open_writer(out, model_entries(backbones, target, o.keep_cls), entries,
                                 o, images, (lo, hi), list_text, dist)
+    if writer is None:  # an earlier run of this job finalized this rank's shard
+        shard = _shard_path(o, dist)
+        log.info("%s is already complete", shard)
+        return read_manifest(shard)
     if writer.done > writer.part.lo:
         log.info("resuming %s: %d of %d images already stored", writer.path,
                  writer.done - writer.part.lo, writer.part.hi - writer.part.lo)
@@ -120,26 +124,41 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
     return manifest
 
 
+def _shard_path(o: CacheOptions, dist: Dist) -> Path:
+    return Path(o.shard_dir) / f"shard-{dist.rank:05d}-of-{dist.world:05d}"
+
+
+def _finished_shard(path: Path, shard: dict[str, Any]) -> bool:
+    """Whether ``path`` is this rank's shard of this job, finalized by an earlier run (the
+    rank finished before another failed: re-running the job must not stop on it)."""
+    if not (path / MANIFEST).exists():
+        return False
+    manifest = read_manifest(path)
+    return manifest.get("state") == "final" and manifest.get("shard") == shard
+
+
 def _open_writer(out: Path, models: list[ModelEntry], entries: list[dict[str, Any]],
                  o: CacheOptions, images: str | Path, rows: tuple[int, int], list_text: str,
-                 dist: Dist) -> tuple[StoreWriter, list[str]]:
+                 dist: Dist) -> tuple[StoreWriter | None, list[str]]:
     """This rank's writer and the paths it still has to extract (rank 0 creates a shared
-    store before the others open it)."""
-    extra = {"source": str(Path(images).resolve()), "align": o.align}
+    store before the others open it); no writer when this rank's shard is already final."""
+    extra: dict[str, Any] = {"source": str(Path(images).resolve()), "align": o.align}
     lo, hi = rows
     if o.shard_dir:
-        path = Path(o.shard_dir) / f"shard-{dist.rank:05d}-of-{dist.world:05d}"
+        path = _shard_path(o, dist)
         extra["shard"] = {"index": dist.rank, "count": dist.world, "start": lo,
                           "n_total": len(entries),
                           "list_hash": hashlib.sha256(list_text.encode()).hexdigest()}
+        if _finished_shard(path, extra["shard"]):
+            return None, []
         writer = StoreWriter(path, models, entries[lo:hi], o.dtype, extra=extra)
         return writer, [e["path"] for e in entries[lo + writer.done:hi]]
     part = Part(lo, hi, dist.rank, dist.world)
-    writer = None
-    if dist.is_main:
+    if dist.is_main:  # the store's creator, so the one whose extras it records
         writer = StoreWriter(out, models, entries, o.dtype, extra=extra, part=part)
     dist.barrier()
-    writer = writer or StoreWriter(out, models, entries, o.dtype, extra=extra, part=part)
+    if not dist.is_main:
+        writer = StoreWriter(out, models, entries, o.dtype, part=part)
     return writer, [e["path"] for e in entries[writer.done:hi]]
 
 
