@@ -108,12 +108,22 @@ def prepare(module: str) -> Path:
 
 
 def refresh_tests(module: str) -> Path:
-    """Copy the current tests into an existing work folder (for `--rerun`)."""
+    """Copy the current tests, and every source file but the mutated module's, into an
+    existing work folder (for `--rerun`: new tests may need other modules' new code). The
+    mutated module itself must be unchanged since its run, or its mutants' names are stale."""
     work = WORK / module
+    mutated = Path("src") / "usae" / f"{module}.py"
+    if (ROOT / mutated).read_bytes() != (work / mutated).read_bytes():
+        sys.exit(f"{mutated} changed since its run: run `{module}` again in full")
     for target in (work / "tests", work / "mutants" / "tests"):
         if target.exists():
             shutil.rmtree(target)
             shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in (work, work / "mutants"):
+        for path in (ROOT / "src").rglob("*.py"):
+            rel = path.relative_to(ROOT)
+            if rel != mutated and (folder / rel).parent.exists():
+                shutil.copy2(path, folder / rel)
     return work
 
 
