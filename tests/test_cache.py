@@ -41,10 +41,14 @@ def make_images(root, n=12, bad=True):
     return root
 
 
-def test_cache_end_to_end(tmp_path):
+def test_cache_end_to_end(tmp_path, caplog):
     make_images(tmp_path / "imgs")
-    manifest = cache(SPECS, tmp_path / "imgs", tmp_path / "store", batch_size=4, workers=0,
-                     progress=False)
+    with caplog.at_level("INFO"):
+        manifest = cache(SPECS, tmp_path / "imgs", tmp_path / "store", batch_size=4,
+                         workers=0, progress=False)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stored")]
+    assert summary[0].startswith("stored 12 images (1 skipped) for effnet_lite0, "
+                                 "vit_tiny_patch16_224 in ")
     store = Store(tmp_path / "store")
     info = store.info()
     assert info["models"] == {"effnet_lite0": {"d": 320, "tokens": 4},
