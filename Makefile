@@ -43,8 +43,8 @@ browser:
 test: install-dev browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
 
-# Mutation testing of the core modules, one module at a time (not part of `make test`; the
-# first runs added up to about 95 min on 2 cores). Scores and survivors: docs/TESTING.md;
+# Mutation testing of the core modules, one module at a time (not part of `make test`; about
+# 42 min on 2 cores). Scores and survivors: docs/TESTING.md;
 # `python scripts/mutation.py MODULE...` runs some modules, `--rerun` only the survivors.
 mutation: install-dev
 	$(PIP) install -q -e ".[mutation]"
