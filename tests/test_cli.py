@@ -143,3 +143,27 @@ def test_every_help_shows_every_default():
             assert "default" in block[:400], (p.prog, flag)
             checked += 1
     assert checked > 30
+
+
+def test_entry_ends_at_once_after_a_lost_peer(monkeypatch):
+    """Guards the exit after a lost torchrun peer: gloo's threads still wait on it and the
+    interpreter's teardown would abort (SIGABRT) instead of returning the error's status, so
+    the process ends with os._exit(status); otherwise it exits normally."""
+    import usae.cli as cli
+    import usae.distributed as distributed
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Ended(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as normal:
+        cli.entry()
+    assert normal.value.code == 2
+    monkeypatch.setattr(distributed, "_PEER_LOST", True)
+    with pytest.raises(Ended) as ended:
+        cli.entry()
+    assert ended.value.args == (2,)

@@ -233,5 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``usae`` command and ``python -m usae``: ``main``, then the exit. After a lost
+    torchrun peer, gloo's threads still wait on it and the interpreter's teardown aborts
+    (SIGABRT) instead of exiting with the error's status, so the process ends at once."""
+    code = main()
+    from usae.distributed import peer_lost
+
+    if peer_lost():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -130,6 +130,11 @@ class Dist:
 _PEER_LOST = False  # a collective failed: the group is broken and is not torn down
 
 
+def peer_lost() -> bool:
+    """Whether a collective of this process failed (a peer died or stopped answering)."""
+    return _PEER_LOST
+
+
 def _checked(fn: Any, *args: Any, **kwargs: Any) -> None:
     """Run a collective; a dead or silent peer (gloo/NCCL error or timeout) is a UsaeError."""
     global _PEER_LOST
