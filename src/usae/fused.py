@@ -281,13 +281,11 @@ class _SparseLinearTopK(torch.autograd.Function):
         if not parts_i:
             return None, None, None, None, None, None
         grad_w = grad_b = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_nd.new_zeros(n, x_nd.shape[1])
-            if sparse_i:
-                idx, grads = torch.cat(sparse_i, dim=1), torch.cat(sparse_g, dim=1)
-                rows = torch.arange(n_rows, device=idx.device).unsqueeze(1).expand_as(idx)
-                grad_w = _sparse_rows_grad(x_nd, rows.reshape(-1), idx.reshape(-1),
-                                           grads.reshape(-1), n)
+        if ctx.needs_input_grad[1]:  # (autograd materializes g_values: sparse_i has TopK's)
+            idx, grads = torch.cat(sparse_i, dim=1), torch.cat(sparse_g, dim=1)
+            rows = torch.arange(n_rows, device=idx.device).unsqueeze(1).expand_as(idx)
+            grad_w = _sparse_rows_grad(x_nd, rows.reshape(-1), idx.reshape(-1),
+                                       grads.reshape(-1), n)
             if dense_aux is not None:
                 grad_w.index_add_(0, support, dense_aux.T @ x_nd)
         idx, grads = torch.cat(parts_i, dim=1), torch.cat(parts_g, dim=1)
