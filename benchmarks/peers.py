@@ -23,9 +23,11 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the eager decoder, on any machine
+if "--sparsify-triton" not in sys.argv:  # the eager decoder, on any machine, by default
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import torch  # noqa: E402
 
@@ -36,6 +38,7 @@ from usae.train import make_optimizer  # noqa: E402
 
 D, K, TOKENS = 768, 32, 4096
 AUX_K = D // 2
+DEVICE = torch.device("cpu")  # set by --device before any step is built
 
 
 def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor, fused_optimizer: bool = True):
@@ -43,7 +46,7 @@ def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor, fused_optimizer:
                                           "criterion": "l2", "aux": aux, "aux_k": AUX_K,
                                           "lr": 1e-4, "weight_decay": 0.0,
                                           "fused_optimizer": fused_optimizer})
-    sae = UniversalSAE(cfg.sae)
+    sae = UniversalSAE(cfg.sae).to(DEVICE)
     opt = make_optimizer(sae.parameters(), cfg.train)  # AdamW without decay = Adam
     xs = {"m": x}
 
@@ -58,7 +61,7 @@ def ours(n: int, aux: str, x: torch.Tensor, dead: torch.Tensor, fused_optimizer:
 def sparsify(n: int, auxk: bool, x: torch.Tensor, dead: torch.Tensor):
     from sparsify import SparseCoder, SparseCoderConfig
 
-    coder = SparseCoder(D, SparseCoderConfig(num_latents=n, k=K), device="cpu")
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=n, k=K), device=DEVICE)
     opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -78,7 +81,7 @@ def overcomplete(n: int, x: torch.Tensor):
         matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
     from overcomplete.sae import TopKSAE
 
-    sae = TopKSAE(D, nb_concepts=n, top_k=K, device="cpu")
+    sae = TopKSAE(D, nb_concepts=n, top_k=K, device=str(DEVICE))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -96,8 +99,8 @@ def floor(n: int, x: torch.Tensor):
     the same parameters (an encoder and a dictionary), fused (the fastest exact Adam in
     PyTorch). Its time bounds ``ratio_none`` from above: ``sparsify_s / floor_s`` is the
     ratio a step with a free decode, loss and backward would reach."""
-    w = torch.randn(n, D) / D ** 0.5
-    params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(n)),
+    w = torch.randn(n, D, device=DEVICE) / D ** 0.5
+    params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(n, device=DEVICE)),
               torch.nn.Parameter(w.clone())]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -114,10 +117,10 @@ def floor(n: int, x: torch.Tensor):
 def usae_step(preset: str, n: int):
     models, dims = ("siglip", "dinov2", "vit"), (768, 384, 768)
     cfg = resolve(models, dims, preset, {"n_concepts": n, "k": K})
-    sae = UniversalSAE(cfg.sae)
+    sae = UniversalSAE(cfg.sae).to(DEVICE)
     opts = {m: make_optimizer(sae.model_parameters(m), cfg.train) for m in models}
-    xs = {m: torch.randn(32 * 196, d) for m, d in zip(models, dims)}
-    dead = torch.rand(cfg.sae.n) < 0.25
+    xs = {m: torch.randn(32 * 196, d, device=DEVICE) for m, d in zip(models, dims)}
+    dead = torch.rand(cfg.sae.n, device=DEVICE) < 0.25
     state = {"src": 0}
 
     def step() -> None:
@@ -132,12 +135,16 @@ def usae_step(preset: str, n: int):
 
 
 def measure(steps: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per step, implementations interleaved round by round."""
+    """Median seconds per step, implementations interleaved round by round (on a GPU each
+    step is timed from a synchronized start to a synchronized end)."""
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 1):  # round 0 warms every implementation up
         for name, fn in steps.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             if r:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
@@ -150,22 +157,30 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="n = 6144 only, no USAE step")
     ap.add_argument("--sizes", default="6144,24576", help="the n to measure (comma-separated)")
     ap.add_argument("--no-usae", action="store_true", help="skip the USAE step at paper dims")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every implementation on it)")
+    ap.add_argument("--sparsify-triton", action="store_true",
+                    help="let sparsify use its Triton decoder (its default on a GPU)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     # what usae's trainer does on CPU, process-wide so every implementation gets it
     from usae.malloc import keep_freed_memory
 
-    result_malloc = keep_freed_memory()
+    result_malloc = keep_freed_memory(DEVICE)
     torch.manual_seed(0)
     result: dict = {"benchmark": "peers", "tokens": TOKENS, "d": D, "k": K, "aux_k": AUX_K,
                     "threads": args.threads, "keep_freed_memory": result_malloc,
+                    "device": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+                               else "cpu"),
+                    "sparsify_decoder": "triton" if args.sparsify_triton else "eager",
                     "skipped": {}}
     suffixes = {6144: "", 24576: "_24k"}
     sizes = ((6144, ""),) if args.quick else tuple(
         (int(n), suffixes.get(int(n), f"_{n}")) for n in args.sizes.split(","))
     for n, suffix in sizes:
-        x = torch.randn(TOKENS, D)
-        dead = torch.rand(n) < 0.25
+        x = torch.randn(TOKENS, D, device=DEVICE)
+        dead = torch.rand(n, device=DEVICE) < 0.25
         steps = {"ours_none": ours(n, "none", x, dead), "ours_gao": ours(n, "gao", x, dead),
                  # the same step with PyTorch's default Adam loop, as the peers use
                  "ours_none_plain_adam": ours(n, "none", x, dead, fused_optimizer=False),

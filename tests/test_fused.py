@@ -144,14 +144,18 @@ def _naive_linear_topk(x, w, b, k, dead, aux_k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("needs", ["xwb", "w", "b", "x"])
 @pytest.mark.parametrize("use_aux", [True, False])
-@pytest.mark.parametrize("dense_ratio", [0, 10**6], ids=["sparse-aux", "dense-aux"])
+@pytest.mark.parametrize("dense_ratio,gemm", [(0, ()), (10**6, ()), (10**6, ("cpu", "cuda"))],
+                         ids=["sparse-aux", "dense-aux", "dense-aux-gemm-input-grad"])
 def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, device, dense_ratio,
-                                                          monkeypatch):
+                                                          gemm, monkeypatch):
     """Guards the sparse encoder step: values, AuxK among dead concepts (their gradient goes
-    into the encoder, as a sparse product or as a GEMM over the dead columns), each input's
-    gradient computed when that input needs one (a frozen bias, a frozen weight, the input
-    itself), and a loss that ignores the AuxK outputs."""
-    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", dense_ratio)
+    into the encoder, as a sparse product or as a GEMM over the dead columns, and into the
+    input by embedding_bag or, where ``support_gemm_on``, that GEMM), each input's gradient
+    computed when that input needs one (a frozen bias, a frozen weight, the input itself), and
+    a loss that ignores the AuxK outputs."""
+    for ratio in ("DENSE_SUPPORT_RATIO", "CUDA_DENSE_SUPPORT_RATIO"):
+        monkeypatch.setattr(fused, ratio, dense_ratio)
+    monkeypatch.setattr(fused, "SUPPORT_GEMM_DEVICES", set(gemm))
     torch.manual_seed(4)
     n, d, k, aux_k = 24, 6, 3, 4
     x0 = torch.randn(10, d, dtype=torch.float64)
@@ -196,15 +200,18 @@ def test_sparse_linear_topk_without_auxk_returns_empty_aux_codes():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("support", ["none", "sparse", "dense"])
+@pytest.mark.parametrize("support", ["none", "sparse", "dense", "dense-gemm"])
 @pytest.mark.parametrize("needs", ["vd", "v", "d"])
 def test_sparse_decode_train_gradients_match_dense_autograd(device, support, needs,
                                                             monkeypatch):
     """Guards the sorted-embedding_bag dictionary gradient (and its index tensors built on the
     dictionary's device) against the dense product's autograd; and, given the concepts every
-    index falls in, both gradients as GEMMs over their rows (other rows exactly zero); each
-    gradient only for an input that needs one."""
-    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", 0 if support == "sparse" else 10**6)
+    index falls in, both gradients as GEMMs over their rows (other rows exactly zero), and the
+    forward too where ``support_gemm_on``; each gradient only for an input that needs one."""
+    for ratio in ("DENSE_SUPPORT_RATIO", "CUDA_DENSE_SUPPORT_RATIO"):
+        monkeypatch.setattr(fused, ratio, 0 if support == "sparse" else 10**6)
+    monkeypatch.setattr(fused, "SUPPORT_GEMM_DEVICES",
+                        {"cpu", "cuda"} if support == "dense-gemm" else set())
     torch.manual_seed(6)
     n, d, k = 20, 5, 3
     concepts = torch.tensor([1, 4, 5, 9, 12, 13, 17]) if support != "none" else torch.arange(n)
@@ -228,12 +235,22 @@ def test_sparse_decode_train_gradients_match_dense_autograd(device, support, nee
         assert dict_nd.grad.shape == (n, d)
 
 
+def test_auxk_codes_are_a_gemm_over_the_support_on_cuda_only():
+    """Guards the device rule: on CUDA, AuxK's decode and input gradient are GEMMs over the
+    dead columns (embedding_bag ran ~10x slower there); on a CPU, embedding_bag."""
+    assert fused.support_gemm_on(torch.device("cuda", 0))
+    assert not fused.support_gemm_on(torch.device("cpu"))
+
+
 def test_a_gradient_over_few_columns_is_a_dense_gemm():
     """Guards the rule that picks a GEMM over the support's columns: up to DENSE_SUPPORT_RATIO
-    (8) columns per entry in a row, and a sparse product beyond."""
-    assert fused.DENSE_SUPPORT_RATIO == 8
+    (8) columns per entry in a row on a CPU, 32 on CUDA, and a sparse product beyond."""
+    assert fused.DENSE_SUPPORT_RATIO == 8 and fused.CUDA_DENSE_SUPPORT_RATIO == 32
     assert support_is_dense(1536, 384) and support_is_dense(24, 3)
     assert not support_is_dense(25, 3) and not support_is_dense(6144, 32)
+    cuda = torch.device("cuda")
+    assert support_is_dense(1536, 128, cuda) and support_is_dense(96, 3, cuda)
+    assert not support_is_dense(97, 3, cuda) and not support_is_dense(1536, 128)
 
 
 def test_normalize_rows_fused_equals_the_reference_forward_bit_for_bit_and_its_gradient():

@@ -213,14 +213,31 @@ def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n
 # A weight gradient over a few columns (AuxK's: the dead concepts) is cheaper as one dense
 # GEMM over those columns than as a sparse product: on a CPU the sparse product's gathers run
 # about 15x slower per FLOP than BLAS (benchmarks/peers.py), so the GEMM wins while the
-# columns number up to about 8 entries per row.
+# columns number up to about 8 entries per row. On CUDA, embedding_bag ran about 45x slower
+# per multiply-add than an fp32 GEMM (an H200, benchmarks/profile_step.py): 32 there.
 DENSE_SUPPORT_RATIO = 8
+CUDA_DENSE_SUPPORT_RATIO = 32
 
 
-def support_is_dense(n_support: int, entries_per_row: int) -> bool:
+def support_is_dense(n_support: int, entries_per_row: int,
+                     device: torch.device = torch.device("cpu")) -> bool:
     """Whether entries confined to ``n_support`` columns get their weight gradient as a
-    dense GEMM over those columns (rather than a sparse product)."""
-    return n_support <= DENSE_SUPPORT_RATIO * entries_per_row
+    dense GEMM over those columns (rather than a sparse product) on ``device``."""
+    ratio = CUDA_DENSE_SUPPORT_RATIO if device.type == "cuda" else DENSE_SUPPORT_RATIO
+    return n_support <= ratio * entries_per_row
+
+
+# Where AuxK's codes themselves (and their part of the encoder's input gradient) are a GEMM
+# over the support's columns rather than embedding_bag: on CUDA, embedding_bag over AuxK's long
+# rows (128-384 entries) ran about 10x slower than that GEMM (an H200, benchmarks/
+# profile_step.py); on a CPU embedding_bag's forward is 2-4x faster than the GEMM.
+SUPPORT_GEMM_DEVICES = {"cuda"}
+
+
+def support_gemm_on(device: torch.device) -> bool:
+    """Whether codes over a dense support (``support_is_dense``) are decoded, and send their
+    input gradient, by a GEMM over the support's columns on ``device``."""
+    return device.type in SUPPORT_GEMM_DEVICES
 
 
 def _dense_codes(values_nk: Tensor, local_nk: Tensor, n_support: int) -> Tensor:
@@ -245,10 +262,9 @@ class _SparseLinearTopK(torch.autograd.Function):
         values_nk, indices_nk = torch.topk(post_nc, k, dim=1, sorted=False)
         empty = values_nk.new_zeros(x_nd.shape[0], 0)
         aux_v, aux_i, local = empty, empty.long(), empty.long()
-        support = indices_nk.new_zeros(0)
-        if dead_n is not None and bool(dead_n.any()):
+        support = indices_nk.new_zeros(0) if dead_n is None else dead_n.nonzero().squeeze(1)
+        if support.numel():  # (one host sync: the support's size)
             # AuxK looks only at the dead concepts' columns (rows stay short for the TopK)
-            support = dead_n.nonzero().squeeze(1)
             aux_v, local = torch.topk(post_nc.index_select(1, support),
                                       min(aux_k, support.numel()), dim=1, sorted=False)
             aux_i = support[local]
@@ -273,7 +289,7 @@ class _SparseLinearTopK(torch.autograd.Function):
         if g_aux is not None and aux_i.shape[1]:
             parts_i.append(aux_i)
             parts_g.append(g_aux * (aux_v > 0))
-            if support_is_dense(support.numel(), aux_i.shape[1]):
+            if support_is_dense(support.numel(), aux_i.shape[1], aux_i.device):
                 dense_aux = _dense_codes(parts_g[-1], local, support.numel())
             else:
                 sparse_i.append(aux_i)
@@ -292,8 +308,15 @@ class _SparseLinearTopK(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grads.new_zeros(n).index_add_(0, idx.reshape(-1), grads.reshape(-1))
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.functional.embedding_bag(idx, weight_nd, per_sample_weights=grads,
-                                                       mode="sum")
+            if dense_aux is not None and support_gemm_on(x_nd.device):
+                grad_x = dense_aux @ weight_nd.index_select(0, support)
+                if sparse_i:
+                    grad_x += torch.nn.functional.embedding_bag(
+                        torch.cat(sparse_i, dim=1), weight_nd,
+                        per_sample_weights=torch.cat(sparse_g, dim=1), mode="sum")
+            else:
+                grad_x = torch.nn.functional.embedding_bag(idx, weight_nd,
+                                                           per_sample_weights=grads, mode="sum")
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -328,16 +351,21 @@ class _DictionaryGrad(torch.autograd.Function):
 
 class _SupportDecode(torch.autograd.Function):
     """``codes @ D`` for sparse codes whose indices all fall in a few concepts ``support``
-    (AuxK: the dead ones): ``embedding_bag`` forward; both gradients are GEMMs over the
-    support's rows of ``D`` (the codes' gradient would otherwise be ``embedding_bag``'s
-    per-sample-weights backward, a loop several times slower)."""
+    (AuxK: the dead ones): ``embedding_bag`` forward (a GEMM over the support's rows of ``D``
+    where ``support_gemm_on`` the device); both gradients are GEMMs over those rows (the
+    codes' gradient would otherwise be ``embedding_bag``'s per-sample-weights backward, a loop
+    several times slower)."""
 
     @staticmethod
     def forward(ctx, values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,  # type: ignore
                 support: Tensor):
         position = support.new_zeros(dict_nd.shape[0])  # each concept's place in support
         position[support] = torch.ones_like(support).cumsum(0) - 1  # 0.. on support's device
-        ctx.save_for_backward(values_nk, position[indices_nk], dict_nd, support)
+        local_nk = position[indices_nk]
+        ctx.save_for_backward(values_nk, local_nk, dict_nd, support)
+        if support_gemm_on(values_nk.device):
+            return _dense_codes(values_nk, local_nk, support.numel()) @ \
+                dict_nd.index_select(0, support)
         return torch.nn.functional.embedding_bag(indices_nk, dict_nd, per_sample_weights=values_nk,
                                                  mode="sum")
 
@@ -360,7 +388,8 @@ def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,
     the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``.
     ``support``: sorted distinct concepts that every index falls in (AuxK: the dead ones);
     when they are few (``support_is_dense``), both gradients are GEMMs over their rows."""
-    if support is not None and support_is_dense(support.numel(), indices_nk.shape[1]):
+    if support is not None and support_is_dense(support.numel(), indices_nk.shape[1],
+                                                indices_nk.device):
         return _SupportDecode.apply(values_nk, indices_nk, dict_nd, support)
     out = torch.nn.functional.embedding_bag(indices_nk, dict_nd.detach(),
                                             per_sample_weights=values_nk, mode="sum")

@@ -127,7 +127,9 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
         squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
     recon, aux_sum = recon.tolist(), float(aux_parts.sum())
     active_nk = values_nk.detach() > 0
-    fired = torch.zeros(sae.cfg.n, dtype=torch.bool, device=indices_nk.device)
-    fired[indices_nk[active_nk]] = True
+    # every active entry's concept, the inactive ones sent to a spare slot: no host sync
+    slots = torch.where(active_nk, indices_nk, sae.cfg.n).reshape(-1)
+    fired = torch.zeros(sae.cfg.n + 1, dtype=torch.bool, device=indices_nk.device)
+    fired = fired.index_fill_(0, slots, True)[:sae.cfg.n]
     l0 = float(active_nk.sum(1).float().mean())
     return total, StepOut(float(total.detach()), source, recon, aux_sum, l0), fired

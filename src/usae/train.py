@@ -298,7 +298,7 @@ class Trainer:
         self.sae.zero_grad(set_to_none=True)
         n_tokens = xs[models[source]].shape[0] * self.dist.world
         self.since_fired += n_tokens
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fired, 0)  # (no host sync, unlike a masked assignment)
         self.tokens += n_tokens
         self.step += 1
         return out
