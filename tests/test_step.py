@@ -228,9 +228,9 @@ def test_the_sparse_step_normalizes_with_the_fused_backward_and_decodes_auxk_ove
     monkeypatch.setattr(step_module, "normalize_rows_sparse_path",
                         lambda w: fused_norms.append(1) or real_norm(w))
 
-    def decode(values, indices, dict_nd, support=None):
+    def decode(values, indices, dict_nd, support=None, order=None):
         supports.append(support)
-        return real_decode(values, indices, dict_nd, support)
+        return real_decode(values, indices, dict_nd, support, order)
 
     monkeypatch.setattr(step_module, "sparse_decode_train", decode)
     dead = torch.zeros(16, dtype=torch.bool)
@@ -270,3 +270,29 @@ def test_the_step_on_cuda_matches_the_cpu(encoder):
     assert fired_g.device.type == "cuda" and torch.equal(fired_g.cpu(), fired_c)
     for p, q in zip(cpu.model_parameters("a"), gpu.model_parameters("a")):
         torch.testing.assert_close(q.grad.cpu(), p.grad)
+
+
+def test_each_set_of_codes_is_sorted_by_concept_once_for_every_dictionary(monkeypatch):
+    """Guards the shared ``ConceptOrder``: with three decoders stepped, the codes are sorted by
+    concept once for the three dictionaries' gradients, AuxK's codes once more when their
+    gradients are sparse products, and the encoder's entries (both kinds) once."""
+    import usae.fused as fused
+
+    sorts = []
+    real = fused._concept_sorted
+    monkeypatch.setattr(fused, "_concept_sorted", lambda *a: sorts.append(a[1].numel()) or
+                        real(*a))
+    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", 0)  # AuxK's gradients: sparse products
+    models, dims = ("a", "b", "c"), (8, 6, 4)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::2] = True
+    for aux, expected in (("none", [10 * 3, 10 * 3]), ("gao", [10 * 3, 10 * 5, 10 * 8])):
+        sorts.clear()
+        cfg = resolve(models, dims, "paper", {"n_concepts": 32, "k": 3, "aux": aux,
+                                              "aux_k": 5, "encoder": "linear",
+                                              "decoder_update": "all"})
+        sae = UniversalSAE(cfg.sae)
+        xs = {m: torch.randn(10, d) for m, d in zip(models, dims)}
+        step_loss(sae, xs, 1, cfg, dead)[0].backward()
+        assert sorted(sorts) == sorted(expected), aux
+        assert all(p.grad is not None for p in sae.dictionaries.parameters())

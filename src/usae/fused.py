@@ -194,6 +194,17 @@ def paired_criterion(x_nD: Tensor, xh_nD: Tensor, ah_nD: Tensor | None, widths: 
     return _PairedCriterion.apply(x_nD, xh_nD, ah_nD, widths, coef, squared, detach_residual)
 
 
+def _concept_sorted(rows: Tensor, cols: Tensor, grads: Tensor, n: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries (rows, cols, grads) of a sparse (N, n) matrix sorted by column: (rows,
+    grads) in that order and each column's start offset (n,), for one ``embedding_bag``."""
+    order = torch.argsort(cols)
+    counts = torch.bincount(cols, minlength=n)
+    offsets = torch.zeros(n, dtype=torch.long, device=cols.device)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    return rows[order], grads[order], offsets
+
+
 def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n: int
                       ) -> Tensor:
     """``G^T @ x`` for the sparse (N, n) matrix G with entries ``grads`` at (rows, cols):
@@ -202,12 +213,31 @@ def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n
     The entries are sorted by concept once; each concept's row of the result is then a
     weighted sum of the input rows that selected it, one ``embedding_bag`` over all concepts:
     2·nnz·d FLOPs instead of the dense 2·N·n·d, and no (nnz, d) temporary."""
-    order = torch.argsort(cols)
-    counts = torch.bincount(cols, minlength=n)
-    offsets = torch.zeros(n, dtype=torch.long, device=cols.device)
-    offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    return torch.nn.functional.embedding_bag(rows[order], x_nd, offsets,
-                                             per_sample_weights=grads[order], mode="sum")
+    sorted_rows, sorted_grads, offsets = _concept_sorted(rows, cols, grads, n)
+    return torch.nn.functional.embedding_bag(sorted_rows, x_nd, offsets,
+                                             per_sample_weights=sorted_grads, mode="sum")
+
+
+class ConceptOrder:
+    """Sparse codes ``(values_nk, indices_nk)`` over ``n`` concepts, their entries grouped by
+    concept on first use and kept: every dictionary decoded from the same codes (one per
+    model) gets its weight gradient from one sort, not one sort each."""
+
+    def __init__(self, values_nk: Tensor, indices_nk: Tensor, n: int) -> None:
+        self.values_nk, self.indices_nk, self.n = values_nk.detach(), indices_nk, n
+        self._sorted: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def weight_grad(self, grad_nd: Tensor) -> Tensor:
+        """``codes^T @ grad_nd``: (n, d), the gradient of ``codes @ D`` w.r.t. ``D``."""
+        if self._sorted is None:
+            idx = self.indices_nk
+            rows = torch.arange(idx.shape[0], device=idx.device)
+            rows = rows.unsqueeze(1).expand_as(idx).reshape(-1)
+            self._sorted = _concept_sorted(rows, idx.reshape(-1), self.values_nk.reshape(-1),
+                                           self.n)
+        sorted_rows, sorted_values, offsets = self._sorted
+        return torch.nn.functional.embedding_bag(sorted_rows, grad_nd, offsets,
+                                                 per_sample_weights=sorted_values, mode="sum")
 
 
 # A weight gradient over a few columns (AuxK's: the dead concepts) is cheaper as one dense
@@ -330,23 +360,17 @@ def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,
 
 class _DictionaryGrad(torch.autograd.Function):
     """Adds nothing in the forward; in the backward, the gradient of ``codes @ D`` w.r.t. the
-    dictionary ``D`` for sparse codes, as one sorted ``embedding_bag`` (the same as
-    ``embedding_bag``'s own weight gradient, about 3x faster on CPU for large k)."""
+    dictionary ``D`` for sparse codes (a ``ConceptOrder``), as one sorted ``embedding_bag``
+    (the same as ``embedding_bag``'s own weight gradient, about 3x faster on CPU for large k)."""
 
     @staticmethod
-    def forward(ctx, dict_nd: Tensor, indices_nk: Tensor, values_nk: Tensor):  # type: ignore
-        ctx.save_for_backward(indices_nk, values_nk)
-        ctx.n = dict_nd.shape[0]
-        return dict_nd.new_zeros(indices_nk.shape[0], dict_nd.shape[1])
+    def forward(ctx, dict_nd: Tensor, order: ConceptOrder):  # type: ignore[override]
+        ctx.order = order
+        return dict_nd.new_zeros(order.indices_nk.shape[0], dict_nd.shape[1])
 
     @staticmethod
     def backward(ctx, grad_nd):  # type: ignore[override]
-        indices_nk, values_nk = ctx.saved_tensors
-        rows = torch.arange(indices_nk.shape[0], device=indices_nk.device)
-        rows = rows.unsqueeze(1).expand_as(indices_nk).reshape(-1)
-        grad_dict = _sparse_rows_grad(grad_nd, rows, indices_nk.reshape(-1),
-                                      values_nk.reshape(-1), ctx.n)
-        return grad_dict, None, None
+        return ctx.order.weight_grad(grad_nd), None
 
 
 class _SupportDecode(torch.autograd.Function):
@@ -383,16 +407,19 @@ class _SupportDecode(torch.autograd.Function):
 
 
 def sparse_decode_train(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor,
-                        support: Tensor | None = None) -> Tensor:
+                        support: Tensor | None = None, order: ConceptOrder | None = None
+                        ) -> Tensor:
     """``codes @ D`` for sparse codes, for training: ``embedding_bag`` gives the forward and
     the codes' gradient; the dictionary's gradient comes from ``_DictionaryGrad``.
     ``support``: sorted distinct concepts that every index falls in (AuxK: the dead ones);
-    when they are few (``support_is_dense``), both gradients are GEMMs over their rows."""
+    when they are few (``support_is_dense``), both gradients are GEMMs over their rows.
+    ``order``: the same codes' ``ConceptOrder``, shared by every dictionary they decode."""
     if support is not None and support_is_dense(support.numel(), indices_nk.shape[1],
                                                 indices_nk.device):
         return _SupportDecode.apply(values_nk, indices_nk, dict_nd, support)
     out = torch.nn.functional.embedding_bag(indices_nk, dict_nd.detach(),
                                             per_sample_weights=values_nk, mode="sum")
     if dict_nd.requires_grad:
-        out = out + _DictionaryGrad.apply(dict_nd, indices_nk, values_nk.detach())
+        order = order or ConceptOrder(values_nk, indices_nk, dict_nd.shape[0])
+        out = out + _DictionaryGrad.apply(dict_nd, order)
     return out

@@ -12,6 +12,7 @@ decode a prediction of the residual ``x - x_hat``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from usae.config import RunConfig
 from usae.fused import (
+    ConceptOrder,
     multi_decode,
     normalize_rows_fused,
     paired_criterion,
@@ -108,11 +110,14 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
         values_nk, indices_nk, aux_v, aux_i = sparse_linear_topk(
             xs[src], lin.weight, lin.bias, sae.cfg.k, dead_c if tc.aux == "gao" else None,
             aux_k)
+        # each set of codes is sorted by concept once, for every dictionary's gradient
         if aux_i.shape[1]:
             dead_s = dead_c.nonzero().squeeze(1)
-            aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s) for d in dicts],
-                                dim=1)
-        decode = sparse_decode_train
+            aux_order = ConceptOrder(aux_v, aux_i, sae.cfg.n)
+            aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s, aux_order)
+                                 for d in dicts], dim=1)
+        order = ConceptOrder(values_nk, indices_nk, sae.cfg.n)
+        decode = partial(sparse_decode_train, support=None, order=order)
     else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
         if tc.aux == "gao" and dead_c is not None:
