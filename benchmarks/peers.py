@@ -12,7 +12,8 @@ k = 32, fp32, for n = 6144 and n = 24576:
 Both AuxK variants use the same dead set (25 % of the latents) and sparsify's AuxK size
 (d / 2 = 384). Implementations are interleaved round by round; medians are reported, and
 also the USAE step at paper dims (M = 3, 6272 tokens) with the ``fast`` preset against
-``paper``. ``floor`` is the part of a step no exact fp32 TopK SAE avoids (encoder GEMM, TopK,
+``paper``, with 5 % of the concepts dead (``fast``'s representative case) and with 25 %
+(``_dead25``, a stress case: AuxK decodes 128 more codes per token for every dictionary). ``floor`` is the part of a step no exact fp32 TopK SAE avoids (encoder GEMM, TopK,
 Adam); ``floor_ratio_none`` = sparsify's step over it, the most ``ratio_none`` could be. Needs the ``bench`` extra; a peer that cannot be imported is skipped, and said so.
 Prints one JSON object as its last line.
 """
@@ -114,13 +115,20 @@ def floor(n: int, x: torch.Tensor):
     return step
 
 
-def usae_step(preset: str, n: int):
+# The dead fraction the USAE step is timed at: `fast` runs keep almost every concept alive (on
+# the demo store 0.045 held out, and none reaches AuxK's threshold during training:
+# docs/RESULTS.md), so 5 % is its representative case; 25 % (the peers' AuxK comparison) is
+# reported too, as a stress case.
+USAE_DEAD = {"": 0.05, "_dead25": 0.25}
+
+
+def usae_step(preset: str, n: int, dead_fraction: float = 0.05):
     models, dims = ("siglip", "dinov2", "vit"), (768, 384, 768)
     cfg = resolve(models, dims, preset, {"n_concepts": n, "k": K})
     sae = UniversalSAE(cfg.sae).to(DEVICE)
     opts = {m: make_optimizer(sae.model_parameters(m), cfg.train) for m in models}
     xs = {m: torch.randn(32 * 196, d, device=DEVICE) for m, d in zip(models, dims)}
-    dead = torch.rand(cfg.sae.n, device=DEVICE) < 0.25
+    dead = torch.rand(cfg.sae.n, device=DEVICE) < dead_fraction
     state = {"src": 0}
 
     def step() -> None:
@@ -202,11 +210,15 @@ def main() -> None:
             result[f"floor_ratio_none{suffix}"] = round(med["sparsify"] / med["floor"], 3)
         result[f"ours_none_over_floor{suffix}"] = round(med["ours_none"] / med["floor"], 3)
     for n, suffix in () if args.quick or args.no_usae else sizes:  # USAE step, paper dims
-        usae = measure({"paper": usae_step("paper", n), "fast": usae_step("fast", n)},
-                       max(2, args.rounds // 2))
+        steps = {"paper": usae_step("paper", n)}  # (paper's AuxK ignores the dead set)
+        steps.update({f"fast{case}": usae_step("fast", n, dead)
+                      for case, dead in USAE_DEAD.items()})
+        usae = measure(steps, max(2, args.rounds // 2))
         result[f"usae_paper_s{suffix}"] = round(usae["paper"], 3)
-        result[f"usae_fast_s{suffix}"] = round(usae["fast"], 3)
-        result[f"usae_fast_over_paper{suffix}"] = round(usae["paper"] / usae["fast"], 2)
+        for case in USAE_DEAD:
+            result[f"usae_fast{case}_s{suffix}"] = round(usae[f"fast{case}"], 3)
+            result[f"usae_fast_over_paper{case}{suffix}"] = round(
+                usae["paper"] / usae[f"fast{case}"], 2)
     print(json.dumps(result))
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import peers  # noqa: E402
-from usae.fused import _sparse_rows_grad  # noqa: E402
+from usae.sparse import _sparse_rows_grad  # noqa: E402
 
 
 def _time(fn, device: torch.device, reps: int = 20) -> float:

@@ -17,27 +17,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (module, mutmut's name, code, mutated code)
 MUTANTS = [
-    ("fused", "x__sparse_rows_grad__mutmut_11", "device=cols.device)", "device=None)"),
-    ("fused", "x__sparse_rows_grad__mutmut_14", "dtype=torch.long, device=cols.device)",
+    ("sparse", "x__concept_sorted__mutmut_?", "dtype=torch.long, device=cols.device)",
+     "dtype=torch.long, device=None)"),
+    ("sparse", "x__concept_sorted__mutmut_?", "dtype=torch.long, device=cols.device)",
      "dtype=torch.long, )"),
-    ("fused", "xǁ_DictionaryGradǁbackward__mutmut_4",
-     "arange(indices_nk.shape[0], device=indices_nk.device)",
-     "arange(indices_nk.shape[0], device=None)"),
-    ("fused", "xǁ_DictionaryGradǁbackward__mutmut_6",
-     "arange(indices_nk.shape[0], device=indices_nk.device)", "arange(indices_nk.shape[0], )"),
-    ("fused", "xǁ_SparseLinearTopKǁbackward__mutmut_64", "arange(n_rows, device=idx.device)",
+    ("sparse", "xǁConceptOrderǁweight_grad__mutmut_?", "arange(idx.shape[0], device=idx.device)",
+     "arange(idx.shape[0], device=None)"),
+    ("sparse", "xǁConceptOrderǁweight_grad__mutmut_?", "arange(idx.shape[0], device=idx.device)",
+     "arange(idx.shape[0], )"),
+    ("sparse", "xǁ_SparseLinearTopKǁbackward__mutmut_?", "arange(n_rows, device=idx.device)",
      "arange(n_rows, device=None)"),
-    ("fused", "xǁ_SparseLinearTopKǁbackward__mutmut_66", "arange(n_rows, device=idx.device)",
+    ("sparse", "xǁ_SparseLinearTopKǁbackward__mutmut_?", "arange(n_rows, device=idx.device)",
      "arange(n_rows, )"),
-    ("step", "x_step_loss__mutmut_198", "dtype=torch.bool, device=indices_nk.device)",
+    ("step", "x_step_loss__mutmut_?", "dtype=torch.bool, device=indices_nk.device)",
      "dtype=torch.bool, device=None)"),
-    ("step", "x_step_loss__mutmut_201", "dtype=torch.bool, device=indices_nk.device)",
+    ("step", "x_step_loss__mutmut_?", "dtype=torch.bool, device=indices_nk.device)",
      "dtype=torch.bool, )"),
     ("evaluate", "x__stream__mutmut_18", "device = sae.device_of()", "device = None"),
     ("evaluate", "x__stream__mutmut_43", ".reshape(-1, store.dims[j]).to(device)",
      ".reshape(-1, store.dims[j]).to(None)"),
 ]
-TESTS = ["tests/test_fused.py", "tests/test_step.py", "tests/test_evaluate.py", "-k", "cuda"]
+TESTS = ["tests/test_sparse.py", "tests/test_step.py", "tests/test_evaluate.py", "-k", "cuda"]
 
 
 def _pytest(extra: list[str]) -> subprocess.CompletedProcess:

@@ -35,8 +35,9 @@ EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 # module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
 SELECTION: dict[str, list[str]] = {
     "sae": ["tests/test_sae.py", "tests/test_step.py"],
-    "step": ["tests/test_step.py", "tests/test_fused.py"],
+    "step": ["tests/test_step.py", "tests/test_fused.py", "tests/test_sparse.py"],
     "fused": ["tests/test_fused.py", "tests/test_step.py"],
+    "sparse": ["tests/test_sparse.py", "tests/test_step.py"],
     "metrics": ["tests/test_metrics.py"],
     "evaluate": ["tests/test_evaluate.py", "tests/test_controls.py"],
     "store": ["tests/test_store.py"],

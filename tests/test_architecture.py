@@ -69,6 +69,8 @@ FORBIDDEN = {
     "usae.train": {"usae.evaluate", "usae.controls", "usae.explorer.build", "usae.plots",
                    "usae.cache", "usae.demo"},
     "usae.step": {"usae.train", "usae.evaluate", "usae.store"},
+    "usae.fused": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
+    "usae.sparse": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
     "usae.sae": {"usae.train", "usae.step", "usae.store", "usae.evaluate"},
     "usae.store": {"usae.images", "usae.train", "usae.sae", "usae.backbones"},
     "usae.controls": {"usae.evaluate"},

@@ -276,13 +276,13 @@ def test_each_set_of_codes_is_sorted_by_concept_once_for_every_dictionary(monkey
     """Guards the shared ``ConceptOrder``: with three decoders stepped, the codes are sorted by
     concept once for the three dictionaries' gradients, AuxK's codes once more when their
     gradients are sparse products, and the encoder's entries (both kinds) once."""
-    import usae.fused as fused
+    from usae import sparse
 
     sorts = []
-    real = fused._concept_sorted
-    monkeypatch.setattr(fused, "_concept_sorted", lambda *a: sorts.append(a[1].numel()) or
+    real = sparse._concept_sorted
+    monkeypatch.setattr(sparse, "_concept_sorted", lambda *a: sorts.append(a[1].numel()) or
                         real(*a))
-    monkeypatch.setattr(fused, "DENSE_SUPPORT_RATIO", 0)  # AuxK's gradients: sparse products
+    monkeypatch.setattr(sparse, "DENSE_SUPPORT_RATIO", 0)  # AuxK's gradients: sparse products
     models, dims = ("a", "b", "c"), (8, 6, 4)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[::2] = True

@@ -437,3 +437,48 @@ def test_fused_optimizer_is_the_same_adamw_update_and_may_change_on_resume(array
         Trainer(cfg, part, progress=False).fit(_StopAfter(ArraySource(arrays), 4))
     Trainer(fused_cfg, part, progress=False).fit(ArraySource(arrays), resume=True)
     np.testing.assert_allclose(losses_of(part), losses_of(tmp_path / "plain"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad_model", [0, 2])
+def test_a_non_finite_batch_names_its_model_and_leaves_the_weights(arrays, tmp_path,
+                                                                   bad_model):
+    """Guards the batch check (one host sync for every model): the error names the model
+    whose activations are not finite, whichever it is, and no weight moved."""
+    cfg = small_cfg(arrays)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    src = ArraySource(arrays)
+    tr._set_standardization(src)
+    batch = {m: x.clone() for m, x in next(src.batches(4, 0, 0)).items()}
+    bad = tr.sae.models[bad_model]
+    batch[bad][5, 0] = float("nan")
+    before = {k: v.clone() for k, v in tr.sae.state_dict().items()}
+    with pytest.raises(UsaeError) as err:
+        tr.train_step(batch, warmup=1, total=10)
+    assert str(err.value) == (f"model {bad!r}: non-finite activations in the batch at step 1; "
+                              "the weights were not touched")
+    assert all(torch.equal(v, tr.sae.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_non_finite_loss_stops_before_the_optimizer_step(arrays, tmp_path, monkeypatch):
+    """Guards the loss check, read from the step's host scalars: an infinite loss is a clear
+    error naming the step and the source model, and no parameter moved (BatchNorm's running
+    statistics, updated by the forward, are not parameters)."""
+    import usae.train as train_module
+
+    real = train_module.step_loss
+
+    def exploding(*args, **kwargs):
+        loss, out, fired = real(*args, **kwargs)
+        return loss * float("inf"), out._replace(loss=float("inf")), fired
+
+    monkeypatch.setattr(train_module, "step_loss", exploding)
+    cfg = small_cfg(arrays)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    src = ArraySource(arrays)
+    tr._set_standardization(src)
+    before = {k: v.detach().clone() for k, v in tr.sae.named_parameters()}
+    with pytest.raises(UsaeError) as err:
+        tr.train_step(next(src.batches(4, 0, 0)), warmup=1, total=10)
+    assert str(err.value).startswith("the loss became inf at step 1 (source model ")
+    assert str(err.value).endswith(") — lower lr")
+    assert all(torch.equal(v, before[k]) for k, v in tr.sae.named_parameters())

@@ -1,7 +1,8 @@
 """The training step's maths, in one place: criteria, auxiliary codes and the step loss.
 
-``step_loss`` is what the trainer differentiates. It relies on ``usae.fused`` (this module's
-private kernels: fused autograd functions that spend GEMMs only where a gradient is used).
+``step_loss`` is what the trainer differentiates. It relies on ``usae.fused`` and
+``usae.sparse`` (this module's private kernels: fused autograd functions that spend GEMMs
+only where a gradient is used, and the sparse step's).
 The naive formulations that tests and benchmarks compare against live in ``usae.oracles``,
 outside the library's import path.
 
@@ -20,16 +21,14 @@ from torch import Tensor
 
 from usae.config import RunConfig
 from usae.fused import (
-    ConceptOrder,
     multi_decode,
     normalize_rows_fused,
     paired_criterion,
     reference_aux_codes_,
-    sparse_decode_train,
-    sparse_linear_topk,
     topk_reference_aux_decode,
 )
 from usae.sae import DICT_EPS, UniversalSAE, normalize_rows, sparse_decode
+from usae.sparse import ConceptOrder, sparse_decode_train, sparse_linear_topk
 
 
 def l1(target: Tensor, estimate: Tensor) -> Tensor:
@@ -130,11 +129,13 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     total, recon, aux_parts = paired_criterion(
         x_all, xhat_all, aux_all, widths, tc.aux_coef if aux_all is not None else 0.0,
         squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
-    recon, aux_sum = recon.tolist(), float(aux_parts.sum())
     active_nk = values_nk.detach() > 0
     # every active entry's concept, the inactive ones sent to a spare slot: no host sync
     slots = torch.where(active_nk, indices_nk, sae.cfg.n).reshape(-1)
     fired = torch.zeros(sae.cfg.n + 1, dtype=torch.bool, device=indices_nk.device)
     fired = fired.index_fill_(0, slots, True)[:sae.cfg.n]
-    l0 = float(active_nk.sum(1).float().mean())
-    return total, StepOut(float(total.detach()), source, recon, aux_sum, l0), fired
+    l0 = active_nk.sum(1).float().mean()
+    # every scalar in one transfer (one host sync, not four: on a GPU each stalls the queue)
+    scalars = torch.cat([total.detach().reshape(1), recon, aux_parts.sum().reshape(1),
+                         l0.to(total.dtype).reshape(1)]).tolist()
+    return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), fired

@@ -262,19 +262,19 @@ class Trainer:
         of trainer state. Under torchrun, one all-reduce brings the ranks to the same step."""
         tc = self.cfg.train
         models = self.sae.models
-        xs = {}
-        for m in models:
-            x = raw[m].to(self.device, torch.float32, non_blocking=True)
-            if not torch.isfinite(x).all():
+        xs = {m: raw[m].to(self.device, torch.float32, non_blocking=True) for m in models}
+        finite = torch.stack([torch.isfinite(x).all() for x in xs.values()]).tolist()
+        for m, ok in zip(models, finite):  # (one host sync for every model's check)
+            if not ok:
                 raise UsaeError(f"model {m!r}: non-finite activations in the batch at step "
                                 f"{self.step + 1}; the weights were not touched")
-            xs[m] = self.sae.standardize(m, x)
+        xs = {m: self.sae.standardize(m, x) for m, x in xs.items()}
         source = int(torch.randint(len(models), (1,), generator=self.model_gen))
         self.sae.train()
         dead = self.since_fired >= tc.dead_after_tokens if tc.aux == "gao" else None
         loss, out, fired = step_loss(self.sae, xs, source, self.cfg, dead)
-        if not torch.isfinite(loss):
-            raise UsaeError(f"the loss became {float(loss)} at step {self.step + 1} "
+        if not math.isfinite(out.loss):  # (the step's scalars are on the host already)
+            raise UsaeError(f"the loss became {out.loss} at step {self.step + 1} "
                             f"(source model {models[source]!r}) — lower lr")
         loss.backward()
         stepped = range(len(models)) if tc.decoder_update == "all" else [source]
