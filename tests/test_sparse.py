@@ -25,8 +25,10 @@ def _naive_linear_topk(x, w, b, k, dead, aux_k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("needs", ["xwb", "w", "b", "x"])
 @pytest.mark.parametrize("use_aux", [True, False])
-@pytest.mark.parametrize("dense_ratio,gemm", [(0, ()), (10**6, ()), (10**6, ("cpu", "cuda"))],
-                         ids=["sparse-aux", "dense-aux", "dense-aux-gemm-input-grad"])
+@pytest.mark.parametrize("dense_ratio,gemm", [(0, ()), (10**6, ()), (10**6, ("cpu", "cuda")),
+                                              (0, ("cpu", "cuda"))],
+                         ids=["sparse-aux", "dense-aux", "dense-aux-gemm-input-grad",
+                              "sparse-aux-gemm-device"])
 def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, device, dense_ratio,
                                                           gemm, monkeypatch):
     """Guards the sparse encoder step: values, AuxK among dead concepts (their gradient goes
@@ -132,3 +134,50 @@ def test_a_gradient_over_few_columns_is_a_dense_gemm():
     cuda = torch.device("cuda")
     assert support_is_dense(1536, 128, cuda) and support_is_dense(96, 3, cuda)
     assert not support_is_dense(97, 3, cuda) and not support_is_dense(1536, 128)
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_the_input_gradient_sends_auxk_through_a_gemm_only_where_the_device_says(gemm,
+                                                                                monkeypatch):
+    """Guards the input gradient's two exact ways with AuxK over a dense support: one
+    embedding_bag over every entry (TopK's and AuxK's), or, where ``support_gemm_on``, a GEMM
+    over the dead columns plus an embedding_bag over the TopK entries alone."""
+    monkeypatch.setattr(sparse, "SUPPORT_GEMM_DEVICES", {"cpu"} if gemm else set())
+    widths = []
+    real = torch.nn.functional.embedding_bag
+
+    def spy(indices, weight, *args, **kwargs):
+        widths.append(indices.shape[1] if indices.dim() == 2 else None)
+        return real(indices, weight, *args, **kwargs)
+
+    torch.manual_seed(8)
+    x = torch.randn(6, 5, requires_grad=True)
+    w, b = torch.randn(16, 5), torch.zeros(16)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[:4] = True  # 4 dead columns for 2 AuxK entries: a dense support on any device
+    vals, _, aux_v, _ = sparse_linear_topk(x, w, b, 3, dead, 2)
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", spy)
+    (vals.sum() + aux_v.sum()).backward()
+    assert widths == ([3] if gemm else [3 + 2])
+
+
+def test_the_support_rule_is_asked_with_the_codes_device(monkeypatch):
+    """Guards the device passed to ``support_is_dense`` (its ratio differs on CUDA) by the
+    encoder's backward and by the AuxK decode."""
+    devices = []
+    real = sparse.support_is_dense
+
+    def spy(n_support, entries_per_row, device=None):
+        devices.append(device)
+        return real(n_support, entries_per_row, device)
+
+    monkeypatch.setattr(sparse, "support_is_dense", spy)
+    torch.manual_seed(9)
+    x, w, b = torch.randn(6, 5), torch.randn(16, 5, requires_grad=True), torch.zeros(16)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[:4] = True
+    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, 3, dead, 2)
+    dict_nd = torch.randn(16, 7, requires_grad=True)
+    out = sparse_decode_train(aux_v, aux_i, dict_nd, dead.nonzero().squeeze(1))
+    (vals.sum() + aux_v.sum() + out.sum()).backward()
+    assert devices == [torch.device("cpu")] * 2

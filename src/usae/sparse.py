@@ -163,10 +163,9 @@ class _SparseLinearTopK(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if dense_aux is not None and support_gemm_on(x_nd.device):
                 grad_x = dense_aux @ weight_nd.index_select(0, support)
-                if sparse_i:
+                if sparse_i:  # (the TopK part alone: AuxK's went into dense_aux)
                     grad_x += torch.nn.functional.embedding_bag(
-                        torch.cat(sparse_i, dim=1), weight_nd,
-                        per_sample_weights=torch.cat(sparse_g, dim=1), mode="sum")
+                        sparse_i[0], weight_nd, per_sample_weights=sparse_g[0], mode="sum")
             else:
                 grad_x = torch.nn.functional.embedding_bag(idx, weight_nd,
                                                            per_sample_weights=grads, mode="sum")

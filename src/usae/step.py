@@ -116,7 +116,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
             aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s, aux_order)
                                  for d in dicts], dim=1)
         order = ConceptOrder(values_nk, indices_nk, sae.cfg.n)
-        decode = partial(sparse_decode_train, support=None, order=order)
+        decode = partial(sparse_decode_train, order=order)
     else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
         if tc.aux == "gao" and dead_c is not None:
@@ -127,7 +127,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     xhat_all = torch.cat([decode(values_nk, indices_nk, d) for d in dicts], dim=1)
     x_all = torch.cat([xs[m] for m in models], dim=1)
     total, recon, aux_parts = paired_criterion(
-        x_all, xhat_all, aux_all, widths, tc.aux_coef if aux_all is not None else 0.0,
+        x_all, xhat_all, aux_all, widths, tc.aux_coef,  # (read only with an aux term)
         squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
     active_nk = values_nk.detach() > 0
     # every active entry's concept, the inactive ones sent to a spare slot: no host sync
@@ -137,5 +137,5 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     l0 = active_nk.sum(1).float().mean()
     # every scalar in one transfer (one host sync, not four: on a GPU each stalls the queue)
     scalars = torch.cat([total.detach().reshape(1), recon, aux_parts.sum().reshape(1),
-                         l0.to(total.dtype).reshape(1)]).tolist()
+                         l0.reshape(1)]).tolist()  # (cat promotes l0 to total's dtype)
     return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), fired
