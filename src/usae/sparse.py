@@ -68,8 +68,6 @@ class ConceptOrder:
 # per multiply-add than an fp32 GEMM (an H200, benchmarks/profile_step.py): 32 there.
 DENSE_SUPPORT_RATIO = 8
 CUDA_DENSE_SUPPORT_RATIO = 32
-
-
 CPU = torch.device("cpu")
 
 
