@@ -24,18 +24,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-if "--sparsify-triton" not in sys.argv:  # the eager decoder, on any machine, by default
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+import torch
 
-import torch  # noqa: E402
-
-from usae.config import resolve  # noqa: E402
-from usae.sae import UniversalSAE  # noqa: E402
-from usae.step import step_loss  # noqa: E402
-from usae.train import make_optimizer  # noqa: E402
+from usae.config import resolve
+from usae.sae import UniversalSAE
+from usae.step import step_loss
+from usae.train import make_optimizer
 
 D, K, TOKENS = 768, 32, 4096
 AUX_K = D // 2
@@ -169,6 +165,8 @@ def main() -> None:
     ap.add_argument("--sparsify-triton", action="store_true",
                     help="let sparsify use its Triton decoder (its default on a GPU)")
     args = ap.parse_args()
+    if not args.sparsify_triton:  # the eager decoder on any machine (read at sparsify's import)
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)

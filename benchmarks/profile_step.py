@@ -3,15 +3,17 @@
 
 ``python benchmarks/profile_step.py --device cuda`` prints, for each step, the ops that take
 most of the device's (or the CPU's) time under ``torch.profiler``, and as its last line one JSON
-object: ``sparse_rows_grad_s`` (our sorted ``embedding_bag``) against ``dense_grad_s`` (the
-sparse gradient scattered into an (N, n) matrix, then one GEMM) for the encoder's and the
-dictionary's weight-gradient shapes.
+object: ``sparse_rows_grad_s`` (our sorted ``embedding_bag``, ``ConceptOrder``) against
+``dense_grad_s`` (the sparse gradient scattered into an (N, n) matrix, then one GEMM) for the
+encoder's and the dictionary's weight-gradient shapes. sparsify runs its eager decoder, as in
+``peers.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import peers  # noqa: E402
-from usae.sparse import _sparse_rows_grad  # noqa: E402
+from usae.sparse import ConceptOrder  # noqa: E402
 
 
 def _time(fn, device: torch.device, reps: int = 20) -> float:
@@ -44,10 +46,9 @@ def weight_grad_shapes(n: int, device: torch.device) -> dict[str, float]:
     x = torch.randn(tokens, d, device=device)
     cols = torch.stack([torch.randperm(n, device=device)[:k] for _ in range(tokens)])
     grads = torch.randn(tokens, k, device=device)
-    rows = torch.arange(tokens, device=device).unsqueeze(1).expand_as(cols).reshape(-1)
 
-    def sparse() -> torch.Tensor:
-        return _sparse_rows_grad(x, rows, cols.reshape(-1), grads.reshape(-1), n)
+    def sparse() -> torch.Tensor:  # the sort included, as in a step
+        return ConceptOrder(grads, cols, n).weight_grad(x)
 
     def dense() -> torch.Tensor:
         g = x.new_zeros(tokens, n).scatter_(1, cols, grads)
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--usae", action="store_true",
                     help="also the USAE step at paper dims, `paper` and `fast` presets")
     args = ap.parse_args()
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # peers.py's default
     device = peers.DEVICE = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(peers.TOKENS, peers.D, device=device)

@@ -54,7 +54,7 @@ def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, devic
 
     x, w, b = leaves()
     dead, c_main, c_aux = dead.to(device), c_main.to(device), c_aux.to(device)
-    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, k, dead, aux_k)
+    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, k, dead.nonzero().squeeze(1), aux_k)
     loss = (vals * c_main[idx]).sum()
     if use_aux:
         loss = loss + (aux_v * c_aux[aux_i]).sum()
@@ -73,11 +73,12 @@ def test_sparse_linear_topk_gradients_match_dense_autograd(needs, use_aux, devic
 
 
 def test_sparse_linear_topk_without_auxk_returns_empty_aux_codes():
-    """Guards the empty (N, 0) AuxK outputs: no dead mask, nothing dead, or aux_k left at 0."""
+    """Guards the empty (N, 0) AuxK outputs: no dead concepts given, none dead, or aux_k left
+    at 0."""
     torch.manual_seed(5)
     x, w, b = torch.randn(7, 4), torch.randn(10, 4), torch.zeros(10)
-    for dead, kwargs in ((None, {}), (torch.zeros(10, dtype=torch.bool), {"aux_k": 3}),
-                         (torch.ones(10, dtype=torch.bool), {})):
+    for dead, kwargs in ((None, {}), (torch.zeros(0, dtype=torch.long), {"aux_k": 3}),
+                         (torch.arange(10), {})):
         _, _, aux_v, aux_i = sparse_linear_topk(x, w, b, 2, dead, **kwargs)
         assert aux_v.shape == (7, 0) and aux_i.shape == (7, 0) and aux_i.dtype == torch.long
 
@@ -155,7 +156,7 @@ def test_the_input_gradient_sends_auxk_through_a_gemm_only_where_the_device_says
     w, b = torch.randn(16, 5), torch.zeros(16)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[:4] = True  # 4 dead columns for 2 AuxK entries: a dense support on any device
-    vals, _, aux_v, _ = sparse_linear_topk(x, w, b, 3, dead, 2)
+    vals, _, aux_v, _ = sparse_linear_topk(x, w, b, 3, dead.nonzero().squeeze(1), 2)
     monkeypatch.setattr(torch.nn.functional, "embedding_bag", spy)
     (vals.sum() + aux_v.sum()).backward()
     assert widths == ([3] if gemm else [3 + 2])
@@ -176,7 +177,7 @@ def test_the_support_rule_is_asked_with_the_codes_device(monkeypatch):
     x, w, b = torch.randn(6, 5), torch.randn(16, 5, requires_grad=True), torch.zeros(16)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[:4] = True
-    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, 3, dead, 2)
+    vals, idx, aux_v, aux_i = sparse_linear_topk(x, w, b, 3, dead.nonzero().squeeze(1), 2)
     dict_nd = torch.randn(16, 7, requires_grad=True)
     out = sparse_decode_train(aux_v, aux_i, dict_nd, dead.nonzero().squeeze(1))
     (vals.sum() + aux_v.sum() + out.sum()).backward()

@@ -26,23 +26,15 @@ def _concept_sorted(rows: Tensor, cols: Tensor, grads: Tensor, n: int
     return rows[order], grads[order], offsets
 
 
-def _sparse_rows_grad(x_nd: Tensor, rows: Tensor, cols: Tensor, grads: Tensor, n: int
-                      ) -> Tensor:
-    """``G^T @ x`` for the sparse (N, n) matrix G with entries ``grads`` at (rows, cols):
-    the weight gradient of a linear encoder whose output gradient is nonzero only there.
-
-    The entries are sorted by concept once; each concept's row of the result is then a
-    weighted sum of the input rows that selected it, one ``embedding_bag`` over all concepts:
-    2·nnz·d FLOPs instead of the dense 2·N·n·d, and no (nnz, d) temporary."""
-    sorted_rows, sorted_grads, offsets = _concept_sorted(rows, cols, grads, n)
-    return torch.nn.functional.embedding_bag(sorted_rows, x_nd, offsets,
-                                             per_sample_weights=sorted_grads, mode="sum")
-
-
 class ConceptOrder:
     """Sparse codes ``(values_nk, indices_nk)`` over ``n`` concepts, their entries grouped by
     concept on first use and kept: every dictionary decoded from the same codes (one per
-    model) gets its weight gradient from one sort, not one sort each."""
+    model) gets its weight gradient from one sort, not one sort each.
+
+    ``weight_grad(x)`` is ``codes^T @ x``: each concept's row a weighted sum of the rows that
+    selected it, one ``embedding_bag`` over all concepts: 2·nnz·d FLOPs instead of the dense
+    2·N·n·d, and no (nnz, d) temporary. It is also the weight gradient of a linear encoder
+    whose output gradient is nonzero only at the selected entries."""
 
     def __init__(self, values_nk: Tensor, indices_nk: Tensor, n: int) -> None:
         self.values_nk, self.indices_nk, self.n = values_nk.detach(), indices_nk, n
@@ -107,14 +99,14 @@ class _SparseLinearTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,  # type: ignore
-                dead_n: Tensor | None, aux_k: int):
+                dead_concepts: Tensor | None, aux_k: int):
         # mm then an in-place bias: addmm would first copy the broadcast bias into (N, n)
         post_nc = torch.mm(x_nd, weight_nd.T).add_(bias_n).clamp_min_(0)  # ReLU in place
         values_nk, indices_nk = torch.topk(post_nc, k, dim=1, sorted=False)
         empty = values_nk.new_zeros(x_nd.shape[0], 0)
         aux_v, aux_i, local = empty, empty.long(), empty.long()
-        support = indices_nk.new_zeros(0) if dead_n is None else dead_n.nonzero().squeeze(1)
-        if support.numel():  # (one host sync: the support's size)
+        support = indices_nk.new_zeros(0) if dead_concepts is None else dead_concepts
+        if support.numel():
             # AuxK looks only at the dead concepts' columns (rows stay short for the TopK)
             aux_v, local = torch.topk(post_nc.index_select(1, support),
                                       min(aux_k, support.numel()), dim=1, sorted=False)
@@ -128,7 +120,7 @@ class _SparseLinearTopK(torch.autograd.Function):
     def backward(ctx, g_values, _gi, g_aux, _ga):  # type: ignore[override]
         x_nd, weight_nd, values_nk, indices_nk, aux_v, aux_i, local, support = \
             ctx.saved_tensors
-        n_rows, n = x_nd.shape[0], weight_nd.shape[0]
+        n = weight_nd.shape[0]
         parts_i, parts_g = [], []  # every entry, for the input gradient
         sparse_i, sparse_g = [], []  # the entries whose weight gradient is a sparse product
         dense_aux = None  # AuxK's gradient as dense codes over the support's columns
@@ -149,10 +141,8 @@ class _SparseLinearTopK(torch.autograd.Function):
             return None, None, None, None, None, None
         grad_w = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:  # (autograd materializes g_values: sparse_i has TopK's)
-            idx, grads = torch.cat(sparse_i, dim=1), torch.cat(sparse_g, dim=1)
-            rows = torch.arange(n_rows, device=idx.device).unsqueeze(1).expand_as(idx)
-            grad_w = _sparse_rows_grad(x_nd, rows.reshape(-1), idx.reshape(-1),
-                                       grads.reshape(-1), n)
+            grad_w = ConceptOrder(torch.cat(sparse_g, dim=1), torch.cat(sparse_i, dim=1),
+                                  n).weight_grad(x_nd)
             if dense_aux is not None:
                 grad_w.index_add_(0, support, dense_aux.T @ x_nd)
         idx, grads = torch.cat(parts_i, dim=1), torch.cat(parts_g, dim=1)
@@ -171,11 +161,12 @@ class _SparseLinearTopK(torch.autograd.Function):
 
 
 def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,
-                       dead_n: Tensor | None = None, aux_k: int = 0
+                       dead_concepts: Tensor | None = None, aux_k: int = 0
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(values_nk, indices_nk, aux_values, aux_indices)`` of a linear encoder's TopK (and
-    AuxK among ``dead_n`` concepts; empty (N, 0) when none is dead or ``dead_n`` is None)."""
-    return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, k, dead_n, aux_k)
+    AuxK among ``dead_concepts``, sorted concept indices; empty (N, 0) when there are none or
+    ``dead_concepts`` is None)."""
+    return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, k, dead_concepts, aux_k)
 
 
 class _DictionaryGrad(torch.autograd.Function):

@@ -98,6 +98,7 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]
     aux_all = None
     decode = sparse_decode
+    aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)  # (gao's)
     if tc.aux == "reference":
         pre_nc = sae.encoders[src](xs[src])
         values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, sae.cfg.k,
@@ -105,13 +106,13 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     elif sparse:
         # the sparse path: no dense weight gradient, no dense AuxK decode (same maths)
         lin = sae.encoders[src].linear
-        aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
+        # the dead concepts, found once (one host sync) for AuxK's selection and decode
+        dead_s = dead_c.nonzero().squeeze(1) if tc.aux == "gao" and dead_c is not None \
+            else None
         values_nk, indices_nk, aux_v, aux_i = sparse_linear_topk(
-            xs[src], lin.weight, lin.bias, sae.cfg.k, dead_c if tc.aux == "gao" else None,
-            aux_k)
+            xs[src], lin.weight, lin.bias, sae.cfg.k, dead_s, aux_k)
         # each set of codes is sorted by concept once, for every dictionary's gradient
         if aux_i.shape[1]:
-            dead_s = dead_c.nonzero().squeeze(1)
             aux_order = ConceptOrder(aux_v, aux_i, sae.cfg.n)
             aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s, aux_order)
                                  for d in dicts], dim=1)
@@ -120,7 +121,6 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     else:  # normalized encoders: the norm needs the full pre-activation gradient (dense)
         pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
         if tc.aux == "gao" and dead_c is not None:
-            aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)
             codes = gao_aux_codes(torch.relu(pre_nc), dead_c, aux_k)
             if codes is not None:
                 aux_all = multi_decode(codes, cat, widths, trainable)
@@ -130,12 +130,17 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
         x_all, xhat_all, aux_all, widths, tc.aux_coef,  # (read only with an aux term)
         squared=tc.criterion == "l2", detach_residual=tc.aux == "gao")
     active_nk = values_nk.detach() > 0
-    # every active entry's concept, the inactive ones sent to a spare slot: no host sync
-    slots = torch.where(active_nk, indices_nk, sae.cfg.n).reshape(-1)
-    fired = torch.zeros(sae.cfg.n + 1, dtype=torch.bool, device=indices_nk.device)
-    fired = fired.index_fill_(0, slots, True)[:sae.cfg.n]
     l0 = active_nk.sum(1).float().mean()
     # every scalar in one transfer (one host sync, not four: on a GPU each stalls the queue)
     scalars = torch.cat([total.detach().reshape(1), recon, aux_parts.sum().reshape(1),
                          l0.reshape(1)]).tolist()  # (cat promotes l0 to total's dtype)
-    return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), fired
+    return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), \
+        fired_mask(active_nk, indices_nk, sae.cfg.n)
+
+
+def fired_mask(active_nk: Tensor, indices_nk: Tensor, n: int) -> Tensor:
+    """(n,) bool: the concepts selected with a positive value in some row. Every active
+    entry's concept is set, the inactive ones go to a spare slot: no host sync."""
+    slots = torch.where(active_nk, indices_nk, n).reshape(-1)
+    fired = torch.zeros(n + 1, dtype=torch.bool, device=indices_nk.device)
+    return fired.index_fill_(0, slots, True)[:n]
