@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -105,3 +106,18 @@ def quick_demo(tmp_path_factory):
                          check=True, capture_output=True, text=True, timeout=900)
     (out.parent / "stdout.txt").write_text(res.stdout)
     return out
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 256 KiB filesystem (needs root and mount rights, as in CI); skipped otherwise."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -374,6 +374,13 @@ def test_two_ranks_write_the_same_rows_as_one_process(tmp_path, monkeypatch, sha
         assert blocks == [{"index": r, "count": 2, "start": start, "n_total": 13,
                            "list_hash": digest} for r, start in ((0, 0), (1, 8))]
         merge_shards(parts, tmp_path / "two", progress=False)
+        # a finished store is replaced only with force; a shard is never the output
+        with pytest.raises(UsaeError, match="already holds a store — pass --force"):
+            merge_shards(parts, tmp_path / "two", progress=False)
+        for out in (parts[0], parts[0] / "inner", shards):
+            with pytest.raises(UsaeError, match="overlaps the shard"):
+                merge_shards(parts, out, force=True, progress=False)
+        assert read_manifest(parts[0])["shard"]["index"] == 0
     else:
         assert ranks[1][0].calls.count(("barrier", ())) == 1
     _assert_same_store(tmp_path / "one", tmp_path / "two")

@@ -78,8 +78,10 @@ def test_objective_rises_and_the_same_seed_gives_the_same_image(trained):
     spectrum = analytic_spectrum(64)
     o = CamOptions(steps=40, size=64, crops=2, lr=0.3)
     a = optimize(models["lite0"], 3, spectrum, o, progress=False)
-    start, end = a["trace"][0][1], a["trace"][-1][1]
-    assert start > 0 and end >= 5 * start, a["trace"]
+    start, best = a["trace"][0][1], max(v for _, v in a["trace"])
+    # the best value, not the last: random crops make the trace noisy, and the last point's
+    # noise depends on the machine's BLAS threads (one 2-thread run ended 15.5 -> 10.8)
+    assert start > 0 and best >= 5 * start, a["trace"]
     v = optimize(models["vit"], 3, analytic_spectrum(48), CamOptions(steps=10, size=48, crops=1),
                  progress=False)
     assert v["trace"][-1][1] > v["trace"][0][1] and v["image"].shape == (3, 48, 48)
@@ -106,12 +108,14 @@ def test_usae_cam_writes_images_alpha_grid_and_checks(trained, tmp_path, capsys)
     assert (tmp_path / "cam" / "spectrum.safetensors").exists()
     assert "estimated from 16" in doc["spectrum"]
     assert Image.open(folder / "lite0.png").size == (48, 48)
-    assert "self ratio" in capsys.readouterr().out
+    assert "self score" in capsys.readouterr().out
+    assert "NaN" not in (folder / "cam.json").read_text()
 
 
-def test_self_ratio_is_measured_on_the_saved_png(trained, tmp_path):
-    """self_ratio[m] = the concept's activation on the re-read 8-bit PNG / its maximum over
-    the store's natural images, recomputed here independently."""
+def test_self_and_transfer_scores_are_robust_scores_of_the_saved_pngs(trained, tmp_path):
+    """self_ratio[m] and transfer[m][j] = (activation on the re-read 8-bit PNG - natural
+    median) / max(q99 - median, 0.1 x the model's median spread), recomputed here with NumPy
+    from the store's activations; the control fires about as often as the concept."""
     res = run_cam(trained / "run", trained / "store", [5], out=tmp_path / "c", steps=6, size=48,
                   crops=1, progress=False)[5]
     sae = UniversalSAE.load(trained / "run").eval()
@@ -119,13 +123,38 @@ def test_self_ratio_is_measured_on_the_saved_png(trained, tmp_path):
     models = build_cam_models(sae, store, torch.device("cpu"))
     from usae.images import load_rgb
 
-    for m in ("lite0", "vit"):
-        on_png = float(models[m].natural(load_rgb(tmp_path / "c" / "5" / f"{m}.png"))[5])
+    def score(m: str, value: float) -> float:
         x = store.read(m, store.rows("all"))
         with torch.no_grad():
             pre = sae.encoders[m](sae.standardize(m, x.reshape(-1, x.shape[-1])))
-        natural_max = float(pre.reshape(x.shape[0], x.shape[1], -1)[:, :, 5].mean(1).max())
-        assert res["self_ratio"][m] == pytest.approx(on_png / natural_max, rel=1e-3)
+        means = pre.reshape(x.shape[0], x.shape[1], -1).mean(1).double().numpy()  # (img, n)
+        spread = np.quantile(means, 0.99, axis=0) - np.quantile(means, 0.5, axis=0)
+        scale = max(spread[5], 0.1 * float(np.median(spread)))
+        return (value - float(np.quantile(means[:, 5], 0.5))) / scale
+
+    names = ["lite0", "vit"]
+    for i, m in enumerate(names):
+        image = load_rgb(tmp_path / "c" / "5" / f"{m}.png")
+        assert res["self_ratio"][m] == pytest.approx(
+            score(m, float(models[m].natural(image)[5])), rel=1e-3, abs=1e-3)
+        for j, v in enumerate(names):
+            assert res["transfer"][i][j] == pytest.approx(
+                score(v, float(models[v].natural(image)[5])), rel=1e-3, abs=1e-3)
+    assert res["control_concept"] != 5
+    assert np.isfinite(np.asarray(res["transfer_control"], dtype=float)).all()
+
+
+def test_a_weak_concept_gets_a_finite_score_and_the_control_matches_its_frequency():
+    """A concept whose natural values barely spread takes the model's floor, not ~0; the
+    control is drawn from the concepts of nearest firing rate, never the concept itself."""
+    from usae.cam import matched_control, robust_score
+
+    flat = {"median": 0.5, "q99": 0.5, "scale": 0.2, "floored": True}
+    assert robust_score(0.9, flat) == pytest.approx(2.0)
+    rates = torch.tensor([0.5, 0.01, 0.011, 0.2, 0.0, 0.0105, 0.3, 0.4])
+    picks = {matched_control(rates, [1], seed, pool=2) for seed in range(20)}
+    assert picks == {2, 5}
+    assert matched_control(rates, [4], 0, pool=1) != 4
 
 
 def test_gone_source_images_fall_back_to_the_analytic_spectrum(trained, tmp_path, caplog):

@@ -367,21 +367,6 @@ def test_concepts_in_the_terminal(arrays, tmp_path, capsys):
     assert "do not exist" in capsys.readouterr().err
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real 256 KiB filesystem (needs root and mount rights, as in CI); skipped otherwise."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def test_a_real_full_disk_then_more_space_resumes_the_store(make_arrays, tmp_path, tiny_tmpfs):
     """ENOSPC from a real filesystem (not injected): a clear error, then, with more space, the
     same command completes with the same content as a store written with room to spare."""

@@ -15,10 +15,14 @@ in eval mode). The pre-activation is smooth where TopK is not, so gradients exis
 first step even when the concept is not yet in the top k; it is the quantity whose ranking
 TopK reads, so raising it is what makes the concept fire.
 
-The checks (``cam.json``): ``self_ratio[m]`` = the objective on model m's saved 8-bit PNG over
-its maximum on the store's natural images; ``transfer[m][j]`` = model j's objective on model
-m's image over its 99th percentile on natural images; ``transfer_control`` = the same matrix
-for a random (firing) concept's images.
+The checks (``cam.json``) are robust scores, defined for every concept: a value v of concept
+k in model m becomes (v - median) / scale, with the median and the 99th percentile of k's
+token-mean pre-activation over the store's natural images, and scale = q99 - median, floored
+at a tenth of the model's median spread (so a weak or rare concept gets a finite,
+comparable score). 0 is a typical natural image; 1 is the natural top 1 %.
+``self_ratio[m]``: the score of model m's saved 8-bit PNG in model m; ``transfer[m][j]``:
+model m's image scored in model j; ``transfer_control``: the same matrix for a control
+concept matched in firing frequency (the chosen concepts' median rate).
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from usae.backbones import build_backbone
 from usae.backbones.base import Backbone
 from usae.cam_select import pick_concepts
 from usae.errors import UsaeError
+from usae.eval_folder import CONCEPTS_FILE, REPORT_FILE, TOP_IMAGES_FILE, check_eval_of_run
 from usae.evaluate import check_run_matches_store
 from usae.files import atomic_write_json, atomic_write_with, load_safetensors
-from usae.hub import local_run
+from usae.hub import is_hub_run, local_run
 from usae.images import load_rgb, preprocess_image
 from usae.malloc import keep_freed_memory
 from usae.options import CamOptions, merged
@@ -78,7 +83,7 @@ class CamModel:
                             self.keep_cls)
         bsz, t, d = acts.shape
         m = self.b.name
-        pre = self.sae.encoders[m](self.sae.standardize(m, acts.reshape(bsz * t, d)))
+        pre = self.sae.pre_activations(m, self.sae.standardize(m, acts.reshape(bsz * t, d)))
         return pre.reshape(bsz, t, -1).mean(1)
 
     def natural(self, img: Image.Image) -> Tensor:
@@ -167,28 +172,52 @@ def optimize(model: CamModel, concept: int, spectrum: Spectrum, o: CamOptions,
 
 
 # ---- measurements -------------------------------------------------------------------------
-def natural_statistics(sae: UniversalSAE, store: Store, concepts: list[int],
-                       max_images: int = 4096) -> dict[str, dict[int, tuple[float, float]]]:
-    """Per model and concept: (max, 99th percentile) over natural images of the token-mean
-    pre-activation, from the store's activations (exactly what the models produced)."""
+FLOOR_FRACTION = 0.1  # a concept's scale is at least this share of its model's typical scale
+
+
+def natural_scales(sae: UniversalSAE, store: Store, concepts: list[int],
+                   max_images: int = 4096) -> dict[str, dict[int, dict[str, float]]]:
+    """Per model and concept, the robust scale of the token-mean pre-activation over natural
+    images (the store's activations, exactly what the models produced): its ``median``, its
+    ``q99`` and ``scale = max(q99 - median, floor)``, where ``floor`` is FLOOR_FRACTION of the
+    median of ``q99 - median`` over all of the model's concepts. The floor keeps the score
+    finite and comparable for a weak or rare concept, whose own spread is near zero."""
     rows = store.rows("all")[:max_images]
-    out: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in sae.models}
+    out: dict[str, dict[int, dict[str, float]]] = {m: {} for m in sae.models}
     with torch.no_grad():
-        for j, m in enumerate(sae.models):
+        for m in sae.models:
             means = []
             for start in range(0, len(rows), 64):
                 x = store.read(m, rows[start:start + 64]).to(sae.device_of())
                 bsz, t, d = x.shape
-                pre = sae.encoders[m](sae.standardize(m, x.reshape(bsz * t, d)))
-                means.append(pre.reshape(bsz, t, -1)[:, :, concepts].mean(1).cpu())
-            vals = torch.cat(means).double()  # (images, len(concepts))
-            for i, k in enumerate(concepts):
-                out[m][k] = (float(vals[:, i].max()), float(torch.quantile(vals[:, i], 0.99)))
+                pre = sae.pre_activations(m, sae.standardize(m, x.reshape(bsz * t, d)))
+                means.append(pre.reshape(bsz, t, -1).mean(1).cpu())
+            vals = torch.cat(means).double()  # (images, n)
+            median, q99 = vals.quantile(0.5, dim=0), vals.quantile(0.99, dim=0)
+            spread = q99 - median
+            floor = max(FLOOR_FRACTION * float(spread.median()), 1e-6)
+            for k in concepts:
+                out[m][k] = {"median": round(float(median[k]), 6), "q99": round(float(q99[k]), 6),
+                             "scale": round(max(float(spread[k]), floor), 6),
+                             "floored": bool(float(spread[k]) < floor)}
     return out
 
 
-def _ratio(value: float, ref: float) -> float:
-    return float(value / ref) if ref > 0 else float("nan")
+def robust_score(value: float, scale: dict[str, float]) -> float:
+    """0 for a typical natural image (the median), 1 at the natural 99th percentile."""
+    return (value - scale["median"]) / scale["scale"]
+
+
+def firing_rates(sae: UniversalSAE, store: Store, images: int = 256) -> Tensor:
+    """(n,) the fraction of tokens on which each concept fires, averaged over the models,
+    on the store's first ``images`` images."""
+    rows = store.rows("all")[:images]
+    rate = torch.zeros(sae.cfg.n, dtype=torch.float64)
+    with torch.no_grad():
+        for j, m in enumerate(sae.models):
+            x = store.read(m, rows).reshape(-1, store.dims[j])
+            rate += (sae.encode(m, x) > 0).double().mean(0)
+    return rate / len(sae.models)
 
 
 def seen_by_every_model(models: dict[str, CamModel], pngs: dict[str, Path], concept: int
@@ -232,40 +261,54 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
     """CAM for ``concepts`` (or the ``top`` most energetic universal concepts) into
     ``out/<k>/`` (default ``RUN/cam/<k>/``); returns each concept's ``cam.json``."""
     o = merged(CamOptions, options, changes)
+    if out is None and is_hub_run(run):
+        raise UsaeError(f"{run} is a Hub run, whose folder is the Hub's download cache — pass "
+                        "--out DIR for the images")
     run = local_run(run)
     out = Path(out) if out is not None else run / "cam"
     store = Store(store_path)
     keep_freed_memory(o.device)  # backbone passes: no page faults on every activation
     sae = UniversalSAE.load(run, device=o.device).eval()
     check_run_and_store(sae, run, store)
+    if eval_dir is not None:
+        check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n,
+                          need=(REPORT_FILE, CONCEPTS_FILE))
     ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress)
     device = torch.device(o.device)
     spectrum = load_or_estimate_spectrum(store, out / "spectrum.safetensors", o.size,
                                          o.spectrum_images).to(device)
     models = build_cam_models(sae, store, device)
-    control_k = _control_concept(sae, store, ks, o.seed)
-    stats = natural_statistics(sae, store, sorted({*ks, control_k}))
-    control = _cam_concept(models, control_k, spectrum, o, out / "control", stats, progress)
+    rates = firing_rates(sae, store)
+    control_k = matched_control(rates, ks, o.seed)
+    scales = natural_scales(sae, store, sorted({*ks, control_k}))
+    control = _cam_concept(models, control_k, spectrum, o, out / "control", scales, progress)
     top_rows = _top_rows(eval_dir)
     results = {}
     for k in ks:
-        res = _cam_concept(models, k, spectrum, o, out / str(k), stats, progress)
+        res = _cam_concept(models, k, spectrum, o, out / str(k), scales, progress)
         res["checks"]["transfer_control"] = control["checks"]["transfer"]
         res["checks"]["control_concept"] = control_k
+        res["checks"]["firing_rate"] = round(float(rates[k]), 6)
+        res["checks"]["control_firing_rate"] = round(float(rates[control_k]), 6)
         res["checks"].update(_summaries(res["checks"]))
         naturals = [] if top_rows is None else \
             [store.manifest["images"][r]["path"] for r in top_rows[k, :4].tolist() if r >= 0]
         save_grid(out / str(k) / "grid.png", {m: out / str(k) / f"{m}.png" for m in models},
                   naturals)
         doc = {"concept": k, "settings": o.to_json(), "spectrum": spectrum.source,
-               **res["checks"], "trace": res["trace"]}
+               "measure": MEASURE, **res["checks"], "trace": res["trace"]}
         atomic_write_json(out / str(k) / "cam.json", doc)
         results[k] = doc
     return results
 
 
+MEASURE = ("robust score: (activation - natural median) / scale, where scale = natural 99th "
+           "percentile - median, floored at 0.1 x the model's median spread; 0 = a typical "
+           "natural image, 1 = the top 1 % of natural images")
+
+
 def _cam_concept(models: dict[str, CamModel], k: int, spectrum: Spectrum, o: CamOptions,
-                 folder: Path, stats: dict, progress: bool) -> dict[str, Any]:
+                 folder: Path, scales: dict, progress: bool) -> dict[str, Any]:
     pngs, trace = {}, {}
     for m, model in models.items():
         res = optimize(model, k, spectrum, o, desc=f"cam {k} {m}", progress=progress)
@@ -275,39 +318,37 @@ def _cam_concept(models: dict[str, CamModel], k: int, spectrum: Spectrum, o: Cam
         trace[m] = res["trace"]
     seen = seen_by_every_model(models, pngs, k)
     names = list(models)
-    # self ratio: against the natural maximum; transfer: against each viewer's 99th percentile
-    self_ratio = {m: round(_ratio(seen[i][i], stats[m][k][0]), 4) for i, m in enumerate(names)}
-    transfer = [[round(_ratio(seen[i][j], stats[v][k][1]), 4) for j, v in enumerate(names)]
+    self_ratio = {m: round(robust_score(seen[i][i], scales[m][k]), 4)
+                  for i, m in enumerate(names)}
+    transfer = [[round(robust_score(seen[i][j], scales[v][k]), 4) for j, v in enumerate(names)]
                 for i in range(len(names))]
-    return {"checks": {"self_ratio": self_ratio, "transfer": transfer}, "trace": trace}
+    return {"checks": {"self_ratio": self_ratio, "transfer": transfer,
+                       "natural": {m: scales[m][k] for m in names}}, "trace": trace}
 
 
 def _summaries(checks: dict[str, Any]) -> dict[str, Any]:
-    def off_mean(mat: list[list[float]]) -> float:
+    """Mean off-diagonal transfer (null with one model: there is no other model)."""
+    def off_mean(mat: list[list[float]]) -> float | None:
         a = np.asarray(mat, dtype=np.float64)
         mask = ~np.eye(len(a), dtype=bool)
-        return round(float(np.nanmean(a[mask])), 4) if mask.any() else float("nan")
+        return round(float(a[mask].mean()), 4) if mask.any() else None
 
     return {"transfer_offdiag_mean": off_mean(checks["transfer"]),
             "transfer_control_offdiag_mean": off_mean(checks["transfer_control"])}
 
 
-def _control_concept(sae: UniversalSAE, store: Store, ks: list[int], seed: int) -> int:
-    """A seeded random concept (not one of ``ks``) that fires on the store's images."""
-    rows = store.rows("all")[:256]
-    fired = torch.zeros(sae.cfg.n, dtype=torch.bool)
-    with torch.no_grad():
-        for m in sae.models:
-            x = store.read(m, rows).reshape(-1, store.dims[sae.models.index(m)])
-            codes = sae.encode(m, x)
-            fired |= (codes > 0).any(0)
-    for k in ks:
-        fired[k] = False
-    pool = fired.nonzero().flatten().tolist() or [k for k in range(sae.cfg.n) if k not in ks]
-    return int(pool[int(np.random.default_rng([seed, 31337]).integers(len(pool)))])
+def matched_control(rates: Tensor, ks: list[int], seed: int, pool: int = 8) -> int:
+    """A control concept matched in firing frequency: a seeded pick among the ``pool``
+    concepts (not in ``ks``) whose firing rate is closest to the median rate of ``ks``,
+    in log space (rates span orders of magnitude)."""
+    target = float(torch.log(rates[ks].median().clamp_min(1e-9)))
+    distance = (torch.log(rates.clamp_min(1e-9)) - target).abs()
+    distance[ks] = float("inf")
+    nearest = torch.argsort(distance, stable=True)[:pool].tolist()
+    return int(nearest[int(np.random.default_rng([seed, 31337]).integers(len(nearest)))])
 
 
 def _top_rows(eval_dir: str | Path | None) -> Tensor | None:
     """The eval's top images per concept (n, T) by mean activation, when there is an eval."""
-    path = Path(eval_dir) / "top_images.safetensors" if eval_dir else None
+    path = Path(eval_dir) / TOP_IMAGES_FILE if eval_dir else None
     return load_safetensors(path)["rows.mean"] if path is not None and path.exists() else None

@@ -64,6 +64,11 @@ def read_checkpoint_config(path: Path) -> RunConfig:
     return _read_meta(path)[0]
 
 
+def read_checkpoint_position(path: Path) -> dict[str, Any]:
+    """Only the position (step, tokens...) of a checkpoint (reads the header)."""
+    return _read_meta(path)[1]
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint; a missing or damaged file is a clear error."""
     cfg, position = _read_meta(path)

@@ -23,8 +23,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default is None or action.default is False \
-                or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "default" in text.lower() or action.default is None or \
+                isinstance(action.default, bool) or \
+                action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 
@@ -103,8 +104,9 @@ def _add_train(sub) -> None:
                    "sampled for the standardization statistics")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--config", help="JSON or YAML file of config keys")
-    s.add_argument("--preset", default="paper", choices=sorted(TRAIN_PRESETS),
-                   help="paper: exactly the reference's rule")
+    s.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS),
+                   help="paper: exactly the reference's rule (default: paper; with --resume, "
+                   "the run's own preset, and another one is refused)")
     s.add_argument("--max-steps", type=int, default=None, help="stop after N steps "
                    "(default: the config's max_steps, else epochs)")
     s.add_argument("--resume", action="store_true", help="continue from RUN's checkpoint")
@@ -179,6 +181,9 @@ def _add_analysis(sub) -> None:
     s.add_argument("--images", type=int, default=3, help="top images per concept")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+
+def _add_sharing(sub) -> None:
     s = _sub(sub, "push", "share a run on the Hugging Face Hub with a generated model card")
     s.add_argument("run")
     s.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME on the Hub")
@@ -186,6 +191,8 @@ def _add_analysis(sub) -> None:
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--dry-run", action="store_true", help="write RUN/README.md and list the "
                    "files, without any network")
+    s.add_argument("--force", action="store_true", help="replace a RUN/README.md that usae "
+                   "did not write")
 
     s = _sub(sub, "serve", "serve an explorer folder on 127.0.0.1")
     s.add_argument("dir")
@@ -198,12 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"usae {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_cache, _add_store, _add_train, _add_codec, _add_analysis):
+    for add in (_add_demo, _add_cache, _add_store, _add_train, _add_codec, _add_analysis,
+                _add_sharing):
         add(sub)
     s = _sub(sub, "import-reference", "convert the paper's released checkpoints")
     s.add_argument("config", help="the reference YAML (model_zoo with checkpoint_path...)")
     s.add_argument("--out", required=True)
     return p
+
+
+def output_folders(args: argparse.Namespace) -> list[str]:
+    """The folders a command writes, each held under a lock while it runs (``usae.locks``):
+    an output folder holds one command's output at a time."""
+    cmd = args.command
+    if cmd == "store":
+        return [args.out] if args.store_command in ("merge", "import-npz") else []
+    if cmd in ("cache", "train", "eval", "explore", "demo", "import-reference"):
+        return [args.out]
+    if cmd == "cam":
+        return [args.out or os.path.join(args.run, "cam")] if "://" not in args.run or \
+            args.out else []
+    if cmd == "push":
+        return [] if "://" in args.run else [args.run]
+    return []  # encode/decode write one file atomically; serve, concepts write nothing
+
+
+def _run(handler, args: argparse.Namespace) -> int:
+    from usae.locks import output_lock
+
+    folders = output_folders(args)
+    if folders:
+        from usae.distributed import is_main_process
+
+        # under torchrun, rank 0 holds the lock for the whole job (the other ranks write only
+        # what rank 0 has claimed)
+        folders = folders if is_main_process() else []
+    with output_lock(*folders):
+        return int(handler(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,11 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from usae import commands
-
-    handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
     try:
-        return int(handler(args) or 0)
+        from usae import commands
+
+        return _run(getattr(commands, "cmd_" + args.command.replace("-", "_")), args)
     except UsaeError as err:
         print(f"usae {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -228,19 +265,24 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as err:
-        detail = str(err) or "re-run the same command to resume"
+        detail = str(err) or ("re-run the same command to resume" if output_folders(args)
+                              else "nothing was written")
         print(f"usae {args.command}: interrupted: {detail}", file=sys.stderr)
         return 130
 
 
 def entry() -> None:
-    """The ``usae`` command and ``python -m usae``: ``main``, then the exit. After a lost
-    torchrun peer, gloo's threads still wait on it and the interpreter's teardown aborts
-    (SIGABRT) instead of exiting with the error's status, so the process ends at once."""
-    code = main()
-    from usae.distributed import peer_lost
-
-    if peer_lost():
+    """The ``usae`` command and ``python -m usae``: ``main``, then the exit. Ctrl-C before a
+    command starts (while torch imports) ends quietly with status 130. After a lost torchrun
+    peer, gloo's threads still wait on it and the interpreter's teardown aborts (SIGABRT)
+    instead of exiting with the error's status, so the process ends at once."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("usae: interrupted", file=sys.stderr)
+        sys.exit(130)
+    distributed = sys.modules.get("usae.distributed")  # not imported: no peer to lose
+    if distributed is not None and distributed.peer_lost():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from usae.errors import UsaeError
-from usae.files import atomic_write_with
+from usae.files import atomic_write_with, json_text
 
 log = logging.getLogger("usae")
 
@@ -201,15 +201,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"cross {off:.2f}")
     if res.get("cam"):
         first = next(iter(res["cam"].values()))
-        ratios = ", ".join(f"{v:.1f}" for v in first["self_ratio"].values())
+        scores = ", ".join(f"{v:.1f}" for v in first["self_ratio"].values())
         print(f"  cam:      {out / 'run' / 'cam'}   concepts {list(res['cam'])} in "
-              f"{res['cam_s']:.0f}s; concept {first['concept']}: self ratio {ratios}, transfer "
-              f"{first['transfer_offdiag_mean']:.2f} vs control "
-              f"{first['transfer_control_offdiag_mean']:.2f}")
+              f"{res['cam_s']:.0f}s; concept {first['concept']}: self score {scores}, transfer "
+              f"{_fmt(first['transfer_offdiag_mean'])} vs frequency-matched control "
+              f"{_fmt(first['transfer_control_offdiag_mean'])} (robust scores: 1 = the natural "
+              "top 1 %)")
     if "explorer" in res:
         print(f"  explorer: open {res['explorer']} in a browser, or: usae serve "
               f"{out / 'explorer'}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -256,10 +261,11 @@ def cmd_cam(args: argparse.Namespace) -> int:
                       from_args(CamOptions, args), eval_dir=args.eval)
     out = args.out or f"{args.run}/cam"
     for k, doc in results.items():
-        ratios = ", ".join(f"{m} {v:.2f}" for m, v in doc["self_ratio"].items())
-        print(f"wrote {out}/{k}/: self ratio {ratios}; transfer off-diagonal "
-              f"{doc['transfer_offdiag_mean']:.2f} (random-concept control "
-              f"{doc['transfer_control_offdiag_mean']:.2f})")
+        scores = ", ".join(f"{m} {v:.2f}" for m, v in doc["self_ratio"].items())
+        print(f"wrote {out}/{k}/: self score {scores}; transfer off-diagonal "
+              f"{_fmt(doc['transfer_offdiag_mean'])} (frequency-matched control concept "
+              f"{doc['control_concept']}: {_fmt(doc['transfer_control_offdiag_mean'])}); "
+              "robust scores: 0 = a typical natural image, 1 = the natural top 1 %")
     return 0
 
 
@@ -268,20 +274,26 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     from usae.hub import local_run
     from usae.run import read_config
 
-    models = list(read_config(local_run(args.run)).sae.models)
+    from usae.eval_folder import check_eval_of_run
+
+    run = local_run(args.run)
+    cfg = read_config(run)
+    models = list(cfg.sae.models)
     ks = _concept_ids(args.concept)
     if args.top < 1 or args.images < 0:
         raise UsaeError("--top must be at least 1 and --images at least 0")
+    check_eval_of_run(args.eval, run, models, cfg.sae.n)
     table = concept_table(args.eval, ks, args.top, args.universal, args.store, args.images,
                           models=models)
-    print(json.dumps(table, indent=2) if args.json else format_table(table), flush=True)
+    print(json_text(table, indent=2) if args.json else format_table(table), flush=True)
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from usae.hub import describe_plan, push
 
-    plan = push(args.run, args.repo_id, args.eval, private=args.private, dry_run=args.dry_run)
+    plan = push(args.run, args.repo_id, args.eval, private=args.private, dry_run=args.dry_run,
+                force=args.force)
     print(describe_plan(plan))
     return 0
 

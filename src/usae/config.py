@@ -18,6 +18,7 @@ from usae.errors import UsaeError
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
 STANDARDIZE = ("scalar", "per_dim", "center_per_dim")
 DATA_KEYS = ("models", "dims")  # set from the data, never by the user
+MAX_SEED = 2**63 - 1  # what every generator seeded from it (torch, NumPy) accepts
 
 
 def _help(text: str, default: Any) -> Any:
@@ -140,6 +141,9 @@ class TrainConfig:
                      "min_lr", "dead_after_tokens"):
             if getattr(self, name) < 0:
                 raise UsaeError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsaeError(f"config: seed must be an integer from 0 to {MAX_SEED}, got "
+                            f"{self.seed}")
         if self.log_every == 0 or self.checkpoint_every == 0:
             raise UsaeError("config: log_every and checkpoint_every must be >= 1")
 

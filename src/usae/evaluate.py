@@ -33,6 +33,7 @@ from usae.files import (
     atomic_write_text,
     replace_folder,
 )
+from usae.eval_folder import run_identity
 from usae.hub import local_run
 from usae.malloc import keep_freed_memory
 from usae.metrics import R2Accumulator, cross_model_update
@@ -156,7 +157,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     their reports in ``out/compare/<i>-<name>/``.
     """
     o = merged(EvalOptions, options, changes)
-    run = local_run(run)
+    given, run = str(run), local_run(run)
     store = Store(store_path)
     keep_freed_memory(o.device)
     sae = UniversalSAE.load(run, device=o.device)
@@ -165,6 +166,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     with replace_folder(out, "report.json", force, what="eval") as tmp:
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
+        report["run"] = {**run_identity(run), "path": given}
         if independent:
             report["independent"] = independent_consistency(sae, independent)
         if compare:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from usae.errors import UsaeError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written: `usae serve` never needs it
+    import torch
 
 
 def atomic_write_with(path: Path, write) -> None:
@@ -32,9 +35,21 @@ def atomic_write_with(path: Path, write) -> None:
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise write_error(path, err) from None
+        os_err = err if isinstance(err, OSError) else os_error_inside(err)
+        if os_err is not None:
+            raise write_error(path, os_err) from None
         raise
+
+
+def os_error_inside(err: BaseException) -> OSError | None:
+    """The operating-system error a library reported in its own exception type (safetensors'
+    Rust writer says ``... (os error 28)`` or ``IoError(Os { code: 28, ... })`` for a full
+    disk), or None."""
+    match = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", str(err))
+    if match is None:
+        return None
+    code = int(match.group(1) or match.group(2))
+    return OSError(code, os.strerror(code))
 
 
 def _current_umask() -> int:
@@ -56,10 +71,14 @@ def remove_stale_temps(folder: Path) -> None:
 
 def write_error(path: Path, err: OSError) -> UsaeError:
     """A failed write as a one-line error that says what to do."""
-    hint = ("free some space and re-run the same command (finished work is kept)"
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+    # NumPy reports a full disk as a short write ("N requested and M written"), no errno
+    short_write = err.errno is None and re.search(r"\d+ requested and \d+ written", str(err))
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT) or short_write
+    hint = ("free some space and re-run the same command (finished work is kept)" if full else
             "check the folder's permissions and re-run")
-    return UsaeError(f"cannot write {path}: {err.strerror or err} — {hint}")
+    what = "no space left on the device (a short write)" if short_write else \
+        (err.strerror or err)
+    return UsaeError(f"cannot write {path}: {what} — {hint}")
 
 
 @contextlib.contextmanager
@@ -103,11 +122,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_with(Path(path), write)
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON ``null``): strict JSON
+    parsers reject ``NaN``, so no file usae writes holds one; ``null`` reads as undefined."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (no NaN or Infinity: see ``finite_json``)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+def atomic_save_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"],
                             metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -115,7 +151,7 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     atomic_write_with(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: str | Path) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file
 
     path = Path(path)

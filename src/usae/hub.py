@@ -20,11 +20,13 @@ import numpy as np
 from usae import __version__
 from usae import run as run_folder
 from usae.errors import UsaeError
-from usae.files import atomic_write_text, read_json
+from usae.eval_folder import CONCEPTS_FILE, REPORT_FILE, check_eval_of_run, read_report
+from usae.files import atomic_write_text, load_safetensors
 
 PREFIX = "hf://"
 SHARED_FILES = (run_folder.CONFIG_FILE, run_folder.WEIGHTS_FILE)
-EVAL_FILES = ("report.json", "concepts.csv")
+EVAL_FILES = (REPORT_FILE, CONCEPTS_FILE)
+CARD_MARK = "<!-- model card written by usae push; it is rewritten at every push -->"
 
 
 def is_hub_run(run: str | Path) -> bool:
@@ -73,10 +75,10 @@ def model_card(run: str | Path, eval_dir: str | Path | None = None,
     layers, data, config, held-out metrics and how to load it."""
     cfg_json = run_folder.read_run_json(run)
     cfg = run_folder.read_config(run)
-    report = read_json(Path(eval_dir) / "report.json", "eval report") if eval_dir else None
+    report = read_report(eval_dir) if eval_dir else None
     store = cfg_json.get("store") or {}
     lines = ["---", "library_name: usae", "tags:", "- sparse-autoencoder",
-             "- interpretability", "- universal-sparse-autoencoder", "---", "",
+             "- interpretability", "- universal-sparse-autoencoder", "---", CARD_MARK, "",
              f"# Universal sparse autoencoder: {', '.join(cfg.sae.models)}", "",
              "One sparse concept space shared by several vision models (Thasarathan et al., "
              "*Universal Sparse Autoencoders*, ICML 2025). Each model has its own encoder and "
@@ -150,10 +152,21 @@ def _metrics_section(report: dict[str, Any]) -> list[str]:
 
 
 # ---- push ---------------------------------------------------------------------------------
+def _check_weights_load(run: Path) -> None:
+    """The weights file reads whole (a truncated or corrupt file is never sent)."""
+    try:
+        load_safetensors(run / run_folder.WEIGHTS_FILE)
+    except UsaeError as err:
+        raise UsaeError(f"{run} cannot be shared: {err}") from None
+
+
 def push(run: str | Path, repo_id: str, eval_dir: str | Path | None = None,
-         private: bool = False, dry_run: bool = False) -> dict[str, Any]:
+         private: bool = False, dry_run: bool = False, force: bool = False) -> dict[str, Any]:
     """Upload a run's inference files, model card and eval report; with ``dry_run`` write the
-    card to ``RUN/README.md`` and only list what would be uploaded."""
+    card to ``RUN/README.md`` and only list what would be uploaded. A ``README.md`` that usae
+    did not write is replaced only with ``force``; weights that do not load are never sent."""
+    if is_hub_run(run):
+        raise UsaeError(f"{run} is already on the Hub — push takes a local run folder")
     run = Path(run)
     if repo_id.count("/") != 1:
         raise UsaeError(f"REPO_ID must look like OWNER/NAME, got {repo_id!r}")
@@ -164,15 +177,15 @@ def push(run: str | Path, repo_id: str, eval_dir: str | Path | None = None,
     for name, path in files.items():
         if not path.exists():
             raise UsaeError(f"{run} lacks {name}; only finished runs can be shared")
+    _check_weights_load(run)
     if eval_dir is not None:
-        for name in EVAL_FILES:
-            if not (Path(eval_dir) / name).exists():
-                raise UsaeError(f"{eval_dir} lacks {name}; pass an eval folder of this run")
-            files[f"eval/{name}"] = Path(eval_dir) / name
-        evaluated = read_json(Path(eval_dir) / "report.json", "eval report")["models"]
-        if evaluated != list(run_folder.read_config(run).sae.models):
-            raise UsaeError(f"{eval_dir} evaluates models {evaluated}, not this run's")
+        cfg = run_folder.read_config(run)
+        check_eval_of_run(eval_dir, run, list(cfg.sae.models), cfg.sae.n, need=EVAL_FILES)
+        files.update({f"eval/{name}": Path(eval_dir) / name for name in EVAL_FILES})
     card = run / "README.md"
+    if card.exists() and CARD_MARK not in card.read_text(errors="replace") and not force:
+        raise UsaeError(f"{card} was not written by usae push — move it away, or pass --force "
+                        "to replace it with the generated model card")
     atomic_write_text(card, model_card(run, eval_dir, repo_id))
     files["README.md"] = card
     plan = {"repo_id": repo_id, "private": private,

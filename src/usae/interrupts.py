@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -18,10 +19,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class StopSignals:
     """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one
-    interrupts at once (the last checkpoint stays valid: every write is atomic)."""
+    interrupts at once, except while a checkpoint is being written (``saving``): then it
+    waits for the write to land, so the checkpoint it promised exists."""
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.pending = False  # a second signal arrived during a save
+        self._saving = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -32,8 +36,20 @@ class StopSignals:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is not None:
+            if self._saving:
+                self.pending = True
+                return
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """A block that a second signal does not cut short."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():

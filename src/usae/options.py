@@ -83,7 +83,7 @@ class CacheOptions:
     device: str = opt("cpu or cuda[:i].", "cpu")
     val_fraction: float = opt("Held-out fraction when the images have no split folders.", 0.1,
                               minimum=0.0, below=1.0)
-    seed: int = opt("Seed of the held-out split.", 0)
+    seed: int = opt("Seed of the held-out split.", 0, minimum=0, maximum=2**63 - 1)
     shard_dir: str = opt("Under torchrun without a shared filesystem: each rank writes its part "
                          "as a store of its own in this folder (shard-R-of-N), instead of one "
                          "store at --out; join them with `usae store merge`.", "")
@@ -130,7 +130,8 @@ class CamOptions:
     lr: float = opt("NAdam learning rate on the Fourier phase.", 0.15, minimum=1e-6,
                     maximum=100.0)
     noise: float = opt("Std of the Gaussian noise added to each crop.", 0.02, minimum=0.0)
-    seed: int = opt("Seed: the shared starting phase and augmentations.", 0)
+    seed: int = opt("Seed: the shared starting phase and augmentations.", 0, minimum=0,
+                    maximum=2**63 - 1)
     spectrum_images: int = opt("Source images used to estimate the spectrum.", 256, minimum=1)
     device: str = opt("cpu or cuda[:i].", "cpu")
 
@@ -159,8 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if hints[f.name] is bool:
             if f.default is True:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                    action="store_false", help=f"do not: {text[0].lower()}"
-                                    f"{text[1:]}")
+                                    action="store_false",
+                                    help=f"{text[:-1] if text.endswith('.') else text} "
+                                    f"(default: on; --no-{f.name.replace('_', '-')} turns it "
+                                    "off).")
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=text)
             continue

@@ -138,6 +138,11 @@ class UniversalSAE(nn.Module):
         """(n, d_m) dictionary with unit rows."""
         return normalize_rows(self.dictionaries[model])
 
+    def pre_activations(self, model: str, xs_nd: Tensor) -> Tensor:
+        """Standardized activations (N, d) -> the encoder's pre-activations (N, n), before
+        ReLU and TopK (what TopK ranks; smooth where TopK is not)."""
+        return self.encoders[model](xs_nd)
+
     def encode_standardized(self, model: str, xs_nd: Tensor) -> EncodeOut:
         """TopK(ReLU(encoder(x))) on already standardized activations."""
         pre_nc = self.encoders[model](xs_nd)

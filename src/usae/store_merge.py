@@ -27,6 +27,7 @@ def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
                  progress: bool = True) -> dict[str, Any]:
     """Join ``shards`` (any order) into the store ``out``; returns its manifest."""
     ordered = _check_shards([Path(s) for s in shards])
+    _check_out(Path(out), [p for p, _ in ordered], force)
     first = ordered[0][1]
     models = first["models"]
     with replace_folder(out, MANIFEST, force=force, what="store") as tmp:
@@ -40,6 +41,20 @@ def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
         manifest["content_hash"] = content_hash(tmp, manifest)
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _check_out(out: Path, shards: list[Path], force: bool) -> None:
+    """``out`` is none of the shards (nor inside one, nor holding one), and a finished store
+    there is replaced only with ``force``, as ``usae cache`` does."""
+    target = out.resolve()
+    for p in shards:
+        shard = p.resolve()
+        if target == shard or shard in target.parents or target in shard.parents:
+            raise UsaeError(f"--out {out} overlaps the shard {p}: merging would destroy its "
+                            "input — choose another --out")
+    if (out / MANIFEST).exists() and not force:
+        raise UsaeError(f"{out} already holds a store — pass --force to replace it, or choose "
+                        "another --out")
 
 
 def _check_shards(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:

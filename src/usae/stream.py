@@ -30,6 +30,7 @@ from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
 from usae.images import list_images
 from usae.options import default_workers
+from usae.progress import bar as progress_bar
 from usae.sources import chunked_order, epoch_permutation, shard_slice
 from usae.stats import ModelStats, StatsAccumulator
 from usae.training import resolve_run_config, train_run
@@ -47,7 +48,8 @@ class StreamSource:
     def __init__(self, backbones: list[Backbone], target: tuple[int, int],
                  entries: list[dict[str, Any]], *, keep_cls: bool = False,
                  workers: int = 0, buffer_images: int = 512, stats_images: int = 1024,
-                 stats_from: list[str] | None = None, dist: Dist | None = None) -> None:
+                 stats_from: list[str] | None = None, dist: Dist | None = None,
+                 progress: bool = True) -> None:
         if not entries:
             raise UsaeError("no images to stream")
         self.backbones, self.target, self.keep_cls = backbones, target, keep_cls
@@ -57,6 +59,7 @@ class StreamSource:
         self.workers = workers
         self.buffer_chunks = max(1, buffer_images // CHUNK_IMAGES)
         self.stats_images = stats_images
+        self.progress = progress
         self.dist = dist or Dist()
         self.stats_paths = stats_from or self.paths
         self._preprocess = {b.name: b.preprocess for b in backbones}
@@ -80,9 +83,15 @@ class StreamSource:
             lo, hi = shard_range(len(sample), self.dist.rank, self.dist.world)
             accs = {m: StatsAccumulator(d) for m, d in zip(self.models, self.dims)}
             batches = [sample[i:min(i + 32, hi)] for i in range(lo, hi, 32)]
-            for acts in self._extract(self.stats_paths, batches):
+            log.info("standardization statistics: %d images through the backbones first",
+                     len(sample))
+            bar = progress_bar(total=hi - lo, desc="statistics", unit="img",
+                               disable=not (self.progress and self.dist.is_main))
+            for plan, acts in zip(batches, self._extract(self.stats_paths, batches)):
                 for m, a in acts.items():
                     accs[m].update(a.numpy())
+                bar.update(len(plan))
+            bar.close()
             for acc in accs.values():
                 packed = torch.from_numpy(np.concatenate([[acc.count], acc.sum_d, acc.sumsq_d]))
                 self.dist.all_sum_(packed)
@@ -90,7 +99,6 @@ class StreamSource:
                 acc.count = int(packed[0])
                 acc.sum_d, acc.sumsq_d = packed[1:1 + d].numpy(), packed[1 + d:].numpy()
             self._stats = {m: acc.result() for m, acc in accs.items()}
-            log.info("standardization statistics from %d images", len(sample))
         return self._stats
 
     def batches(self, batch_images: int, seed: int, epoch: int, start: int = 0,
@@ -125,7 +133,7 @@ class StreamSource:
 
 
 def train_from_images(images: str | Path, models: str, out: str | Path, *,
-                      preset: str = "paper", config_file: str | None = None,
+                      preset: str | None = None, config_file: str | None = None,
                       sets: list[str] | None = None, max_steps: int | None = None,
                       device: str | None = None, resume: bool = False, force: bool = False,
                       split: str = "train", progress: bool = True, workers: int | None = None,
@@ -146,7 +154,7 @@ def train_from_images(images: str | Path, models: str, out: str | Path, *,
             b.to(dist.device(cfg.train.device))
         opts = {"workers": default_workers(cfg.train.device) if workers is None else workers,
                 "buffer_images": buffer_images, "stats_images": stats_images, "dist": dist,
-                "stats_from": [e["path"] for e in entries]}
+                "stats_from": [e["path"] for e in entries], "progress": progress}
         train = [e for e in entries if e["split"] == split]
         if not train:
             raise UsaeError(f"no {split!r} images in {images}")
@@ -154,7 +162,7 @@ def train_from_images(images: str | Path, models: str, out: str | Path, *,
         held_out = [e for e in entries if e["split"] == "val"]
         val = StreamSource(backbones, target, held_out, **opts) \
             if cfg.train.eval_every and held_out and split != "val" else None
-        record = {"stream": {"source": Path(images).name, "images": len(train),
+        record = {"split": split, "stream": {"source": Path(images).name, "images": len(train),
                              "stats_images": min(stats_images, len(entries)),
                              "models": {b.name: {**b.info(), "aligned_grid": list(target)}
                                         for b in backbones}}}

@@ -27,10 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from usae import run as run_folder
-from usae.checkpoint import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
+from usae.checkpoint import (
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    read_checkpoint_position,
+    save_checkpoint,
+)
 from usae.config import RunConfig, TrainConfig
 from usae.distributed import Dist, sync_batch_norms
 from usae.errors import UsaeError
+from usae.files import json_text
 from usae.interrupts import StopSignals, TrainingInterrupted
 from usae.loggers import MetricSinks
 from usae.malloc import keep_freed_memory
@@ -210,12 +217,26 @@ class Trainer:
                             self.cfg.train.wandb and main, self.cfg.to_json())
         try:
             self._loop(source, val_source, per_epoch, warmup, sinks)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self._abort_message()) from None
         finally:
             sinks.close()
         if main and self.step >= self.total and not run_folder.is_final(self.out):
             self.save_checkpoint()
         self.dist.barrier()
         return self.sae
+
+    def _abort_message(self) -> str:
+        """What a second Ctrl-C (mid-step) left: the last checkpoint, or nothing."""
+        try:
+            saved = read_checkpoint_position(self.out / run_folder.CHECKPOINT_FILE)["step"]
+        except UsaeError:
+            return (f"stopped at once at step {self.step}, before the first checkpoint: nothing "
+                    "was saved — re-run without --resume (with --force) to start again")
+        return (f"stopped at once at step {self.step}; the last checkpoint (step {saved}) was "
+                "kept — re-run with --resume to continue from it")
 
     def _loop(self, source: DataSource, val_source: DataSource | None, per_epoch: int,
               warmup: int, sinks: MetricSinks) -> None:
@@ -235,7 +256,7 @@ class Trainer:
                     if tc.eval_every and val_source is not None and \
                             self.step % tc.eval_every == 0 and self.dist.is_main:
                         row["val_r2"] = self._val_r2(val_source)
-                    metrics_fh.write(json.dumps(row) + "\n")
+                    metrics_fh.write(json_text(row) + "\n")
                     metrics_fh.flush()
                     sinks.log(row)
                     self.last_row = row
@@ -248,8 +269,10 @@ class Trainer:
                 stopping = self.stopping or (stop.received is not None and not self.dist.enabled)
                 if due or stopping:
                     metrics_fh.flush()
-                    self.save_checkpoint()
+                    with stop.saving():
+                        self.save_checkpoint()
                     last_save = time.monotonic()
+                stopping = stopping or stop.pending
                 if stopping:
                     bar.close()
                     self.dist.barrier()  # the checkpoint is written before any rank exits

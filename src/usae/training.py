@@ -17,7 +17,7 @@ from usae.config import RunConfig, load_config_file, parse_set, resolve
 from usae.distributed import Dist
 from usae.errors import UsaeError
 from usae.files import atomic_write_json
-from usae.sources import DataSource, ModelSubset, StoreSource
+from usae.sources import DataSource, ModelSubset, StoreSource, n_batches
 from usae.store import Store, split_counts
 from usae.train import Trainer
 
@@ -25,15 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
-                       preset: str = "paper", config_file: str | None = None,
+                       preset: str | None = None, config_file: str | None = None,
                        sets: list[str] | None = None, max_steps: int | None = None,
                        device: str | None = None, resume: bool = False) -> RunConfig:
-    """Preset, then ``--config``, then ``--set``. With ``resume`` the run's own config (from
-    its checkpoint) is the base, so only the keys given again are compared with it."""
+    """Preset (default ``paper``), then ``--config``, then ``--set``. With ``resume`` the
+    run's own config (from its checkpoint) is the base, so only the keys given again are
+    compared with it; a preset given again must be the run's own."""
     overrides: dict[str, Any] = {}
     old = None
     if resume:
         old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
+        if preset is not None and preset != old.preset:
+            raise UsaeError(f"cannot resume with --preset {preset}: {out} was trained with "
+                            f"preset {old.preset!r} — drop --preset, or train into a new folder")
         overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
         overrides.update(asdict(old.train))
         preset = "paper"  # the saved values already include their preset's; no second layer
@@ -44,11 +48,11 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
         overrides["max_steps"] = max_steps
     if device:
         overrides["device"] = device
-    cfg = resolve(tuple(models), tuple(dims), preset, overrides)
+    cfg = resolve(tuple(models), tuple(dims), preset or "paper", overrides)
     return replace(cfg, preset=old.preset) if old is not None else cfg
 
 
-def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "paper",
+def train_from_store(store_path: str | Path, out: str | Path, *, preset: str | None = None,
                      config_file: str | None = None, sets: list[str] | None = None,
                      max_steps: int | None = None, device: str | None = None,
                      resume: bool = False, force: bool = False, split: str = "train",
@@ -71,7 +75,53 @@ def train_from_store(store_path: str | Path, out: str | Path, *, preset: str = "
                         "not logged")
     return train_run(cfg, source, out, val_source=val, resume=resume, force=force,
                      independent=independent, progress=progress,
-                     store_manifest=store.manifest, dist=dist)
+                     store_manifest=store.manifest, dist=dist, extra={"split": split})
+
+
+def check_resume_data(out: Path, extra: dict[str, Any]) -> None:
+    """``--resume`` continues on the data the run was trained on: the same split, and the same
+    store (by content hash) or image source. Runs that did not record them are not checked."""
+    try:
+        recorded = run_folder.read_run_json(out)
+    except UsaeError:
+        return  # stopped before its first config.json: the checkpoint's config is checked
+    was, now = recorded.get("split"), extra.get("split")
+    if was is not None and now is not None and was != now:
+        raise UsaeError(f"cannot resume {out} on split {now!r}: it was trained on split "
+                        f"{was!r} — drop --split (or pass --split {was})")
+    old_id, new_id = _data_identity(recorded), _data_identity(extra)
+    if old_id is not None and new_id is not None and old_id != new_id:
+        raise UsaeError(f"cannot resume {out} on other data: it was trained on the {old_id[0]} "
+                        f"{old_id[1][:16]}, not the {new_id[0]} {new_id[1][:16]} — pass the "
+                        "data it was trained on, or train into a new folder")
+
+
+def _data_identity(record: dict[str, Any]) -> tuple[str, str] | None:
+    """What a run trained on: ("store", content hash) or ("images", the source's name)."""
+    if (record.get("store") or {}).get("content_hash"):
+        return "store with content hash", str(record["store"]["content_hash"])
+    if (record.get("stream") or {}).get("source"):
+        return "images of", str(record["stream"]["source"])
+    return None
+
+
+SHORT_RUN_STEPS = 50
+
+
+def warn_if_too_short(cfg: RunConfig, source: DataSource) -> None:
+    """A run of a few steps, or one that ends inside its learning-rate warmup, trains a
+    model that means nothing; say so before it starts."""
+    tc = cfg.train
+    per_epoch = n_batches(source, tc.batch_images)
+    if per_epoch == 0:
+        return  # the trainer refuses it with its own message
+    total = tc.max_steps or tc.epochs * per_epoch
+    warmup = tc.warmup_steps or per_epoch
+    if total <= warmup or total < SHORT_RUN_STEPS:
+        log.warning("warning: this run has only %d steps (%d images a batch, %d batches an "
+                    "epoch, learning-rate warmup %d steps): too short to give a useful model — "
+                    "raise --set epochs=N or --max-steps, or lower batch_images (the `demo` "
+                    "preset suits small stores)", total, tc.batch_images, per_epoch, warmup)
 
 
 def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,9 +150,14 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
     config.json (where the data came from)."""
     own = dist is None
     dist = dist or Dist.from_env(cfg.train.device)
+    record = {**_store_extra(store_manifest), **(extra or {})}
     try:
+        if resume:
+            check_resume_data(Path(out_dir) / (cfg.sae.models[0] if independent else ""),
+                              record)
+        warn_if_too_short(cfg, source)
         return _train_run(cfg, source, Path(out_dir), val_source, resume, force, independent,
-                          progress, {**_store_extra(store_manifest), **(extra or {})}, dist)
+                          progress, record, dist)
     finally:
         if own:
             dist.close()

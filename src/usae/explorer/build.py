@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from usae.errors import UsaeError
+from usae.eval_folder import check_eval_of_run
 from usae.evaluate import evaluate, read_concepts_csv
-from usae.files import load_safetensors, replace_folder
+from usae.files import json_text, load_safetensors, replace_folder
 from usae.hub import local_run
 from usae.images import load_rgb
 from usae.options import EvalOptions, ExploreOptions, merged
@@ -43,7 +44,7 @@ STATIC = Path(__file__).with_name("static")
 
 def _js(path: Path, call: str, obj: Any, assign: bool = False) -> int:
     """A data file as JavaScript: ``call(obj);`` or, with ``assign``, ``window.call = obj;``."""
-    body = json.dumps(obj, separators=(",", ":"))
+    body = json_text(obj, separators=(",", ":"))
     text = f"window.{call} = {body};\n" if assign else f"{call}({body});\n"
     path.write_text(text)
     return len(text)
@@ -127,13 +128,7 @@ def _eval_inputs(run: Path, store_path: str | Path, sae: UniversalSAE,
         eval_dir = tmp / "eval"
         evaluate(run, store_path, eval_dir, ranks, progress=progress)
     eval_dir = Path(eval_dir)
-    for name in ("report.json", "concepts.csv", "top_images.safetensors"):
-        if not (eval_dir / name).exists():
-            raise UsaeError(f"{eval_dir} lacks {name} — run `usae eval` first")
-    report = json.loads((eval_dir / "report.json").read_text())
-    if report["models"] != list(sae.models):
-        raise UsaeError(f"{eval_dir} was computed for models {report['models']}, not "
-                        f"{list(sae.models)}")
+    report = check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n)
     concepts = read_concepts_csv(eval_dir / "concepts.csv")
     if report.get("split") == o.split:
         return report, concepts, load_safetensors(eval_dir / "top_images.safetensors")

@@ -212,7 +212,7 @@ function camSection(app, data) {
     el("div", { class: "cap", text: m })))));
   const c = data.cam_checks;
   if (!c) return;
-  app.append(el("p", { class: "camnote", text: "self ratio: the concept's activation on each saved image over its maximum on natural images (≥ 1: the picture excites it more than any natural image). Transfer: model m's image (row) seen by model j (column), over j's 99th percentile on natural images." }));
+  app.append(el("p", { class: "camnote", text: "Robust scores: (activation − its median on natural images) / (99th percentile − median), so 0 is a typical natural image and 1 the natural top 1 %. Self: each model's saved image in that model. Transfer: model m's image (row) seen by model j (column). Control: a concept of matched firing frequency." }));
   app.append(el("table", { class: "metrics camchecks" },
     el("tr", {}, el("th", { text: "self ratio" }), ...names.map((m) => el("td", { "data-model": m, text: `${m} ${fmt(c.self_ratio && c.self_ratio[m], 2)}` })))));
   const matrix = (title, mat) => el("table", { class: "metrics transfer", "data-kind": title },
@@ -220,7 +220,7 @@ function camSection(app, data) {
     ...(mat || []).map((row, i) => el("tr", {}, el("th", { text: names[i] }), ...row.map((v) => el("td", { text: fmt(v, 2) })))));
   app.append(matrix("transfer", c.transfer));
   app.append(matrix(`control (concept ${c.control_concept})`, c.transfer_control));
-  app.append(el("p", { class: "camnote", text: `mean off-diagonal transfer ${fmt(c.transfer_offdiag_mean, 2)} against ${fmt(c.transfer_control_offdiag_mean, 2)} for the random concept's images` }));
+  app.append(el("p", { class: "camnote", text: `mean off-diagonal transfer ${fmt(c.transfer_offdiag_mean, 2)} against ${fmt(c.transfer_control_offdiag_mean, 2)} for the frequency-matched control concept's images` }));
 }
 
 // ---- routing and keys ---------------------------------------------------------------------
