@@ -2,7 +2,9 @@
 dims) timed under each threading setting, on a quiet machine and beside a busy-loop process
 that keeps one core loaded (the "other work" of issue 22, item 17). Variants run interleaved,
 round by round, so the load and the machine's drift hit them alike. Prints one JSON object as
-its last line: the median seconds of each (setting, load) and the ratios against the default.
+its last line: the median seconds of each (setting, load) and the speed-ups over torch's
+default (`default`: USAE_THREADS=all); `auto` is usae's default, which measures the busy
+cores at the start (usae.threads).
 
     python benchmarks/threads.py [--rounds 3] [--steps 80]
 """
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = {
-    "default": {},                                   # torch's default: one thread per core
+    "default": {"USAE_THREADS": "all"},              # torch's default: one thread per core
+    "auto": {},                                      # usae's default (usae.threads)
     "one_thread": {"OMP_NUM_THREADS": "1"},
-    "passive_wait": {"OMP_WAIT_POLICY": "PASSIVE"},  # threads sleep instead of spinning
+    "passive_wait": {"USAE_THREADS": "all", "OMP_WAIT_POLICY": "PASSIVE"},  # threads sleep
 }
 
 
@@ -44,7 +47,7 @@ def busy_core() -> subprocess.Popen:
 
 def train_once(store: Path, out: Path, env_extra: dict[str, str], steps: int) -> float:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "USAE_THREADS")}
     env.update(env_extra)
     cmd = [sys.executable, "-m", "usae", "train", "--store", str(store), "--out", str(out),
            "--force", "--preset", "fast", "--max-steps", str(steps), "--no-progress",

@@ -348,3 +348,43 @@ def test_hub_runs_are_not_written_into_the_download_cache(tmp_path):
         run_cam("hf://me/run", tmp_path, [1])
     with pytest.raises(UsaeError, match="push takes a local run folder"):
         push("hf://me/run", "me/x", dry_run=True)
+
+
+# ---- a busy machine (item 17) -------------------------------------------------------------
+def test_threads_leave_the_busy_cores_alone(monkeypatch):
+    """benchmarks/threads.py: beside one busy core, torch's two threads ran 2.2x slower than
+    the count chosen here; on a quiet machine the choice is torch's default."""
+    import torch
+
+    from usae import threads
+
+    assert threads.threads_for(2, 0.1) == 2 and threads.threads_for(2, 1.2) == 1
+    assert threads.threads_for(8, 2.6) == 5 and threads.threads_for(4, 9.0) == 1
+    assert threads.threads_for(4, None) == 4
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        set_to = []
+        monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+        monkeypatch.setattr(threads, "busy_cores", lambda: 1.3)
+        assert threads.choose_threads() == 1 and set_to == [1]
+        monkeypatch.setattr(threads, "busy_cores", lambda: 0.2)
+        assert threads.choose_threads() is None
+        monkeypatch.setenv("USAE_THREADS", "all")
+        monkeypatch.setattr(threads, "busy_cores", lambda: 1.3)
+        assert threads.choose_threads() is None
+        monkeypatch.setenv("USAE_THREADS", "3")
+        assert threads.choose_threads() == 3 and set_to[-1] == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert threads.choose_threads() is None
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_proc_stat():
+    from usae.threads import busy_cores
+
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 0.01

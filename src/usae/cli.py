@@ -9,9 +9,11 @@ Flags and defaults of ``cache``, ``eval`` and ``explore`` come from ``usae.optio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from typing import Iterator
 
 from usae import __version__
 from usae.errors import UsaeError
@@ -145,6 +147,8 @@ def _add_analysis(sub) -> None:
     s.add_argument("--compare", nargs="*", default=None, metavar="RUN",
                    help="other runs (the shuffled-pairing control, training variants) to "
                    "evaluate on the same split, reported beside this one")
+    s.add_argument("--truth", default=None, metavar="DIR", help="a `usae synth` folder: score "
+                   "the run against its known features (report.json's truth section)")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
     s = _sub(sub, "explore", "write a static concept explorer")
@@ -183,6 +187,20 @@ def _add_analysis(sub) -> None:
 
 
 
+def _add_synth(sub) -> None:
+    from usae.options import add_arguments
+    from usae.synth import SynthOptions
+
+    s = _sub(sub, "synth", "write a store of synthetic models with known shared, partly shared "
+             "and model-specific features, and the truth beside it",
+             epilog="Then: usae train --store DIR/store --out RUN, and usae eval RUN --store "
+             "DIR/store --out EVAL --truth DIR")
+    s.add_argument("--out", required=True, help="folder for store/, truth.safetensors and "
+                   "truth.json")
+    add_arguments(s, SynthOptions)
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
 def _add_sharing(sub) -> None:
     s = _sub(sub, "push", "share a run on the Hugging Face Hub with a generated model card")
     s.add_argument("run")
@@ -206,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_demo, _add_cache, _add_store, _add_train, _add_codec, _add_analysis,
-                _add_sharing):
+                _add_sharing, _add_synth):
         add(sub)
     s = _sub(sub, "import-reference", "convert the paper's released checkpoints")
     s.add_argument("config", help="the reference YAML (model_zoo with checkpoint_path...)")
@@ -220,7 +238,7 @@ def output_folders(args: argparse.Namespace) -> list[str]:
     cmd = args.command
     if cmd == "store":
         return [args.out] if args.store_command in ("merge", "import-npz") else []
-    if cmd in ("cache", "train", "eval", "explore", "demo", "import-reference"):
+    if cmd in ("cache", "train", "eval", "explore", "demo", "import-reference", "synth"):
         return [args.out]
     if cmd == "cam":
         return [args.out or os.path.join(args.run, "cam")] if "://" not in args.run or \
@@ -240,8 +258,31 @@ def _run(handler, args: argparse.Namespace) -> int:
         # under torchrun, rank 0 holds the lock for the whole job (the other ranks write only
         # what rank 0 has claimed)
         folders = folders if is_main_process() else []
-    with output_lock(*folders):
+    with output_lock(*folders), _threads(args.command):
         return int(handler(args) or 0)
+
+
+COMPUTE_COMMANDS = ("cache", "train", "eval", "explore", "cam", "demo", "encode", "decode")
+
+
+@contextlib.contextmanager
+def _threads(command: str) -> Iterator[None]:
+    """Fewer torch threads when other processes keep cores busy (``usae.threads``), for the
+    commands that compute; the previous count is restored afterwards (for in-process use)."""
+    if command not in COMPUTE_COMMANDS:
+        yield
+        return
+    import torch
+
+    from usae.threads import choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        choose_threads()
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -223,12 +223,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     opts = from_args(EvalOptions, args)
     report = evaluate(args.run, args.store, args.out, opts, independent=args.independent,
-                      compare=args.compare, force=args.force)
+                      compare=args.compare, force=args.force, truth=args.truth)
     s = report["summary"]
     cross = "n/a" if s["cross_r2_mean"] is None else f"{s['cross_r2_mean']:.3f}"
     written = "report.json, concepts.csv" + (", plots" if opts.plots else "")
     print(f"wrote {args.out}: {written} — R2 self {s['self_r2_mean']:.3f}, cross {cross}, "
           f"{report['concept_classes']['universal']} universal concepts")
+    if "truth" in report:
+        print(_truth_summary(report["truth"]))
+    return 0
+
+
+def _truth_summary(t: dict) -> str:
+    rec = ", ".join(f"{m} {v:.3f}" for m, v in t["recovery"].items())
+    return (f"  against the truth: recovery (mean best cosine) {rec}; shared as one concept "
+            f"{_fmt(t['shared_as_one'])}, partly shared {_fmt(t['partial_as_one'])}; "
+            f"model-specific detected {_fmt(t['specific_detected'])}; MCC {t['mcc_mean']:.3f}; "
+            f"spurious {t['spurious']['count']} of {t['spurious']['firing']} firing concepts")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from usae.options import from_args
+    from usae.synth import SynthOptions, synth
+
+    s = synth(args.out, from_args(SynthOptions, args), force=args.force)
+    print(f"wrote {args.out}: store/ ({s['images']} images x {s['tokens']} tokens, models "
+          f"{', '.join(f'{m} (d={d})' for m, d in zip(s['models'], s['dims']))}), truth with "
+          f"{s['n_features']} features ({', '.join(f'{k} {v}' for k, v in s['features'].items())})"
+          f"\n  next: usae train --store {args.out}/store --out RUN --preset fast, then usae eval "
+          f"RUN --store {args.out}/store --out EVAL --truth {args.out}")
     return 0
 
 

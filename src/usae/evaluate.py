@@ -148,13 +148,15 @@ def eval_rows(store: Store, split: str) -> tuple[np.ndarray, str]:
 def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
              options: EvalOptions | None = None, *, progress: bool = True,
              independent: str | Path | None = None, compare: list[str | Path] | None = None,
-             force: bool = False, **changes: Any) -> dict[str, Any]:
+             force: bool = False, truth: str | Path | None = None,
+             **changes: Any) -> dict[str, Any]:
     """Evaluate a run on a store split; write report.json, concepts.csv, top images, plots.
 
     ``options`` (or keyword ``changes`` such as ``split="all"``): see ``EvalOptions``. The
     output folder is written whole or not at all; a non-empty folder that is not an earlier
     eval is refused unless ``force``. ``compare``: other runs evaluated on the same split,
-    their reports in ``out/compare/<i>-<name>/``.
+    their reports in ``out/compare/<i>-<name>/``. ``truth``: a ``usae synth`` folder to score
+    the run against (the report's ``truth`` section, ``usae.truth``).
     """
     o = merged(EvalOptions, options, changes)
     given, run = str(run), local_run(run)
@@ -167,6 +169,12 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
         report["run"] = {**run_identity(run), "path": given}
+        if truth is not None:
+            from usae.truth import score_truth
+
+            a = _concept_arrays(sae.models, stats)
+            report["truth"] = score_truth(sae, store, rows, truth, {
+                "specific": a["specific"], "owner": a["owner"], "fires": a["fires"]})
         if independent:
             report["independent"] = independent_consistency(sae, independent)
         if compare:
