@@ -137,6 +137,36 @@ def test_explorer_from_file_and_from_serve(explorer, tmp_path):
 
 
 @pytest.mark.browser
+def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer):
+    """Each cell, recomputed from report.json here: top-1 agreement in % / KL recovered."""
+    report = json.loads((explorer / "eval" / "report.json").read_text())
+    f = report["faithfulness"]
+
+    def cell(a, k):
+        return "n/a" if a is None or k is None else f"{100 * a:.1f}% / {k:.3f}"
+
+    want = [cell(f["top1_agreement"][i][j], f["kl_recovered"][i][j])
+            for i in range(2) for j in range(2)]
+    want += [cell(f["resample_only"][m]["top1_agreement"], f["resample_only"][m]["kl_recovered"])
+             for m in ("lite0", "lite1")]
+    pw = _browser()
+    p, args = _launch(pw)
+    try:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((explorer / "site" / "index.html").as_uri())
+        page.wait_for_selector("table.faithfulness td")
+        cells = page.eval_on_selector_all("table.faithfulness td",
+                                          "tds => tds.map(t => t.textContent)")
+        assert cells == want
+        browser.close()
+    finally:
+        p.stop()
+    overview = (explorer / "site" / "data" / "overview.js").read_text()
+    assert str(explorer) not in overview  # the run's path is not in the shared site
+
+
+@pytest.mark.browser
 def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
     pw = _browser()
     p, args = _launch(pw)

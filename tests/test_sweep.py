@@ -388,3 +388,31 @@ def test_busy_cores_reads_proc_stat():
 
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 0.01
+
+
+def test_resume_uses_the_runs_own_thread_count(arrays, tmp_path, monkeypatch):
+    """CPU sums can round differently on another thread count: a resumed run keeps the count
+    its checkpoint recorded (unless the user sets one), so it stays bit-identical."""
+    import torch
+
+    from usae.train import Trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("USAE_THREADS", raising=False)
+    before = torch.get_num_threads()
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
+                  {"n_concepts": 16, "k": 3, "batch_images": 8, "max_steps": 4})
+    try:
+        torch.set_num_threads(2)
+        train_run(cfg, ArraySource(arrays), tmp_path / "r", progress=False)
+        assert read_checkpoint_position(tmp_path / "r" / "checkpoint.safetensors")[
+            "threads"] == 2
+        torch.set_num_threads(1)
+        Trainer(cfg, tmp_path / "r", progress=False).load_checkpoint()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("USAE_THREADS", "1")
+        torch.set_num_threads(1)
+        Trainer(cfg, tmp_path / "r", progress=False).load_checkpoint()
+        assert torch.get_num_threads() == 1  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)

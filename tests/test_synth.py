@@ -170,3 +170,31 @@ def test_a_short_run_recovers_the_shared_features_as_single_concepts(tmp_path, c
     # standardization of the old `fast` gave 0.52 and 0.0 here
     assert min(t["recovery"].values()) >= 0.85, t
     assert t["shared_as_one"] >= 0.5, t
+
+
+def test_ball_dictionary_rows_are_at_most_unit_and_short_rows_are_kept():
+    from usae.sae import ball_rows
+
+    w = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    out = ball_rows(w)
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+    with pytest.raises(UsaeError, match="dictionary_norm must be one of"):
+        SAEConfig(models=("a",), dims=(4,), dictionary_norm="sphere")
+
+
+def test_a_ball_run_trains_saves_and_reloads_with_its_norm(arrays, tmp_path):
+    from usae.config import resolve
+    from usae.sources import ArraySource
+    from usae.training import train_run
+
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
+                  {"n_concepts": 16, "k": 3, "batch_images": 8, "max_steps": 30,
+                   "dictionary_norm": "ball"})
+    train_run(cfg, ArraySource(arrays), tmp_path / "r", progress=False)
+    sae = UniversalSAE.load(tmp_path / "r")
+    assert sae.cfg.dictionary_norm == "ball"
+    for m in sae.models:
+        norms = sae.normalized_dict(m).detach().norm(dim=1)
+        assert float(norms.max()) <= 1.0 + 1e-6 and float(norms.min()) < 0.999
+        raw = sae.dictionaries[m].detach().norm(dim=1)
+        torch.testing.assert_close(norms, raw.clamp_max(1.0))

@@ -262,7 +262,8 @@ def _run(handler, args: argparse.Namespace) -> int:
         return int(handler(args) or 0)
 
 
-COMPUTE_COMMANDS = ("cache", "train", "eval", "explore", "cam", "demo", "encode", "decode")
+# not cache: a re-run after a kill must write the same bytes, so it keeps one thread count
+COMPUTE_COMMANDS = ("train", "eval", "explore", "cam", "demo", "encode", "decode")
 
 
 @contextlib.contextmanager

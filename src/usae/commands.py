@@ -199,6 +199,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         off = r2[~np.eye(len(r2), dtype=bool)].mean() if len(r2) > 1 else float("nan")
         print(f"  eval:     {res['report']}   held-out R2: self {np.diag(r2).mean():.2f}, "
               f"cross {off:.2f}")
+    if res.get("faithfulness"):
+        from usae.faithfulness import format_table
+
+        print(format_table(res["faithfulness"]))
     if res.get("cam"):
         first = next(iter(res["cam"].values()))
         scores = ", ".join(f"{v:.1f}" for v in first["self_ratio"].values())
@@ -229,6 +233,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     written = "report.json, concepts.csv" + (", plots" if opts.plots else "")
     print(f"wrote {args.out}: {written} — R2 self {s['self_r2_mean']:.3f}, cross {cross}, "
           f"{report['concept_classes']['universal']} universal concepts")
+    if "faithfulness" in report:
+        from usae.faithfulness import format_table
+
+        print(format_table(report["faithfulness"]))
+        for folder in sorted(Path(args.out, "compare").glob("*/report.json")):
+            other = json.loads(folder.read_text())
+            if "faithfulness" in other:
+                print(f"  compared run {folder.parent.name}:")
+                print(format_table(other["faithfulness"]))
     if "truth" in report:
         print(_truth_summary(report["truth"]))
     return 0

@@ -17,6 +17,7 @@ from usae.errors import UsaeError
 
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
 STANDARDIZE = ("scalar", "per_dim", "center_per_dim")
+DICTIONARY_NORMS = ("unit", "ball")
 DATA_KEYS = ("models", "dims")  # set from the data, never by the user
 MAX_SEED = 2**63 - 1  # what every generator seeded from it (torch, NumPy) accepts
 
@@ -38,6 +39,10 @@ class SAEConfig:
     standardize: str = _help("Input standardization: scalar (paper: one mean/std per model), "
                              "per_dim (mean and std per dimension) or center_per_dim "
                              "(mean per dimension, one std per model).", "scalar")
+    dictionary_norm: str = _help("Dictionary rows: unit (paper: every row of every model's "
+                                 "dictionary has norm 1) or ball (norm at most 1: a concept "
+                                 "can fade out of a model it does not live in; docs/RESULTS.md, "
+                                 "\"Ground truth\").", "unit")
 
     def __post_init__(self) -> None:
         if len(self.models) != len(self.dims):
@@ -51,6 +56,9 @@ class SAEConfig:
         if self.standardize not in STANDARDIZE:
             raise UsaeError(f"config: standardize must be one of {STANDARDIZE}, "
                             f"got {self.standardize!r}")
+        if self.dictionary_norm not in DICTIONARY_NORMS:
+            raise UsaeError(f"config: dictionary_norm must be one of {DICTIONARY_NORMS}, got "
+                            f"{self.dictionary_norm!r}")
         if self.k <= 0:
             raise UsaeError(f"config: k must be positive, got {self.k}")
         if self.n_concepts < 0:

@@ -171,6 +171,7 @@ def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool,
     report = evaluate(run, store_dir, out / "eval", progress=progress)
     found["report"] = out / "eval" / "report.json"
     found["r2"] = report["r2"]
+    found["faithfulness"] = report.get("faithfulness")
     t0 = time.perf_counter()
     cam = DEMO_CAM_QUICK if quick else DEMO_CAM
     log.info("[5/6] coordinated activation maximization, top %d concepts -> %s",

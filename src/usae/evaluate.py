@@ -169,6 +169,12 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
         report["run"] = {**run_identity(run), "path": given}
+        if o.faithfulness:
+            from usae.faithfulness import measure
+
+            report["faithfulness"] = measure(sae, store, rows, o.batch_images, o.device,
+                                             o.faithfulness_images, progress)
+            report["summary"].update(faithfulness_summary(report["faithfulness"]))
         if truth is not None:
             from usae.truth import score_truth
 
@@ -196,6 +202,20 @@ def compare_runs(report: dict[str, Any], run: Path, others: list[str | Path],
         rep = evaluate(other, store_path, out / f"{i}-{other.name}", options, progress=False)
         rows.append(_comparison_row(other, rep))
     return rows
+
+
+def faithfulness_summary(section: dict[str, Any] | None) -> dict[str, Any]:
+    """Mean KL recovered and top-1 agreement, self (diagonal) and cross (off-diagonal)."""
+    if not section or "kl_recovered" not in section:
+        return {}
+    out = {}
+    for key in ("kl_recovered", "top1_agreement"):
+        mat = np.asarray([[np.nan if v is None else v for v in row] for row in section[key]])
+        off = ~np.eye(len(mat), dtype=bool)
+        diag, cross = np.diag(mat), mat[off]
+        out[f"{key}_self"] = float(np.nanmean(diag)) if np.isfinite(diag).any() else None
+        out[f"{key}_cross"] = float(np.nanmean(cross)) if np.isfinite(cross).any() else None
+    return out
 
 
 def _comparison_row(run: Path, report: dict[str, Any]) -> dict[str, Any]:

@@ -148,7 +148,29 @@ def _metrics_section(report: dict[str, Any]) -> list[str]:
             for m in models]
     out += ["", f"Concept classes (by firing entropy): {classes['universal']} universal, "
             f"model-specific: {specific}, {classes['never_fire']} never fire.", ""]
-    return out
+    return out + _faithfulness_section(report.get("faithfulness"))
+
+
+def _faithfulness_section(f: dict[str, Any] | None) -> list[str]:
+    """Each cell: top-1 agreement and fraction of KL recovered over the mean ablation, when a
+    source model's code is decoded into the target model and run through its own head."""
+    if not f or "top1_agreement" not in f:
+        return []
+    models = f["models"]
+
+    def cell(i: int, j: int) -> str:
+        a, r = f["top1_agreement"][i][j], f["kl_recovered"][i][j]
+        return "n/a" if a is None or r is None else f"{100 * a:.1f} % / {r:.3f}"
+
+    out = ["### Faithfulness through each model's own head", "",
+           f"On {f['n_images']} images: the reconstruction is spliced in at the cached layer "
+           "and the rest of the target model runs to its ImageNet logits. Each cell: top-1 "
+           "agreement with the unspliced model / fraction of KL recovered "
+           "(1 − KL / KL of the mean ablation). Row = source code, column = target model.", "",
+           "| source \\ target | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    out += [f"| {m} | " + " | ".join(cell(i, j) for j in range(len(models))) + " |"
+            for i, m in enumerate(models)]
+    return out + [""]
 
 
 # ---- push ---------------------------------------------------------------------------------

@@ -103,6 +103,11 @@ class EvalOptions:
     top_images: int = opt("Top images kept per concept (top_images.safetensors).", 16,
                           minimum=1)
     plots: bool = opt("Write PNG plots.", True)
+    faithfulness: bool = opt("Run each model's own head on spliced reconstructions (top-1 "
+                             "agreement, KL, KL recovered over the mean ablation) where the "
+                             "store's models can be rebuilt and have a head.", True)
+    faithfulness_images: int = opt("Images of the split used for faithfulness (0: all).", 512,
+                                   minimum=0)
 
     def __post_init__(self) -> None:
         validate(self)

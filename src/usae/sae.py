@@ -53,6 +53,11 @@ def normalize_rows(w_nd: Tensor) -> Tensor:
     return w_nd / (w_nd.norm(dim=1, keepdim=True) + DICT_EPS)
 
 
+def ball_rows(w_nd: Tensor) -> Tensor:
+    """``dictionary_norm=ball``: rows longer than 1 scaled to norm 1, shorter ones kept."""
+    return w_nd / w_nd.norm(dim=1, keepdim=True).clamp_min(1.0)
+
+
 def sparse_decode(values_nk: Tensor, indices_nk: Tensor, dict_nd: Tensor) -> Tensor:
     """``codes @ dict`` without building the dense code matrix: gathers the k rows per token."""
     return F.embedding_bag(indices_nk, dict_nd, per_sample_weights=values_nk, mode="sum")
@@ -135,7 +140,9 @@ class UniversalSAE(nn.Module):
 
     # ---- the maths ---------------------------------------------------------------------
     def normalized_dict(self, model: str) -> Tensor:
-        """(n, d_m) dictionary with unit rows."""
+        """(n, d_m) dictionary with unit rows (``dictionary_norm=ball``: rows of norm <= 1)."""
+        if self.cfg.dictionary_norm == "ball":
+            return ball_rows(self.dictionaries[model])
         return normalize_rows(self.dictionaries[model])
 
     def pre_activations(self, model: str, xs_nd: Tensor) -> Tensor:

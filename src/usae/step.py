@@ -27,7 +27,7 @@ from usae.fused import (
     reference_aux_codes_,
     topk_reference_aux_decode,
 )
-from usae.sae import DICT_EPS, UniversalSAE, normalize_rows, sparse_decode
+from usae.sae import DICT_EPS, UniversalSAE, ball_rows, normalize_rows, sparse_decode
 from usae.sparse import ConceptOrder, sparse_decode_train, sparse_linear_topk
 
 
@@ -90,9 +90,10 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     src = models[source]
     trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
     sparse = tc.aux != "reference" and sae.cfg.encoder == "linear"
-    dicts = [(normalize_rows_sparse_path if sparse else normalize_rows)(sae.dictionaries[m])
-             if t else normalize_rows(sae.dictionaries[m].detach())
-             for m, t in zip(models, trainable)]
+    norm = ball_rows if sae.cfg.dictionary_norm == "ball" else normalize_rows
+    dicts = [(normalize_rows_sparse_path if sparse and norm is normalize_rows else norm)(
+        sae.dictionaries[m]) if t else norm(sae.dictionaries[m].detach())
+        for m, t in zip(models, trainable)]
     widths = [d.shape[1] for d in dicts]
 
     cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]

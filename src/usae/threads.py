@@ -8,6 +8,11 @@ before any work of its own) and uses only the cores left, at least one.
 
 ``OMP_NUM_THREADS`` (or ``USAE_THREADS=N``) chooses the count instead; ``USAE_THREADS=all``
 keeps torch's default.
+
+CPU results can differ in their last bits between thread counts, so what must be bit-identical
+keeps one count: a training run records its count in the checkpoint and ``--resume`` uses it
+again, and ``usae cache`` (whose re-run after a kill must equal an uninterrupted store) keeps
+torch's default.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ def threads_for(cores: int, busy: float | None) -> int:
     return max(1, min(cores, cores - int(busy + 0.5)))
 
 
+def user_set() -> bool:
+    """True when the user chose the thread count (``OMP_NUM_THREADS`` or ``USAE_THREADS``)."""
+    return bool(os.environ.get("OMP_NUM_THREADS")) or \
+        os.environ.get("USAE_THREADS", "auto").strip().lower() != "auto"
+
+
 def choose_threads() -> int | None:
     """Set torch's intra-op threads for this command (see the module's docstring); returns
     the count set, or None when the user or the default decides."""
@@ -72,7 +83,7 @@ def choose_threads() -> int | None:
         n = threads_for(current, busy_cores())
         if n >= current:
             return None
-        log.info("the machine is busy (other processes use about %d of %d cores): training "
+        log.debug("the machine is busy (other processes use about %d of %d cores): training "
                  "and extraction use %d thread(s); set OMP_NUM_THREADS or USAE_THREADS to "
                  "choose", current - n, current, n)
     torch.set_num_threads(n)

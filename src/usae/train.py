@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from usae import run as run_folder
+from usae import threads
 from usae.checkpoint import (
     load_checkpoint,
     load_optimizer,
@@ -125,7 +126,8 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["since_fired"] = self.since_fired
         position = {"step": self.step, "sched_counts": self.sched_counts,
-                    "tokens": self.tokens, "elapsed_s": self.elapsed}
+                    "tokens": self.tokens, "elapsed_s": self.elapsed,
+                    "threads": torch.get_num_threads()}
         save_checkpoint(self.out / run_folder.CHECKPOINT_FILE, tensors, position, self.cfg)
         run_folder.save_weights(self.out, self.sae.state_dict())
         status = (run_folder.final_status if self.step >= self.total
@@ -148,6 +150,9 @@ class Trainer:
         self.sched_counts = [int(c) for c in ckpt.position["sched_counts"]]
         self.tokens = int(ckpt.position["tokens"])
         self.elapsed = float(ckpt.position["elapsed_s"])
+        if ckpt.position.get("threads") and not threads.user_set():
+            # the run's own thread count: the resumed steps round as the first ones did
+            torch.set_num_threads(int(ckpt.position["threads"]))
         if self.dist.is_main:
             run_folder.truncate_metrics(self.out, self.step)
 
@@ -209,6 +214,7 @@ class Trainer:
         if main:
             run_folder.prepare_folder(self.out, resume, force)
         self.dist.barrier()
+        threads_before = torch.get_num_threads()  # a resume may take the run's own count
         if resume:
             self.load_checkpoint()
         else:
@@ -223,6 +229,7 @@ class Trainer:
             raise KeyboardInterrupt(self._abort_message()) from None
         finally:
             sinks.close()
+            torch.set_num_threads(threads_before)
         if main and self.step >= self.total and not run_folder.is_final(self.out):
             self.save_checkpoint()
         self.dist.barrier()

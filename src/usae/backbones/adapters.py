@@ -18,6 +18,8 @@ from usae.backbones.base import (
     LayerHook,
     Preprocess,
     probe_shape,
+    tokens_back,
+    tokens_of,
 )
 from usae.backbones.hub_access import offline_unless_reachable
 from usae.errors import UsaeError
@@ -72,7 +74,7 @@ class TimmBackbone(Backbone):
             import timm
         except ImportError:
             raise UsaeError("timm backbones need `pip install usae[timm]`") from None
-        kwargs: dict[str, Any] = {"num_classes": 0}
+        kwargs: dict[str, Any] = {}  # the model's own head stays: faithfulness runs through it
         if img_size:
             kwargs["img_size"] = img_size
         guard = offline_unless_reachable(f"timm model {model_name!r}") if pretrained else \
@@ -113,6 +115,25 @@ class TimmBackbone(Backbone):
         if self._hook is None:
             return _tokens_from(self._module.forward_features(pixels_bchw))
         return _tokens_from(self._hook.run_until(self._module.forward_features, pixels_bchw))
+
+    @property
+    def has_head(self) -> bool:  # type: ignore[override]
+        return int(getattr(self._module, "num_classes", 0) or 0) > 0
+
+    def splicer(self, pixels_bchw: Tensor) -> tuple[Tensor, Any]:
+        """At the final features: ``forward_head`` (pooling, norm, classifier) alone; at an
+        inner layer: the whole forward with that layer's output replaced."""
+        if not self.has_head:
+            return super().splicer(pixels_bchw)
+        module = self._module
+        if self._hook is None:
+            feats = module.forward_features(pixels_bchw)
+            return tokens_of(feats), lambda tokens: module.forward_head(tokens_back(tokens,
+                                                                                   feats))
+        tokens = tokens_of(self._hook.run_until(module.forward_features, pixels_bchw))
+        return tokens, lambda new: self._hook.spliced(module, self.layer,
+                                                      lambda: module(pixels_bchw),
+                                                      lambda _old: new)
 
 
 HF_NORMS = {"dinov2": IMAGENET, "vit": HALF, "siglip": HALF, "siglip_vision_model": HALF,
@@ -257,3 +278,28 @@ class EffNetLiteBackbone(Backbone):
 
     def _features(self, pixels_bchw: Tensor) -> Tensor:
         return _tokens_from(self._hook.run_until(self._model.extract_features, pixels_bchw))
+
+    has_head = True  # the remaining blocks, the head convolution and the ImageNet classifier
+
+    def splicer(self, pixels_bchw: Tensor) -> tuple[Tensor, Any]:
+        """The stem and blocks run once; ``run`` computes only what follows the layer: the
+        later blocks, the head convolution, pooling and the classifier, as ``forward`` does."""
+        model = self._model
+        fmap = self._hook.run_until(model.extract_features, pixels_bchw)  # (B, C, H, W)
+        parts = self.layer.split(".")
+        if len(parts) != 2 or parts[0] != "_blocks" or model._global_params.local_pooling:
+            return tokens_of(fmap), lambda tokens: self._hook.spliced(
+                model, self.layer, lambda: model(pixels_bchw), lambda _old: tokens)
+        first = int(parts[1]) + 1
+
+        def run(tokens_btd: Tensor) -> Tensor:
+            x = tokens_back(tokens_btd, fmap)
+            rate = model._global_params.drop_connect_rate
+            for idx in range(first, len(model._blocks)):
+                x = model._blocks[idx](x, drop_connect_rate=rate * idx / len(model._blocks)
+                                       if rate else rate)
+            x = model._swish(model._bn1(model._conv_head(x)))
+            x = model._avg_pooling(x).view(x.shape[0], -1)
+            return model._fc(model._dropout(x))
+
+        return tokens_of(fmap), run

@@ -70,6 +70,15 @@ class Backbone:
                 return self.forward(pixels_bchw).float()
         return self.forward(pixels_bchw)
 
+    has_head = False  # adapters whose model ends in a classifier set this
+
+    def splicer(self, pixels_bchw: Tensor) -> tuple[Tensor, Any]:
+        """For faithfulness: the cached layer's native tokens (B, n_prefix + h*w, d) on these
+        normalized pixels, and ``run(tokens) -> logits (B, classes)``, the rest of the model
+        from that layer to its output (``run(tokens)`` on the unmodified tokens is exactly
+        the model's own forward)."""
+        raise UsaeError(f"{self.name}: this model has no classification head to run")
+
     def to(self, device: str | torch.device) -> "Backbone":
         self.module.to(device)
         return self
@@ -120,6 +129,41 @@ class LayerHook:
 
     def remove(self) -> None:
         self._handle.remove()
+
+    def spliced(self, module: nn.Module, layer: str, call: Any, replace: Any) -> Tensor:
+        """``call()`` run to its end with ``layer``'s output passed through ``replace``
+        (tokens in, tokens out; a CNN map is turned into tokens and back)."""
+        def swap(_module: nn.Module, _inp: Any, out: Any) -> Any:
+            if replace is None:
+                return None
+            tensor = out[0] if isinstance(out, (tuple, list)) else out
+            new = replace(tokens_of(tensor))
+            new = tokens_back(new, tensor)
+            return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
+
+        handle = dict(module.named_modules())[layer].register_forward_hook(swap)
+        stop, self.stop = self.stop, False
+        try:
+            return call()
+        finally:
+            handle.remove()
+            self.stop, self.output = stop, None
+
+
+def tokens_of(out: Tensor) -> Tensor:
+    """A layer output as (B, T, d): CNN maps (B, C, H, W) become H*W tokens, row-major."""
+    if out.ndim == 4:
+        b, c, h, w = out.shape
+        return out.reshape(b, c, h * w).transpose(1, 2)
+    return out
+
+
+def tokens_back(tokens_btd: Tensor, like: Tensor) -> Tensor:
+    """(B, T, d) tokens in the layout of ``like`` (a CNN map (B, C, H, W) or tokens)."""
+    if like.ndim == 4:
+        b, c, h, w = like.shape
+        return tokens_btd.transpose(1, 2).reshape(b, c, h, w).to(like.dtype)
+    return tokens_btd.to(like.dtype)
 
 
 def probe_shape(module: nn.Module, fn, size: tuple[int, int]) -> tuple[int, ...]:

@@ -253,8 +253,10 @@ def _write_overview(out: Path, run: Path, store: Store, sae: UniversalSAE,
     def col(name: str, cast=float) -> list:
         return [None if c[name] == "" else cast(c[name]) for c in concepts]
 
+    # the run's name only: a shared site must not show the building machine's paths
+    report = {**report, "run": {k: v for k, v in (report.get("run") or {}).items()
+                                if k != "path"}}
     overview = {
-        # the run's name only: a shared site must not show the building machine's paths
         "run": run.resolve().name, "models": models, "report": report,
         "grid": store.grid(), "chunk": CHUNK, "n_concepts": sae.cfg.n, "top": o.top,
         "plots": sorted(p.name for p in (out / "plots").glob("*.png")),

@@ -74,6 +74,8 @@ function overview() {
   m.append(el("tr", {}, el("th", { text: "" }), ...O.models.map((x) => el("th", { text: x }))));
   r.r2.forEach((row, i) => m.append(el("tr", {}, el("th", { text: O.models[i] }), ...row.map((v) => el("td", { text: fmt(v) })))));
   app.append(m);
+  faithfulnessTable(app, r.faithfulness);
+  truthCards(app, r.truth);
   if (O.plots.length) {
     app.append(el("h2", { text: "Plots" }));
     app.append(el("div", { class: "plots" }, ...O.plots.map((p) => el("img", { src: `plots/${p}`, alt: p }))));
@@ -86,6 +88,31 @@ function overview() {
     el("span", { class: "muted", text: "click a column to sort; click a concept to open it" })));
   app.append(el("div", { id: "table" }));
   drawTable();
+}
+
+function faithfulnessTable(app, f) {
+  if (!f || !f.top1_agreement) return;
+  app.append(el("h2", { text: "Faithfulness through each model's own head (row: source code, column: target model)" }));
+  app.append(el("p", { class: "muted", text: `Reconstructions spliced in at the cached layer, the rest of the target model run to its logits, on ${f.n_images} images. Each cell: top-1 agreement with the unspliced model / fraction of KL recovered over the mean ablation.` }));
+  const t = el("table", { class: "matrix faithfulness" });
+  t.append(el("tr", {}, el("th", { text: "" }), ...f.models.map((x) => el("th", { text: x }))));
+  const cell = (a, k) => (a === null || k === null ? "n/a" : `${(100 * a).toFixed(1)}% / ${fmt(k)}`);
+  f.top1_agreement.forEach((row, i) => t.append(el("tr", {}, el("th", { text: f.models[i] }),
+    ...row.map((a, j) => el("td", { text: cell(a, f.kl_recovered[i][j]) })))));
+  t.append(el("tr", {}, el("th", { text: "grid only" }), ...f.models.map((x) =>
+    el("td", { text: cell(f.resample_only[x].top1_agreement, f.resample_only[x].kl_recovered) }))));
+  app.append(t);
+}
+
+function truthCards(app, t) {
+  if (!t) return;
+  app.append(el("h2", { text: "Against the known features (usae synth)" }));
+  app.append(el("div", { class: "cards" },
+    ...Object.entries(t.recovery).map(([m, v]) => card(fmt(v), `recovery in ${m} (mean best cosine)`)),
+    card(t.shared_as_one === null ? "n/a" : `${(100 * t.shared_as_one).toFixed(0)}%`, "shared features as one concept"),
+    card(t.specific_detected === null ? "n/a" : `${(100 * t.specific_detected).toFixed(0)}%`, "model-specific features detected"),
+    card(fmt(t.mcc_mean), "MCC of codes"),
+    card(`${t.spurious.count} / ${t.spurious.firing}`, "spurious firing concepts")));
 }
 
 function card(v, k) { return el("div", { class: "card" }, el("div", { class: "v", text: v }), el("div", { class: "k", text: k })); }
