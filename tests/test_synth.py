@@ -66,6 +66,8 @@ def test_synth_writes_a_real_store_and_its_truth(tmp_path, capsys):
     assert np.abs(x - want).max() < 0.2  # the stored rows are the truth's (plus noise)
     assert main(["synth", "--out", str(tmp_path / "s"), "--dims", "12"]) == 2
     assert "at least two models" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "s")]) == 2  # a finished store: --force
+    assert "already holds a synthetic store — pass --force" in capsys.readouterr().err
 
 
 def _perfect_sae(truth_dir, dims, n_extra=5, seed=0) -> UniversalSAE:

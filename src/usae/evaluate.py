@@ -165,6 +165,10 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     sae = UniversalSAE.load(run, device=o.device)
     check_run_matches_store(sae, run, store)
     rows, split_used = eval_rows(store, o.split)
+    if truth is not None:
+        from usae.truth import load_truth
+
+        load_truth(truth)  # a wrong --truth fails before the eval's work, not after
     with replace_folder(out, "report.json", force, what="eval") as tmp:
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)

@@ -190,6 +190,9 @@ def synth(out: str | Path, options: SynthOptions | None = None, force: bool = Fa
     from usae.store_writer import store_from_arrays
 
     o = options or SynthOptions()
+    if (Path(out) / TRUTH_JSON).exists() and not force:
+        raise UsaeError(f"{out} already holds a synthetic store — pass --force to replace it, "
+                        "or choose another --out")
     arrays, truth = generate(o)
     names = list(arrays)
     kinds = truth["kind"]
