@@ -401,7 +401,10 @@ def test_concepts_csv_rows_and_report_schema_by_hand(tmp_path):
                        "universal": 1, "model_specific": {"a": 1, "b": 1}, "never_fire": 1}
     assert set(report) == {"models", "r2", "r2_paper", "mse", "l0", "dead_fraction",
                            "n_tokens", "n_images", "n_concepts", "threshold", "split",
-                           "summary", "concept_classes"}
+                           "summary", "concept_classes", "jaccard"}
+    # token 0: {0, 2} vs {0, 1} -> 1/3; token 1: {0} (a zero code is not active) vs {0, 1} -> 1/2
+    assert report["jaccard"] == [[1.0, 0.41667], [0.41667, 1.0]]
+    assert report["summary"]["jaccard_cross_mean"] == pytest.approx(0.41667)
     assert report["n_concepts"] == 4 and report["summary"]["never_fire_fraction"] == 0.25
     # one model: no cross R²; nothing fires: no entropy median
     silent = ev.ConceptAccumulator(("a",), n=2, threshold=0.5, top=1)

@@ -77,3 +77,22 @@ def test_r2_for_small_variance_and_a_single_token():
     acc.update_error(0, 0, torch.from_numpy(one), torch.zeros(1, 3, dtype=torch.float64))
     assert abs(acc.r2_paper()[0, 0] - (1 - 41 / 14)) < 1e-12  # SST about the mean 3: 4+1+9
     assert abs(acc.mse()[0, 0] - 41 / 3) < 1e-12
+
+
+def test_jaccard_of_active_sets_by_hand():
+    """Token 0: {1,2,3} vs {2,3,4} -> 2/4; token 1: {5} vs {} -> 0; token 2: both empty, not
+    counted. Zero values are not active even when TopK selected them."""
+    from usae.metrics import JaccardAccumulator
+
+    idx_a = torch.tensor([[1, 2, 3], [5, 6, 7], [1, 2, 3]])
+    val_a = torch.tensor([[1.0, 2.0, 0.5], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    idx_b = torch.tensor([[4, 3, 2], [5, 6, 7], [1, 2, 3]])
+    val_b = torch.tensor([[0.2, 0.1, 0.9], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    acc = JaccardAccumulator(("a", "b"))
+    acc.update({"a": (val_a, idx_a), "b": (val_b, idx_b)})
+    assert acc.result() == [[1.0, 0.25], [0.25, 1.0]]
+    acc.update({"a": (val_a[:1], idx_a[:1]), "b": (val_a[:1], idx_a[:1])})  # identical: 1
+    assert acc.result()[0][1] == round((0.5 + 0 + 1) / 3, 5)
+    empty = JaccardAccumulator(("a", "b"))
+    empty.update({"a": (val_a[2:], idx_a[2:]), "b": (val_b[2:], idx_b[2:])})
+    assert empty.result() == [[None, None], [None, None]]

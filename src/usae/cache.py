@@ -26,9 +26,9 @@ from torch import Tensor
 from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Backbone
+from usae.decode import ImageDataset, batch_pixels, decoded_batches
 from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
-from usae.decode import ImageDataset, batch_pixels, decoded_batches
 from usae.images import list_images
 from usae.malloc import keep_freed_memory
 from usae.options import CacheOptions, default_workers, merged

@@ -186,7 +186,6 @@ def _add_analysis(sub) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-
 def _add_synth(sub) -> None:
     from usae.options import add_arguments
     from usae.synth import SynthOptions

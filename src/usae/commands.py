@@ -164,9 +164,8 @@ def _train_summary(s: dict) -> str:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from usae.cache import cache
-    from usae.options import CacheOptions, from_args
-
     from usae.distributed import is_main_process
+    from usae.options import CacheOptions, from_args
 
     options = from_args(CacheOptions, args)
     manifest = cache(args.models, args.images, args.out, options)
@@ -232,7 +231,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cross = "n/a" if s["cross_r2_mean"] is None else f"{s['cross_r2_mean']:.3f}"
     written = "report.json, concepts.csv" + (", plots" if opts.plots else "")
     print(f"wrote {args.out}: {written} — R2 self {s['self_r2_mean']:.3f}, cross {cross}, "
-          f"{report['concept_classes']['universal']} universal concepts")
+          f"{report['concept_classes']['universal']} universal concepts, Jaccard of active "
+          f"sets across models {_fmt(s.get('jaccard_cross_mean'))}")
     if "faithfulness" in report:
         from usae.faithfulness import format_table
 
@@ -307,10 +307,9 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
 def cmd_concepts(args: argparse.Namespace) -> int:
     from usae.concepts import concept_table, format_table
+    from usae.eval_folder import check_eval_of_run
     from usae.hub import local_run
     from usae.run import read_config
-
-    from usae.eval_folder import check_eval_of_run
 
     run = local_run(args.run)
     cfg = read_config(run)

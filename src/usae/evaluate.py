@@ -27,16 +27,16 @@ from torch import Tensor
 from usae import run as run_folder
 from usae.controls import independent_consistency
 from usae.errors import UsaeError
+from usae.eval_folder import run_identity
 from usae.files import (
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
     replace_folder,
 )
-from usae.eval_folder import run_identity
 from usae.hub import local_run
 from usae.malloc import keep_freed_memory
-from usae.metrics import R2Accumulator, cross_model_update
+from usae.metrics import JaccardAccumulator, R2Accumulator, cross_model_update
 from usae.options import EvalOptions, merged
 from usae.plots import make_plots
 from usae.progress import bar as progress_bar
@@ -59,6 +59,7 @@ class ConceptAccumulator:
         self.code_sum = torch.zeros(m, n, dtype=torch.float64)
         self.cofires = torch.zeros(n, dtype=torch.float64)
         self.l0_sum = torch.zeros(m, dtype=torch.float64)
+        self.jaccard = JaccardAccumulator(models)
         self.tokens = 0
         # top images: score = mean activation over the image's tokens
         self.top_rows = {key: torch.full((n, 0), -1, dtype=torch.long)
@@ -89,6 +90,7 @@ class ConceptAccumulator:
             sums = torch.zeros(n_img * self.n, dtype=torch.float64)
             sums.index_add_(0, (image_of + idx).flatten(), vals.flatten())
             per_image[m] = (sums.view(n_img, self.n) / tokens).float()  # (B, n)
+        self.jaccard.update(codes)
         keys, counts = torch.unique(torch.cat(fired_keys), return_counts=True)
         full = keys[counts == len(self.models)] % self.n
         self.cofires.index_add_(0, full, torch.ones(len(full), dtype=torch.float64))
@@ -172,7 +174,9 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     with replace_folder(out, "report.json", force, what="eval") as tmp:
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
-        report["run"] = {**run_identity(run), "path": given}
+        # the run's folder name (or hf:// id), never this machine's path: reports get shared
+        report["run"] = {**run_identity(run),
+                         "path": given if "://" in given else Path(given).name}
         if o.faithfulness:
             from usae.faithfulness import measure
 
@@ -291,6 +295,7 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
         "mse": _round(r2.mse()),
         "l0": {m: float(c.l0_sum[j] / tokens) for j, m in enumerate(models)},
         "dead_fraction": {m: float(a["dead"][j].mean()) for j, m in enumerate(models)},
+        "jaccard": c.jaccard.result(),
         "n_tokens": int(c.tokens),
         "n_images": int(len(rows)),
         "n_concepts": int(sae.cfg.n),
@@ -299,6 +304,7 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
         "summary": {
             "self_r2_mean": float(np.diag(r2_mat).mean()),
             "cross_r2_mean": float(r2_mat[off].mean()) if off.any() else None,
+            "jaccard_cross_mean": _off_mean(c.jaccard.result()),
             "firing_entropy_median": float(np.nanmedian(fe)) if (~np.isnan(fe)).any() else None,
             "never_fire_fraction": float(np.isnan(fe).mean()),
         },
@@ -330,6 +336,12 @@ def _concept_row(models: tuple[str, ...], a: dict[str, np.ndarray], k: int) -> d
     for j, m in enumerate(models):
         row[f"energy_{m}"] = float(a["energy_mn"][j, k])
     return row
+
+
+def _off_mean(mat: list[list[float | None]]) -> float | None:
+    """Mean of the defined off-diagonal cells (None with one model)."""
+    cells = [v for i, row in enumerate(mat) for j, v in enumerate(row) if i != j and v is not None]
+    return float(np.mean(cells)) if cells else None
 
 
 def _round(a: np.ndarray) -> list[list[float]]:

@@ -93,3 +93,37 @@ def r2_matrix(sae: UniversalSAE, batches: Iterable[dict[str, Tensor]]) -> R2Accu
     finally:
         sae.train(was_training)
     return acc
+
+
+class JaccardAccumulator:
+    """Mean Jaccard index of the active sets (concepts with a positive code) of every pair of
+    models on the same tokens (SPARC's measure of a shared code): row i, column j averages
+    ``|A_i ∩ A_j| / |A_i ∪ A_j|`` over the tokens where either set is non-empty."""
+
+    def __init__(self, models: tuple[str, ...]) -> None:
+        m = len(models)
+        self.models = models
+        self.sums = torch.zeros(m, m, dtype=torch.float64)
+        self.counts = torch.zeros(m, m, dtype=torch.float64)
+
+    def update(self, codes: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """``codes[m] = (values_nk, indices_nk)`` for the same N tokens in every model."""
+        sets = [(codes[m][1].cpu(), codes[m][0].cpu() > 0) for m in self.models]
+        for i, (idx_i, act_i) in enumerate(sets):
+            for j in range(i, len(sets)):
+                idx_j, act_j = sets[j]
+                same = (idx_i[:, :, None] == idx_j[:, None, :]) & act_i[:, :, None] & \
+                    act_j[:, None, :]  # (N, k, k): a concept active in both
+                inter = same.sum((1, 2)).double()
+                union = act_i.sum(1).double() + act_j.sum(1).double() - inter
+                used = union > 0
+                value = float((inter[used] / union[used]).sum())
+                for a, b in {(i, j), (j, i)}:
+                    self.sums[a, b] += value
+                    self.counts[a, b] += float(used.sum())
+
+    def result(self) -> list[list[float | None]]:
+        """The M×M matrix, rounded; None where no token had an active concept."""
+        out = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1),
+                          torch.full_like(self.sums, float("nan")))
+        return [[None if v != v else round(float(v), 5) for v in row] for row in out]

@@ -68,7 +68,8 @@ function overview() {
     card(String(cc.universal), `universal (firing entropy ≥ ${cc.thresholds.universal_fe_at_least})`),
     card(String(specific), `model-specific (FE ≤ ${cc.thresholds.model_specific_fe_at_most})`),
     card(String(cc.never_fire), "never fire on this split"),
-    card(r.n_tokens.toLocaleString(), `tokens evaluated (${r.split})`)));
+    card(r.n_tokens.toLocaleString(), `tokens evaluated (${r.split})`),
+    card(fmt(s.jaccard_cross_mean), "mean Jaccard of active sets across models (same tokens)")));
   app.append(el("h2", { text: "R² matrix (row: encoding model, column: decoding model)" }));
   const m = el("table", { class: "matrix" });
   m.append(el("tr", {}, el("th", { text: "" }), ...O.models.map((x) => el("th", { text: x }))));
