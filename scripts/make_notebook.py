@@ -54,6 +54,33 @@ fig.colorbar(im, ax=ax, shrink=0.8)
 plt.show()
 off = r2[~np.eye(len(models), dtype=bool)]
 print(f"self R² {np.diag(r2).mean():.3f}, cross R² {off.mean():.3f}")"""),
+md("""## Faithfulness through each model's own head
+
+R² does not say whether a model would compute the same thing from a reconstruction. `usae eval`
+splices each reconstruction in at the cached layer and runs the rest of the target model to its
+logits: row *i*, column *j* is the fraction of KL recovered (1 − KL / KL of the mean ablation)
+when model *i*'s code is decoded into model *j*, with the top-1 agreement beside it. The
+Jaccard matrix says how much the models' active sets overlap on the same tokens."""),
+code("""f = report.get("faithfulness") or {}
+if "kl_recovered" in f:
+    rec = np.array([[np.nan if v is None else v for v in row] for row in f["kl_recovered"]])
+    agree = f["top1_agreement"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(models), 1.2 + len(models)))
+    im = ax.imshow(rec, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(models)):
+        for j in range(len(models)):
+            if agree[i][j] is not None and np.isfinite(rec[i, j]):
+                ax.text(j, i, f"{rec[i, j]:.2f}\\n{100 * agree[i][j]:.0f}%", ha="center",
+                        va="center", fontsize=8, color="white" if rec[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("target model (its head)"); ax.set_ylabel("source code")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="KL recovered")
+    plt.show()
+    print("grid only (no SAE):", {m: v["kl_recovered"] for m, v in f["resample_only"].items()})
+else:
+    print("no faithfulness in this report:", f.get("skipped", "evaluated without it"))
+print("Jaccard of active sets:", report.get("jaccard"))"""),
 md("""## Firing entropy
 
 Firing entropy is 1 when a concept fires equally often in every model and 0 when it fires in
