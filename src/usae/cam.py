@@ -173,6 +173,7 @@ def optimize(model: CamModel, concept: int, spectrum: Spectrum, o: CamOptions,
 
 # ---- measurements -------------------------------------------------------------------------
 FLOOR_FRACTION = 0.1  # a concept's scale is at least this share of its model's typical scale
+FLOOR_SAMPLE = 1024  # concepts whose spreads give the model's typical scale (all, if fewer)
 
 
 def natural_scales(sae: UniversalSAE, store: Store, concepts: list[int],
@@ -180,9 +181,14 @@ def natural_scales(sae: UniversalSAE, store: Store, concepts: list[int],
     """Per model and concept, the robust scale of the token-mean pre-activation over natural
     images (the store's activations, exactly what the models produced): its ``median``, its
     ``q99`` and ``scale = max(q99 - median, floor)``, where ``floor`` is FLOOR_FRACTION of the
-    median of ``q99 - median`` over all of the model's concepts. The floor keeps the score
-    finite and comparable for a weak or rare concept, whose own spread is near zero."""
+    median of ``q99 - median`` over the model's concepts (a seeded sample of FLOOR_SAMPLE when
+    there are more: memory stays (images, |concepts| + FLOOR_SAMPLE) at any n). The floor keeps
+    the score finite and comparable for a weak or rare concept, whose own spread is near 0."""
     rows = store.rows("all")[:max_images]
+    n = sae.cfg.n
+    sample = torch.arange(n) if n <= FLOOR_SAMPLE else \
+        torch.randperm(n, generator=torch.Generator().manual_seed(0))[:FLOOR_SAMPLE]
+    cols = torch.cat([torch.tensor(concepts, dtype=torch.long), sample])
     out: dict[str, dict[int, dict[str, float]]] = {m: {} for m in sae.models}
     with torch.no_grad():
         for m in sae.models:
@@ -191,15 +197,15 @@ def natural_scales(sae: UniversalSAE, store: Store, concepts: list[int],
                 x = store.read(m, rows[start:start + 64]).to(sae.device_of())
                 bsz, t, d = x.shape
                 pre = sae.pre_activations(m, sae.standardize(m, x.reshape(bsz * t, d)))
-                means.append(pre.reshape(bsz, t, -1).mean(1).cpu())
-            vals = torch.cat(means).double()  # (images, n)
+                means.append(pre.reshape(bsz, t, -1).mean(1)[:, cols.to(pre.device)].cpu())
+            vals = torch.cat(means).double()  # (images, |concepts| + |sample|)
             median, q99 = vals.quantile(0.5, dim=0), vals.quantile(0.99, dim=0)
             spread = q99 - median
-            floor = max(FLOOR_FRACTION * float(spread.median()), 1e-6)
-            for k in concepts:
-                out[m][k] = {"median": round(float(median[k]), 6), "q99": round(float(q99[k]), 6),
-                             "scale": round(max(float(spread[k]), floor), 6),
-                             "floored": bool(float(spread[k]) < floor)}
+            floor = max(FLOOR_FRACTION * float(spread[len(concepts):].median()), 1e-6)
+            for i, k in enumerate(concepts):
+                out[m][k] = {"median": round(float(median[i]), 6), "q99": round(float(q99[i]), 6),
+                             "scale": round(max(float(spread[i]), floor), 6),
+                             "floored": bool(float(spread[i]) < floor)}
     return out
 
 
