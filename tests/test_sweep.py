@@ -416,3 +416,32 @@ def test_resume_uses_the_runs_own_thread_count(arrays, tmp_path, monkeypatch):
         assert torch.get_num_threads() == 1  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_other_torchrun_ranks_refuse_another_jobs_lock_at_once(tmp_path, monkeypatch):
+    """Rank 0 takes the lock; the other ranks refuse a live lock of another job (they used to
+    wait for rank 0 until the process group's timeout) and accept their own job's."""
+    from usae.locks import check_not_held_by_another_job
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = lock_path(tmp_path / "run")
+        holder = {"pid": sleeper.pid, "host": socket.gethostname(), "command": "usae train",
+                  "started": "now", "job": "127.0.0.1:29500"}
+        lock.write_text(json.dumps(holder))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        check_not_held_by_another_job(tmp_path / "run")  # our own rank 0's lock
+        monkeypatch.setenv("MASTER_PORT", "29501")
+        with pytest.raises(UsaeError, match="in use by another usae command"):
+            check_not_held_by_another_job(tmp_path / "run")
+        monkeypatch.setenv("RANK", "1")
+        assert main(["train", "--store", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path / "run")]) == 2
+        check_not_held_by_another_job(tmp_path / "free")  # no lock at all
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    check_not_held_by_another_job(tmp_path / "run")  # its holder is gone: stale, go on
+    with output_lock(tmp_path / "mine"):
+        assert json.loads(lock_path(tmp_path / "mine").read_text())["job"] == "127.0.0.1:29501"

@@ -253,10 +253,14 @@ def _run(handler, args: argparse.Namespace) -> int:
     folders = output_folders(args)
     if folders:
         from usae.distributed import is_main_process
+        from usae.locks import check_not_held_by_another_job
 
         # under torchrun, rank 0 holds the lock for the whole job (the other ranks write only
-        # what rank 0 has claimed)
-        folders = folders if is_main_process() else []
+        # what rank 0 has claimed); the others refuse another job's lock as rank 0 will
+        if not is_main_process():
+            for folder in folders:
+                check_not_held_by_another_job(folder)
+            folders = []
     with output_lock(*folders), _threads(args.command):
         return int(handler(args) or 0)
 

@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 _EMPTY_GRACE_S = 5.0  # a lock file still empty after this long was cut short by a kill
 
 
+def job_id() -> str | None:
+    """This torchrun job's rendezvous address (MASTER_ADDR:MASTER_PORT), None outside one:
+    the ranks of one job share it, two live jobs never do."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
+
+
 def lock_path(out: str | Path) -> Path:
     """The lock file of output folder ``out``: ``<parent>/.<name>.usae-lock``."""
     out = Path(os.path.abspath(out))
@@ -79,7 +86,7 @@ def _describe(holder: dict[str, Any] | None) -> str:
 def acquire(out: str | Path, command: str | None = None) -> Path:
     """Take ``out``'s lock or raise ``UsaeError`` naming its holder; returns the lock path."""
     path = lock_path(out)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id(),
           "command": command or " ".join(["usae", *sys.argv[1:]]),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
@@ -108,6 +115,19 @@ def acquire(out: str | Path, command: str | None = None) -> Path:
         return path
     raise UsaeError(f"could not take the lock {path}: other commands keep taking it — run "
                     "one command per output folder")
+
+
+def check_not_held_by_another_job(out: str | Path) -> None:
+    """For a torchrun rank that does not take the lock itself (rank 0 does): refuse at once,
+    as rank 0 will, when a live command of another job holds ``out`` (instead of waiting for
+    rank 0 until the process group's timeout). A lock of this job, a stale one or none: go on."""
+    path = lock_path(out)
+    holder = _read_holder(path)
+    if holder is None or _is_stale(path, holder) or holder.get("job") == job_id():
+        return
+    raise UsaeError(f"{out} is in use by another usae command ({_describe(holder)}) — wait for "
+                    f"it to finish or choose another --out; if that process is gone, delete "
+                    f"{path}")
 
 
 def release(path: Path) -> None:
