@@ -202,8 +202,8 @@ def test_resume_refuses_another_split_store_or_preset(store, arrays, tmp_path, c
         assert msg in capsys.readouterr().err
     assert main(["train", "--store", str(tmp_path / "other"), "--out", str(run),
                  "--resume"]) == 2
-    assert "cannot resume" in capsys.readouterr().err and "on other data" in \
-        capsys.readouterr().err + "on other data"
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "on other data" in err, err
     assert (run / "config.json").read_text() == before
     assert main(["train", "--store", str(store), "--out", str(run), "--resume",
                  "--preset", "paper", "--no-progress"]) == 0

@@ -105,17 +105,18 @@ def test_a_perfect_dictionary_scores_one(tmp_path):
     sae = _perfect_sae(tmp_path / "s", SMALL.model_dims())
     store = Store(tmp_path / "s" / "store")
     member = load_truth(tmp_path / "s")[1]["membership"].numpy().astype(bool)
-    out = score_truth(sae, store, store.rows("val"), tmp_path / "s", _classes(sae, member))
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
+                      _classes(sae, member))
     assert out["recovery"] == {m: 1.0 for m in sae.models}
     assert out["shared_as_one"] == 1.0 and out["partial_as_one"] == 1.0
     assert out["specific_detected"] == 1.0
-    out = score_truth(sae, store, store.rows("val"), tmp_path / "s",
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
                       _classes(sae, member, specific_owner=False))
     assert out["specific_detected"] == 0.0  # matched, but not classed model-specific
     with pytest.raises(UsaeError, match="is for models"):
         sae2 = UniversalSAE(SAEConfig(models=("a", "b", "c"), dims=(24, 16, 20), n_concepts=8,
                                       k=2))
-        score_truth(sae2, store, store.rows("val"), tmp_path / "s",
+        score_truth(sae2, store, store.rows("val"), load_truth(tmp_path / "s"),
                     {"specific": np.zeros(8, bool), "owner": np.zeros(8, int),
                      "fires": np.ones((3, 8))})
 
@@ -133,7 +134,8 @@ def test_a_random_dictionary_scores_what_chance_predicts(tmp_path):
                                                   .manual_seed(d)))
     store = Store(tmp_path / "s" / "store")
     member = t["membership"].numpy().astype(bool)
-    out = score_truth(sae, store, store.rows("val"), tmp_path / "s", _classes(sae, member))
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
+                      _classes(sae, member))
     rng = np.random.default_rng(123)
     for m, d in zip(sae.models, dims):
         trials = rng.normal(size=(500, sae.cfg.n, d))

@@ -39,7 +39,7 @@ from PIL import Image
 from torch import Tensor
 
 from usae.align import align_tokens
-from usae.backbones import build_backbone
+from usae.backbones import rebuild_cached
 from usae.backbones.base import Backbone
 from usae.cam_select import pick_concepts
 from usae.errors import UsaeError
@@ -99,12 +99,7 @@ def build_cam_models(sae: UniversalSAE, store: Store, device: torch.device
     out = {}
     for m in sae.models:
         info = store.manifest["models"][m]
-        backbone = build_backbone(info["spec"])
-        if backbone.d != int(info["d"]) or list(backbone.grid) != list(info.get("grid", [])):
-            raise UsaeError(f"model {m!r}: rebuilding {info['spec']!r} gives d={backbone.d}, "
-                            f"grid {list(backbone.grid)}, but the store has d={info['d']}, grid "
-                            f"{info.get('grid')} — was the store cached with other options?")
-        backbone.module.eval()
+        backbone = rebuild_cached(m, info)
         for p in backbone.module.parameters():
             p.requires_grad_(False)
         out[m] = CamModel(backbone, sae, tuple(info["aligned_grid"]), bool(info.get("keep_cls")))

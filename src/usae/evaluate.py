@@ -170,7 +170,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     if truth is not None:
         from usae.truth import load_truth
 
-        load_truth(truth)  # a wrong --truth fails before the eval's work, not after
+        truth = load_truth(truth)  # read once; a wrong --truth fails before the eval's work
     with replace_folder(out, "report.json", force, what="eval") as tmp:
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
@@ -218,11 +218,9 @@ def faithfulness_summary(section: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     out = {}
     for key in ("kl_recovered", "top1_agreement"):
-        mat = np.asarray([[np.nan if v is None else v for v in row] for row in section[key]])
-        off = ~np.eye(len(mat), dtype=bool)
-        diag, cross = np.diag(mat), mat[off]
-        out[f"{key}_self"] = float(np.nanmean(diag)) if np.isfinite(diag).any() else None
-        out[f"{key}_cross"] = float(np.nanmean(cross)) if np.isfinite(cross).any() else None
+        diag = [row[i] for i, row in enumerate(section[key]) if row[i] is not None]
+        out[f"{key}_self"] = float(np.mean(diag)) if diag else None
+        out[f"{key}_cross"] = _off_mean(section[key])
     return out
 
 
@@ -287,7 +285,7 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
     a = _concept_arrays(models, stats)
     tokens = max(c.tokens, 1)
     off = ~np.eye(len(models), dtype=bool)
-    r2_mat, fe = r2.r2(), a["fe"]
+    r2_mat, fe, jaccard = r2.r2(), a["fe"], c.jaccard.result()
     report = {
         "models": list(models),
         "r2": _round(r2_mat),
@@ -295,7 +293,7 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
         "mse": _round(r2.mse()),
         "l0": {m: float(c.l0_sum[j] / tokens) for j, m in enumerate(models)},
         "dead_fraction": {m: float(a["dead"][j].mean()) for j, m in enumerate(models)},
-        "jaccard": c.jaccard.result(),
+        "jaccard": jaccard,
         "n_tokens": int(c.tokens),
         "n_images": int(len(rows)),
         "n_concepts": int(sae.cfg.n),
@@ -304,7 +302,7 @@ def _report(sae: UniversalSAE, stats: dict[str, Any], threshold: float, split: s
         "summary": {
             "self_r2_mean": float(np.diag(r2_mat).mean()),
             "cross_r2_mean": float(r2_mat[off].mean()) if off.any() else None,
-            "jaccard_cross_mean": _off_mean(c.jaccard.result()),
+            "jaccard_cross_mean": _off_mean(jaccard),
             "firing_entropy_median": float(np.nanmedian(fe)) if (~np.isnan(fe)).any() else None,
             "never_fire_fraction": float(np.isnan(fe).mean()),
         },

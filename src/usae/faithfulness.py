@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from usae.align import resample_tokens
-from usae.backbones import build_backbone
+from usae.backbones import rebuild_cached
 from usae.backbones.base import Backbone
 from usae.decode import ImageDataset, batch_pixels
 from usae.errors import UsaeError
@@ -67,24 +67,14 @@ def heads(sae: UniversalSAE, store: Store) -> tuple[dict[str, Backbone], str | N
     none can."""
     out, reasons = {}, []
     for m in sae.models:
-        spec = str(store.manifest["models"][m].get("spec", ""))
-        if not spec or spec.startswith("array:"):
-            reasons.append(f"{m}: no backbone spec (an imported or synthetic store)")
-            continue
         try:
-            b = build_backbone(spec)
+            b = rebuild_cached(m, store.manifest["models"][m])
         except UsaeError as err:
-            reasons.append(f"{m}: cannot rebuild {spec!r} ({err})")
-            continue
-        info = store.manifest["models"][m]
-        if b.d != int(info["d"]) or list(b.grid) != list(info.get("grid", [])):
-            reasons.append(f"{m}: rebuilding {spec!r} gives d={b.d}, grid {list(b.grid)}, but "
-                           f"the store has d={info['d']}, grid {info.get('grid')}")
+            reasons.append(str(err))
             continue
         if not b.has_head:
-            reasons.append(f"{m}: {spec} has no classification head")
+            reasons.append(f"{m}: {b.spec} has no classification head")
             continue
-        b.module.eval()
         out[m] = b
     return out, ("; ".join(reasons) or None) if not out else None
 

@@ -110,19 +110,16 @@ def feature_layout(o: SynthOptions, rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """kind (F,) index into KINDS, membership (F, M) bool, parent (F,) (-1: none)."""
     m = len(o.model_dims())
-    kinds, member, parent = [], [], []
-    for _ in range(o.shared):
-        kinds.append(0), member.append([True] * m), parent.append(-1)
+    rows: list[tuple[int, list[bool], int]] = [(0, [True] * m, -1)] * o.shared
     for p in range(o.parents if o.children else 0):
-        for _ in range(o.children):
-            kinds.append(0), member.append([True] * m), parent.append(p)
+        rows += [(0, [True] * m, p)] * o.children
     for _ in range(o.partial if m >= 3 else 0):
         size = int(rng.integers(2, m))  # at least two models, not all of them
         chosen = set(rng.choice(m, size=size, replace=False).tolist())
-        kinds.append(1), member.append([j in chosen for j in range(m)]), parent.append(-1)
+        rows.append((1, [j in chosen for j in range(m)], -1))
     for j in range(m):
-        for _ in range(o.specific):
-            kinds.append(2), member.append([i == j for i in range(m)]), parent.append(-1)
+        rows += [(2, [i == j for i in range(m)], -1)] * o.specific
+    kinds, member, parent = zip(*rows)
     return np.array(kinds, np.int8), np.array(member, bool), np.array(parent, np.int64)
 
 

@@ -74,16 +74,16 @@ def matched_correlation(true_tf: np.ndarray, learned_tn: np.ndarray) -> float:
     return float(corr[rows, cols].sum() / max(true_tf.shape[1], 1))
 
 
-def score_truth(sae: UniversalSAE, store: Store, rows: np.ndarray, truth_dir: str | Path,
+def score_truth(sae: UniversalSAE, store: Store, rows: np.ndarray,
+                truth: tuple[dict[str, Any], dict[str, torch.Tensor]],
                 classes: dict[str, np.ndarray], match: float = MATCH_COSINE) -> dict[str, Any]:
-    """The ``truth`` section of ``report.json``. ``rows``: the evaluated store rows;
-    ``classes``: the eval's per-concept ``specific`` mask and ``owner`` model index, and
-    ``fires`` (M, n)."""
-    summary, t = load_truth(truth_dir)
+    """The ``truth`` section of ``report.json``. ``truth``: what ``load_truth`` read;
+    ``rows``: the evaluated store rows; ``classes``: the eval's per-concept ``specific`` mask
+    and ``owner`` model index, and ``fires`` (M, n)."""
+    summary, t = truth
     models = list(sae.models)
     if summary["models"] != models:
-        raise UsaeError(f"the truth in {truth_dir} is for models {summary['models']}, not the "
-                        f"run's {models}")
+        raise UsaeError(f"the truth is for models {summary['models']}, not the run's {models}")
     member = t["membership"].numpy().astype(bool)  # (F, M)
     kind = t["kind"].numpy()
     cos = {m: cosines(t[f"atoms.{m}"].numpy(), raw_directions(sae, m)) for m in models}

@@ -164,5 +164,21 @@ def build_backbones(specs: list[ModelSpec], pretrained: bool | None = None,
     return backbones, target
 
 
+def rebuild_cached(name: str, info: dict) -> Backbone:
+    """The backbone a store's model entry was cached with (its ``spec``), in eval mode and
+    checked against the entry's width and grid; a clear error when it cannot be rebuilt."""
+    spec = str(info.get("spec", ""))
+    if not spec or spec.startswith("array:"):
+        raise UsaeError(f"model {name!r} has no backbone spec (an imported, synthetic or "
+                        "in-memory store)")
+    backbone = build_backbone(spec)
+    if backbone.d != int(info["d"]) or list(backbone.grid) != list(info.get("grid", [])):
+        raise UsaeError(f"model {name!r}: rebuilding {spec!r} gives d={backbone.d}, grid "
+                        f"{list(backbone.grid)}, but the store has d={info['d']}, grid "
+                        f"{info.get('grid')} — was the store cached with other options?")
+    backbone.module.eval()
+    return backbone
+
+
 __all__ = ["Backbone", "ModelSpec", "MODEL_PRESETS", "build_backbone", "build_backbones",
-           "expand_specs", "parse_spec"]
+           "expand_specs", "parse_spec", "rebuild_cached"]
