@@ -69,6 +69,8 @@ FORBIDDEN = {
     "usae.train": {"usae.evaluate", "usae.controls", "usae.explorer.build", "usae.plots",
                    "usae.cache", "usae.demo"},
     "usae.step": {"usae.train", "usae.evaluate", "usae.store"},
+    # the objective seam: strategies the SAE and the step call, never the reverse
+    "usae.objectives": {"usae.sae", "usae.step", "usae.train", "usae.store", "usae.evaluate"},
     "usae.fused": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
     "usae.sparse": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
     "usae.sae": {"usae.train", "usae.step", "usae.store", "usae.evaluate"},
@@ -91,6 +93,14 @@ FORBIDDEN = {
 def test_layers_do_not_import_upwards(module):
     g = graph()
     assert not (g[module] & FORBIDDEN[module]), f"{module} imports {g[module] & FORBIDDEN[module]}"
+
+
+def test_objectives_sit_below_the_sae_and_the_step():
+    """Every strategy module of the seam: a rule or criterion is called by the SAE and the
+    step, and imports neither (nor anything above them)."""
+    g = graph()
+    for name in (m for m in g if m.startswith("usae.objectives")):
+        assert not (g[name] & FORBIDDEN["usae.objectives"]), name
 
 
 def test_distribution_lives_in_one_module():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from usae import objectives
 from usae.errors import UsaeError
 
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
@@ -33,7 +34,11 @@ class SAEConfig:
     models: tuple[str, ...] = _help("Model names, in matrix order.", ())
     dims: tuple[int, ...] = _help("Activation width d_m of each model, same order.", ())
     n_concepts: int = _help("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
-    k: int = _help("TopK: active concepts per token.", 32)
+    k: int = _help("Active concepts per token (with batch_topk: on average over a batch).",
+                   32)
+    sparsity: str = _help("Sparsity rule (usae.objectives): topk (paper: the k largest per "
+                          "token) or batch_topk (the k x N largest over a batch of N tokens; "
+                          "a threshold learnt in training at inference).", "topk")
     encoder: str = _help("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
                          "mlp_ln_1 (LayerNorm) or linear (no norm).", "mlp_bn_1")
     standardize: str = _help("Input standardization: scalar (paper: one mean/std per model), "
@@ -56,6 +61,9 @@ class SAEConfig:
         if self.standardize not in STANDARDIZE:
             raise UsaeError(f"config: standardize must be one of {STANDARDIZE}, "
                             f"got {self.standardize!r}")
+        if self.sparsity not in objectives.SPARSITY:
+            raise UsaeError(f"config: sparsity must be one of {sorted(objectives.SPARSITY)}, "
+                            f"got {self.sparsity!r}")
         if self.dictionary_norm not in DICTIONARY_NORMS:
             raise UsaeError(f"config: dictionary_norm must be one of {DICTIONARY_NORMS}, got "
                             f"{self.dictionary_norm!r}")
@@ -86,7 +94,13 @@ class TrainConfig:
     warmup_steps: int = _help("Linear warmup from 1e-6; 0 means one epoch of iterations "
                               "(paper).", 0)
     min_lr: float = _help("Start of warmup and end of the cosine.", 1e-6)
-    criterion: str = _help("Reconstruction criterion: l1 (paper, mean |x - x_hat|) or l2.", "l1")
+    criterion: str = _help("Reconstruction criterion (usae.objectives): l1 (paper, mean "
+                           "|x - x_hat|) or l2.", "l1")
+    matryoshka: tuple[int, ...] = _help("Matryoshka: nested prefix sizes of the concept list, "
+                                        "e.g. 256,1024 (empty: off). The reconstruction loss "
+                                        "is summed over the codes cut to each prefix and the "
+                                        "whole list, so early concepts learn general "
+                                        "features.", ())
     aux: str = _help("Auxiliary loss: reference (paper: top n/2 of relu(pre)-z predicts the "
                      "residual), gao (AuxK on dead latents, detached residual) or none.",
                      "reference")
@@ -128,7 +142,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsaeError(f"config: {f.name} must be a finite number, got {value}")
         checks = {
-            "criterion": ("l1", "l2"),
+            "criterion": tuple(sorted(objectives.CRITERIA)),
             "aux": ("reference", "gao", "none"),
             "decoder_update": ("source", "all"),
             "schedule": ("per_model", "global"),
@@ -152,6 +166,10 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise UsaeError(f"config: seed must be an integer from 0 to {MAX_SEED}, got "
                             f"{self.seed}")
+        if any(int(s) <= 0 for s in self.matryoshka) or \
+                list(self.matryoshka) != sorted(set(self.matryoshka)):
+            raise UsaeError("config: matryoshka must be increasing positive prefix sizes, got "
+                            f"{list(self.matryoshka)}")
         if self.log_every == 0 or self.checkpoint_every == 0:
             raise UsaeError("config: log_every and checkpoint_every must be >= 1")
 
@@ -163,6 +181,11 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.sae.models and any(size >= self.sae.n for size in self.train.matryoshka):
+            raise UsaeError(f"config: matryoshka prefixes must be smaller than the {self.sae.n} "
+                            f"concepts, got {list(self.train.matryoshka)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"sae": dataclasses.asdict(self.sae), "train": dataclasses.asdict(self.train),

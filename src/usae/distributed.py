@@ -204,3 +204,22 @@ def sync_batch_norms(module: nn.Module) -> None:
     for sub in module.modules():
         if type(sub) is nn.BatchNorm1d:
             sub.__class__ = GlobalBatchNorm1d
+
+
+# -- a selection over the global batch (BatchTopK) ------------------------------------------
+def kth_largest_over_ranks(flat: Tensor, kth_here: int) -> Tensor:
+    """The ``K``-th largest entry of every rank's ``flat`` together (a 0-d tensor), where
+    ``K`` is the sum of the ranks' ``kth_here``: what one process holding the whole batch
+    would find. Each rank sends only its own top ``K`` candidates (the global top ``K`` are
+    among them)."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return torch.topk(flat, min(kth_here, flat.numel()), sorted=False).values.min()
+    kth = torch.tensor([kth_here], dtype=torch.int64, device=flat.device)
+    _checked(tdist.all_reduce, kth)
+    k_all = int(kth)
+    local = torch.topk(flat, min(k_all, flat.numel()), sorted=False).values
+    padded = flat.new_full((k_all,), float("-inf"))
+    padded[:local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in range(tdist.get_world_size())]
+    _checked(tdist.all_gather, gathered, padded)
+    return torch.topk(torch.cat(gathered), k_all, sorted=False).values.min()

@@ -8,6 +8,8 @@ as few times as possible. Tests check them against plain autograd. The sparse st
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -107,11 +109,13 @@ class _TopKReferenceAuxDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre_nc: Tensor, cat: Tensor, k: int, widths: list[int],  # type: ignore
+    def forward(ctx, pre_nc: Tensor, cat: Tensor, select: Any, widths: list[int],  # type: ignore
                 trainable: list[bool]):
         aux_nc = pre_nc.detach().clamp_min(0)
-        values_nk, indices_nk = torch.topk(aux_nc, k, dim=1, sorted=False)
-        reference_aux_codes_(aux_nc.scatter_(1, indices_nk, 0.0))
+        values_nk, indices_nk = select(aux_nc)
+        # z out of the pool; a rule's zero padding (values 0) stays in it
+        reference_aux_codes_(aux_nc.scatter_(1, indices_nk,
+                                             aux_nc.gather(1, indices_nk) * (values_nk == 0)))
         ctx.save_for_backward(values_nk, indices_nk, aux_nc, cat)
         ctx.widths, ctx.trainable = widths, trainable
         ctx.mark_non_differentiable(indices_nk)
@@ -133,10 +137,12 @@ class _TopKReferenceAuxDecode(torch.autograd.Function):
         return grad_pre, grad_cat, None, None, None
 
 
-def topk_reference_aux_decode(pre_nc: Tensor, cat: Tensor, k: int, widths: list[int],
+def topk_reference_aux_decode(pre_nc: Tensor, cat: Tensor, k: int | Any, widths: list[int],
                               trainable: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values_nk, indices_nk, aux_hat)`` with ``aux_hat = aux_codes @ cat`` (N, sum d_j)."""
-    return _TopKReferenceAuxDecode.apply(pre_nc, cat, k, widths, trainable)
+    """``(values_nk, indices_nk, aux_hat)`` with ``aux_hat = aux_codes @ cat`` (N, sum d_j).
+    ``k``: TopK's k, or a sparsity rule's selection ``post_nc -> (values_nk, indices_nk)``."""
+    select = k if callable(k) else (lambda post_nc: torch.topk(post_nc, k, dim=1, sorted=False))
+    return _TopKReferenceAuxDecode.apply(pre_nc, cat, select, widths, trainable)
 
 
 class _PairedCriterion(torch.autograd.Function):

@@ -121,8 +121,11 @@ def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
     t, s = cfg.train, cfg.sae
     status = cfg_json.get("status", {})
     return ["## Configuration", "",
-            f"- preset `{cfg.preset}`; n = {s.n} concepts, k = {s.k} active per token, encoder "
-            f"`{s.encoder}`, standardization `{s.standardize}`",
+            f"- preset `{cfg.preset}`; n = {s.n} concepts, k = {s.k} active per token "
+            f"(sparsity rule `{s.sparsity}`), encoder `{s.encoder}`, standardization "
+            f"`{s.standardize}`, dictionary rows `{s.dictionary_norm}`",
+            *([f"- Matryoshka prefixes {', '.join(map(str, t.matryoshka))}"]
+              if t.matryoshka else []),
             f"- criterion `{t.criterion}`, auxiliary loss `{t.aux}` (x{t.aux_coef}), decoder "
             f"update `{t.decoder_update}`, schedule `{t.schedule}`, lr {t.lr}, batch "
             f"{t.batch_images} images",

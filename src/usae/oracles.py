@@ -48,22 +48,36 @@ def naive_gao_aux_codes(pre_nc: Tensor, dead_c: Tensor, aux_k: int) -> Tensor:
     return torch.zeros_like(post).scatter(1, idx, vals)
 
 
+def naive_batch_topk_codes(pre_nc: Tensor, k: int) -> Tensor:
+    """BatchTopK by a full sort: the ``k * N`` largest of ReLU(pre) over the whole batch,
+    densified (N, n); ties at the cut are all kept."""
+    post = torch.relu(pre_nc)
+    cut = torch.sort(post.reshape(-1), descending=True).values[k * post.shape[0] - 1]
+    return post * ((post >= cut) & (post > 0))
+
+
 def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l1",
                     aux: str = "reference", aux_coef: float = 0.1,
-                    dead_c: Tensor | None = None, aux_k: int = 0) -> Tensor:
+                    dead_c: Tensor | None = None, aux_k: int = 0, rule: str = "topk",
+                    prefixes: tuple[int, ...] = ()) -> Tensor:
     """The universal step's loss as the reference writes it, every decoder differentiated.
 
     ``xs``: standardized batches ``{model: (N, d_m)}``; ``source``: index of the model whose
     encoder produces the codes. Sum over models j of ``crit(x_j, z D_j)`` plus
     ``aux_coef * crit(x_j - z D_j, a D_j)`` (``aux=reference``: a = top n/2 of relu(pre) - z;
     ``aux=gao``: a = AuxK over dead concepts and the residual is detached; ``none``: no term).
+    ``rule``: topk or batch_topk codes. ``prefixes``: Matryoshka; the reconstruction term
+    is repeated with the codes of the concepts below each prefix size (columns cut off).
     """
     src = sae.models[source]
     pre = sae.encoders[src](xs[src])
-    codes = naive_topk_codes(pre, sae.cfg.k)
+    codes = naive_batch_topk_codes(pre, sae.cfg.k) if rule == "batch_topk" else \
+        naive_topk_codes(pre, sae.cfg.k)
     total = pre.new_zeros(())
     for m in sae.models:
         dict_nd = naive_unit_rows(sae.dictionaries[m])
+        for size in prefixes:
+            total = total + naive_criterion(criterion, xs[m], codes[:, :size] @ dict_nd[:size])
         xhat = codes @ dict_nd
         total = total + naive_criterion(criterion, xs[m], xhat)
         if aux == "reference":

@@ -18,13 +18,15 @@ from usae import run as run_folder
 from usae.config import RunConfig, SAEConfig
 from usae.errors import UsaeError
 from usae.hub import local_run
+from usae.objectives import sparsity_rule
 
 STD_EPS = 1e-5  # the reference's (x - mean) / (std + 1e-5)
 DICT_EPS = 1e-8  # the reference's W / (||W_row|| + 1e-8)
 
 
 class EncodeOut(NamedTuple):
-    """Encoder outputs. ``pre_nc``: before ReLU; ``values_nk``/``indices_nk``: the TopK."""
+    """Encoder outputs. ``pre_nc``: before ReLU; ``values_nk``/``indices_nk``: the sparse
+    codes the sparsity rule selected (zero values are inactive padding)."""
 
     pre_nc: Tensor
     values_nk: Tensor
@@ -85,6 +87,9 @@ class UniversalSAE(nn.Module):
         for m, d in zip(cfg.models, cfg.dims):
             self.register_buffer(f"mean_{m}", torch.zeros(d))
             self.register_buffer(f"scale_{m}", torch.ones(d))
+        self.rule = sparsity_rule(cfg.sparsity)  # (the config checked the name)
+        for name, value in self.rule.buffers(n).items():
+            self.register_buffer(name, value)
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
@@ -150,10 +155,16 @@ class UniversalSAE(nn.Module):
         ReLU and TopK (what TopK ranks; smooth where TopK is not)."""
         return self.encoders[model](xs_nd)
 
+    def select(self, post_nc: Tensor) -> tuple[Tensor, Tensor]:
+        """The sparsity rule (``cfg.sparsity``) on ReLU'd pre-activations (N, n): sparse
+        codes ``(values_nk, indices_nk)``. Rules with state (BatchTopK's threshold) read
+        ``self.training``: a batch selection in training, a fixed one in eval mode."""
+        return self.rule.select(post_nc, self.cfg.k, self)
+
     def encode_standardized(self, model: str, xs_nd: Tensor) -> EncodeOut:
-        """TopK(ReLU(encoder(x))) on already standardized activations."""
+        """The sparsity rule on ReLU(encoder(x)), for already standardized activations."""
         pre_nc = self.encoders[model](xs_nd)
-        values_nk, indices_nk = torch.topk(F.relu(pre_nc), self.cfg.k, dim=1, sorted=False)
+        values_nk, indices_nk = self.select(F.relu(pre_nc))
         return EncodeOut(pre_nc, values_nk, indices_nk)
 
     @torch.no_grad()

@@ -11,8 +11,17 @@ autograd in float64.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+Selection = Callable[[Tensor], tuple[Tensor, Tensor]]  # post_nc -> (values_nk, indices_nk)
+
+
+def topk_selection(k: int) -> Selection:
+    """TopK's selection as a ``Selection``."""
+    return lambda post_nc: torch.topk(post_nc, k, dim=1, sorted=False)
 
 
 def _concept_sorted(rows: Tensor, cols: Tensor, grads: Tensor, n: int
@@ -98,11 +107,11 @@ class _SparseLinearTopK(torch.autograd.Function):
     (eai-sparsify's fused encoder drops it)."""
 
     @staticmethod
-    def forward(ctx, x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,  # type: ignore
-                dead_concepts: Tensor | None, aux_k: int):
+    def forward(ctx, x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor,  # type: ignore
+                select: Selection, dead_concepts: Tensor | None, aux_k: int):
         # mm then an in-place bias: addmm would first copy the broadcast bias into (N, n)
         post_nc = torch.mm(x_nd, weight_nd.T).add_(bias_n).clamp_min_(0)  # ReLU in place
-        values_nk, indices_nk = torch.topk(post_nc, k, dim=1, sorted=False)
+        values_nk, indices_nk = select(post_nc)
         empty = values_nk.new_zeros(x_nd.shape[0], 0)
         aux_v, aux_i, local = empty, empty.long(), empty.long()
         support = indices_nk.new_zeros(0) if dead_concepts is None else dead_concepts
@@ -160,13 +169,15 @@ class _SparseLinearTopK(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int,
+def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int | Selection,
                        dead_concepts: Tensor | None = None, aux_k: int = 0
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(values_nk, indices_nk, aux_values, aux_indices)`` of a linear encoder's TopK (and
-    AuxK among ``dead_concepts``, sorted concept indices; empty (N, 0) when there are none or
-    ``dead_concepts`` is None)."""
-    return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, k, dead_concepts, aux_k)
+    """``(values_nk, indices_nk, aux_values, aux_indices)`` of a linear encoder's sparse
+    codes (and AuxK among ``dead_concepts``, sorted concept indices; empty (N, 0) when there
+    are none or ``dead_concepts`` is None). ``k``: TopK's k, or the sparsity rule's selection
+    ``post_nc -> (values_nk, indices_nk)`` (``UniversalSAE.select``)."""
+    select = k if callable(k) else topk_selection(k)
+    return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, select, dead_concepts, aux_k)
 
 
 class _DictionaryGrad(torch.autograd.Function):
