@@ -91,8 +91,11 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-5, steps: int = 20) -> No
 VARIANTS = {"paper": (), "decoder_all": ("decoder_update=all",),
             "linear_auxk": ("encoder=linear", "aux=gao", "dead_after_tokens=40"),
             # the selection runs over the global batch: the same kept set as one process
-            "batch_topk": ("encoder=linear", "aux=gao", "dead_after_tokens=40",
-                           "sparsity=batch_topk", "matryoshka=8")}
+            "batchtopk": ("encoder=linear", "aux=gao", "dead_after_tokens=40",
+                           "sparsity=batchtopk", "matryoshka=8"),
+            "global_topk": ("encoder=linear", "aux=gao", "dead_after_tokens=40",
+                            "decoder_update=all", "schedule=global", "active_set=global",
+                            "cross_coef=0.5")}
 
 
 def test_two_processes_train_the_same_run_as_one(store, tmp_path):

@@ -36,11 +36,11 @@ def _dense(sae: UniversalSAE, post_nc: torch.Tensor) -> torch.Tensor:
 
 def test_batch_topk_keeps_the_k_times_n_largest_of_the_batch_by_hand():
     post = torch.tensor([[5.0, 0.0, 1.0], [4.0, 3.0, 2.0]])
-    sae = _sae("batch_topk", k=1).train()
+    sae = _sae("batchtopk", k=1).train()
     # k x N = 2 entries of the batch: 5 and 4, one in each row
     assert torch.equal(_dense(sae, post), torch.tensor([[5.0, 0, 0], [4.0, 0, 0]]))
     assert float(getattr(sae, THRESHOLD)) == 4.0 and int(getattr(sae, SEEN)) == 1
-    sae = _sae("batch_topk", k=2).train()
+    sae = _sae("batchtopk", k=2).train()
     # 4 entries: 5, 4, 3 and 2; the first row keeps one, the second three
     assert torch.equal(_dense(sae, post), torch.tensor([[5.0, 0, 0], [4.0, 3.0, 2.0]]))
     assert float(getattr(sae, THRESHOLD)) == 2.0
@@ -50,7 +50,7 @@ def test_batch_topk_keeps_the_k_times_n_largest_of_the_batch_by_hand():
 
 
 def test_batch_topk_at_inference_keeps_what_passes_the_threshold_one_token_at_a_time():
-    sae = _sae("batch_topk", k=2).eval()
+    sae = _sae("batchtopk", k=2).eval()
     getattr(sae, THRESHOLD).fill_(2.5)
     post = torch.tensor([[5.0, 0.0, 1.0], [4.0, 3.0, 2.0]])
     want = torch.tensor([[5.0, 0, 0], [4.0, 3.0, 0]])
@@ -63,7 +63,7 @@ def test_batch_topk_at_inference_keeps_what_passes_the_threshold_one_token_at_a_
 def test_batch_topk_equals_a_full_sort_on_random_batches(seed):
     g = torch.Generator().manual_seed(seed)
     pre = torch.randn(17, 40, generator=g, dtype=torch.float64)
-    sae = _sae("batch_topk", k=3, n=40).double().train()
+    sae = _sae("batchtopk", k=3, n=40).double().train()
     torch.testing.assert_close(_dense(sae, torch.relu(pre)), naive_batch_topk_codes(pre, 3))
 
 
@@ -92,11 +92,11 @@ def _step_vs_naive(settings: dict, naive: dict, source: int = 1) -> None:
                                     {"aux": "none", "encoder": "linear"},
                                     {"aux": "none", "encoder": "mlp_ln_1"}])
 def test_batch_topk_step_matches_the_naive_loss_on_every_kernel(kernel):
-    _step_vs_naive({"sparsity": "batch_topk", "decoder_update": "all", **kernel},
-                   {"rule": "batch_topk"})
+    _step_vs_naive({"sparsity": "batchtopk", "decoder_update": "all", **kernel},
+                   {"rule": "batchtopk"})
 
 
-@pytest.mark.parametrize("rule", ["topk", "batch_topk"])
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
 @pytest.mark.parametrize("kernel", [{"aux": "reference"}, {"aux": "none", "encoder": "linear"}])
 def test_matryoshka_loss_is_the_sum_of_the_prefix_losses(rule, kernel):
     _step_vs_naive({"sparsity": rule, "matryoshka": "8,32", "decoder_update": "all",
@@ -187,10 +187,12 @@ class StopAt(ArraySource):
             yield b
 
 
-@pytest.mark.parametrize("sets", [{"sparsity": "half_topk"}, {"sparsity": "batch_topk"},
+@pytest.mark.parametrize("sets", [{"sparsity": "half_topk"}, {"sparsity": "batchtopk"},
                                   {"matryoshka": "8,16"},
-                                  {"sparsity": "batch_topk", "matryoshka": "8", "aux": "reference",
-                                   "encoder": "mlp_bn_1"}])
+                                  {"sparsity": "batchtopk", "matryoshka": "8", "aux": "reference",
+                                   "encoder": "mlp_bn_1"},
+                                  {"active_set": "global", "cross_coef": 0.5,
+                                   "matryoshka": "8"}])
 def test_each_rule_trains_and_resumes_bit_identically(registered, make_arrays, tmp_path, sets):
     arrays = make_arrays(n_images=24, tokens=4)
     cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
@@ -208,7 +210,7 @@ def test_each_rule_trains_and_resumes_bit_identically(registered, make_arrays, t
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     if sets.get("sparsity") == "half_topk":
         assert all(r["l0"] <= 2 for r in rows), "the test rule's k/2 ran in training"
-    if sets.get("sparsity") == "batch_topk":
+    if sets.get("sparsity") == "batchtopk":
         assert float(a[THRESHOLD]) > 0 and int(a[SEEN]) == 10
         assert all(r["l0"] == pytest.approx(4) for r in rows), "k x N kept, k on average"
 
@@ -230,3 +232,51 @@ def test_a_rule_added_at_the_seam_works_through_encode_eval_and_the_card(
     assert all(v <= 2 + 1e-6 for v in report["l0"].values())
     card = model_card(run, tmp_path / "eval")
     assert "sparsity rule `half_topk`" in card
+
+
+@pytest.mark.parametrize("kernel", [{"aux": "none", "encoder": "linear"},
+                                    {"aux": "none", "encoder": "mlp_ln_1"}])
+@pytest.mark.parametrize("cross", [0.0, 0.5])
+def test_global_topk_step_matches_the_naive_loss(kernel, cross):
+    from usae.oracles import naive_global_step_loss
+
+    torch.manual_seed(0)
+    models, dims = ("a", "b", "c"), (24, 12, 16)
+    cfg = resolve(models, dims, "fast", {"n_concepts": 64, "k": 5, "active_set": "global",
+                                         "cross_coef": cross, **kernel})
+    base = UniversalSAE(cfg.sae).double().train()
+    xs = {m: torch.randn(60, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    ours, ref_sae = copy.deepcopy(base), copy.deepcopy(base)
+    loss, out, _ = step_loss(ours, xs, 0, cfg)
+    loss.backward()
+    ref = naive_global_step_loss(ref_sae, xs, "l1", cross)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(ours.named_parameters(), ref_sae.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_global_topk_shares_one_active_set_chosen_from_the_mean_by_hand():
+    """Model a's ReLU'd activations (3, 0, 1), b's (0, 2, 1.5): their mean (1.5, 1, 1.25)
+    picks concept 0 for k = 1; a's code is 3 there, b's is 0 (so only concept 0 fires)."""
+    cfg = resolve(("a", "b"), (3, 3), "fast", {"n_concepts": 3, "k": 1, "active_set": "global",
+                                               "aux": "none"})
+    sae = UniversalSAE(cfg.sae).train()
+    with torch.no_grad():
+        for m in ("a", "b"):
+            sae.encoders[m].linear.weight.copy_(torch.eye(3))
+            sae.encoders[m].linear.bias.zero_()
+            sae.dictionaries[m].copy_(torch.eye(3))
+    xs = {"a": torch.tensor([[3.0, 0.0, 1.0]]), "b": torch.tensor([[0.0, 2.0, 1.5]])}
+    loss, out, fired = step_loss(sae, xs, 0, cfg)
+    assert fired.tolist() == [True, False, False]
+    # a reconstructs (3, 0, 0): mean |error| 1/3; b reconstructs nothing: (2 + 1.5) / 3
+    assert out.recon == pytest.approx([1 / 3, 3.5 / 3])
+    assert out.l0 == pytest.approx(0.5)
+
+
+def test_global_topk_needs_every_model_stepping():
+    with pytest.raises(UsaeError, match="decoder_update=all"):
+        resolve(("a", "b"), (8, 8), "paper", {"active_set": "global"})
+    with pytest.raises(UsaeError, match="cross_coef is for active_set=global"):
+        resolve(("a", "b"), (8, 8), "fast", {"cross_coef": 1.0})

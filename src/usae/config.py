@@ -34,10 +34,10 @@ class SAEConfig:
     models: tuple[str, ...] = _help("Model names, in matrix order.", ())
     dims: tuple[int, ...] = _help("Activation width d_m of each model, same order.", ())
     n_concepts: int = _help("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
-    k: int = _help("Active concepts per token (with batch_topk: on average over a batch).",
+    k: int = _help("Active concepts per token (with batchtopk: on average over a batch).",
                    32)
     sparsity: str = _help("Sparsity rule (usae.objectives): topk (paper: the k largest per "
-                          "token) or batch_topk (the k x N largest over a batch of N tokens; "
+                          "token) or batchtopk (the k x N largest over a batch of N tokens; "
                           "a threshold learnt in training at inference).", "topk")
     encoder: str = _help("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
                          "mlp_ln_1 (LayerNorm) or linear (no norm).", "mlp_bn_1")
@@ -96,6 +96,14 @@ class TrainConfig:
     min_lr: float = _help("Start of warmup and end of the cosine.", 1e-6)
     criterion: str = _help("Reconstruction criterion (usae.objectives): l1 (paper, mean "
                            "|x - x_hat|) or l2.", "l1")
+    active_set: str = _help("Whose codes a step uses: source (paper: the sampled source "
+                            "model's codes reconstruct every model) or global (global TopK "
+                            "across models, as SPARC: every model encodes, one active set per "
+                            "token is chosen from their averaged activations, and each model's "
+                            "code on it reconstructs its own model; needs decoder_update=all, "
+                            "schedule=global).", "source")
+    cross_coef: float = _help("active_set=global: weight of the cross-reconstruction loss "
+                              "(each model's code decodes every other model); 0: off.", 0.0)
     matryoshka: tuple[int, ...] = _help("Matryoshka: nested prefix sizes of the concept list, "
                                         "e.g. 256,1024 (empty: off). The reconstruction loss "
                                         "is summed over the codes cut to each prefix and the "
@@ -146,6 +154,7 @@ class TrainConfig:
             "aux": ("reference", "gao", "none"),
             "decoder_update": ("source", "all"),
             "schedule": ("per_model", "global"),
+            "active_set": ("source", "global"),
             "encoder_init": ("default", "transpose"),
             "device": None,
         }
@@ -160,7 +169,7 @@ class TrainConfig:
                 raise UsaeError(f"config: {name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "log_every", "checkpoint_every", "eval_every",
                      "aux_k", "weight_decay", "grad_clip", "aux_coef", "checkpoint_minutes",
-                     "min_lr", "dead_after_tokens"):
+                     "min_lr", "dead_after_tokens", "cross_coef"):
             if getattr(self, name) < 0:
                 raise UsaeError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -170,6 +179,13 @@ class TrainConfig:
                 list(self.matryoshka) != sorted(set(self.matryoshka)):
             raise UsaeError("config: matryoshka must be increasing positive prefix sizes, got "
                             f"{list(self.matryoshka)}")
+        if self.active_set == "global" and (self.decoder_update, self.schedule) != ("all",
+                                                                                "global"):
+            raise UsaeError("config: active_set=global steps every model each iteration; it "
+                            "needs decoder_update=all and schedule=global (the fast preset's)")
+        if self.cross_coef and self.active_set != "global":
+            raise UsaeError("config: cross_coef is for active_set=global (with source, the "
+                            "source's codes already reconstruct every model)")
         if self.log_every == 0 or self.checkpoint_every == 0:
             raise UsaeError("config: log_every and checkpoint_every must be >= 1")
 

@@ -66,12 +66,12 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
     encoder produces the codes. Sum over models j of ``crit(x_j, z D_j)`` plus
     ``aux_coef * crit(x_j - z D_j, a D_j)`` (``aux=reference``: a = top n/2 of relu(pre) - z;
     ``aux=gao``: a = AuxK over dead concepts and the residual is detached; ``none``: no term).
-    ``rule``: topk or batch_topk codes. ``prefixes``: Matryoshka; the reconstruction term
+    ``rule``: topk or batchtopk codes. ``prefixes``: Matryoshka; the reconstruction term
     is repeated with the codes of the concepts below each prefix size (columns cut off).
     """
     src = sae.models[source]
     pre = sae.encoders[src](xs[src])
-    codes = naive_batch_topk_codes(pre, sae.cfg.k) if rule == "batch_topk" else \
+    codes = naive_batch_topk_codes(pre, sae.cfg.k) if rule == "batchtopk" else \
         naive_topk_codes(pre, sae.cfg.k)
     total = pre.new_zeros(())
     for m in sae.models:
@@ -88,4 +88,23 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
             aux_codes = naive_gao_aux_codes(pre, dead_c, aux_k)
             total = total + aux_coef * naive_criterion(criterion, (xs[m] - xhat).detach(),
                                                        aux_codes @ dict_nd)
+    return total
+
+
+def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
+                           cross_coef: float = 0.0) -> Tensor:
+    """Global TopK across models, written out: one TopK per token over the mean of the
+    models' ReLU'd pre-activations; model m's code is its own ReLU'd values on that set;
+    sum over m of ``crit(x_m, z_m D_m)`` plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for
+    every j != m."""
+    posts = {m: torch.relu(sae.encoders[m](xs[m])) for m in sae.models}
+    mean = torch.stack([p.detach() for p in posts.values()]).mean(0)
+    mask = naive_topk_codes(mean, sae.cfg.k) > 0
+    dicts = {m: naive_unit_rows(sae.dictionaries[m]) for m in sae.models}
+    total = mean.new_zeros(())
+    for m in sae.models:
+        code = posts[m] * mask
+        for j in sae.models:
+            term = naive_criterion(criterion, xs[j], code @ dicts[j])
+            total = total + (term if j == m else cross_coef * term)
     return total

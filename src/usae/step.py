@@ -28,7 +28,7 @@ from usae.fused import (
 )
 from usae.objectives import criterion as make_criterion
 from usae.sae import DICT_EPS, UniversalSAE, ball_rows, normalize_rows, sparse_decode
-from usae.sparse import ConceptOrder, sparse_decode_train, sparse_linear_topk
+from usae.sparse import ConceptOrder, Selection, sparse_decode_train, sparse_linear_topk
 
 # sparse codes (values_nk, indices_nk) -> one dictionary's decode (n, d) -> (N, d)
 Decoder = Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
@@ -100,17 +100,16 @@ def _sparse_decoder(n: int) -> Decoder:
     return decoder
 
 
-def _codes(sae: UniversalSAE, xs: dict[str, Tensor], src: str, cfg: RunConfig, dicts: list[Tensor],
-           trainable: list[bool], dead_c: Tensor | None) -> Codes:
-    """The source's codes by the run's kernel (``kernel_of``), with the auxiliary decode."""
+def _codes(sae: UniversalSAE, x_nd: Tensor, src: str, cfg: RunConfig, dicts: list[Tensor],
+           trainable: list[bool], dead_c: Tensor | None, select: Selection,
+           pre_nc: Tensor | None = None) -> Codes:
+    """Model ``src``'s codes of its standardized activations ``x_nd`` by the run's kernel
+    (``kernel_of``) and the selection ``select``, with the auxiliary decode into ``dicts``.
+    ``pre_nc``: its pre-activations when already computed (the dense kernels)."""
     tc, widths = cfg.train, [d.shape[1] for d in dicts]
     cat = torch.cat(dicts, dim=1) if len(dicts) > 1 else dicts[0]
     aux_k = tc.aux_k or min(4 * sae.cfg.k, sae.cfg.n // 2)  # (gao's)
     kernel = kernel_of(sae, cfg)
-    if kernel == "reference":
-        values_nk, indices_nk, aux_all = topk_reference_aux_decode(
-            sae.pre_activations(src, xs[src]), cat, sae.select, widths, trainable)
-        return Codes(values_nk, indices_nk, aux_all, _dense_decoder)
     if kernel == "sparse":
         # no dense weight gradient, no dense AuxK decode (the same maths)
         lin = sae.encoders[src].linear
@@ -118,14 +117,19 @@ def _codes(sae: UniversalSAE, xs: dict[str, Tensor], src: str, cfg: RunConfig, d
         dead_s = dead_c.nonzero().squeeze(1) if tc.aux == "gao" and dead_c is not None \
             else None
         values_nk, indices_nk, aux_v, aux_i = sparse_linear_topk(
-            xs[src], lin.weight, lin.bias, sae.select, dead_s, aux_k)
+            x_nd, lin.weight, lin.bias, select, dead_s, aux_k)
         aux_all = None
         if aux_i.shape[1]:
             aux_order = ConceptOrder(aux_v, aux_i, sae.cfg.n)
             aux_all = torch.cat([sparse_decode_train(aux_v, aux_i, d, dead_s, aux_order)
                                  for d in dicts], dim=1)
         return Codes(values_nk, indices_nk, aux_all, _sparse_decoder(sae.cfg.n))
-    pre_nc, values_nk, indices_nk = sae.encode_standardized(src, xs[src])
+    pre_nc = sae.pre_activations(src, x_nd) if pre_nc is None else pre_nc
+    if kernel == "reference":
+        values_nk, indices_nk, aux_all = topk_reference_aux_decode(pre_nc, cat, select, widths,
+                                                                   trainable)
+        return Codes(values_nk, indices_nk, aux_all, _dense_decoder)
+    values_nk, indices_nk = select(torch.relu(pre_nc))
     aux_all = None
     if tc.aux == "gao" and dead_c is not None:
         codes = gao_aux_codes(torch.relu(pre_nc), dead_c, aux_k)
@@ -143,42 +147,111 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
               dead_c: Tensor | None = None) -> tuple[Tensor, StepOut, Tensor]:
     """Loss of one universal step on standardized batches ``xs`` (each (N, d_j)).
 
-    The source model's codes reconstruct every model; with Matryoshka prefixes the
-    criterion is summed over the codes cut to each prefix (the auxiliary term and the logged
-    reconstruction terms are the whole list's). Returns (loss, scalars, fired_c) where
-    ``fired_c`` marks concepts that fired in the batch.
+    ``active_set=source`` (the paper): the sampled source model's codes reconstruct every
+    model. ``global``: see ``_global_step_loss``. With Matryoshka prefixes the criterion is
+    summed over the codes cut to each prefix (the auxiliary term and the logged terms are the
+    whole list's). Returns (loss, scalars, fired_c) where ``fired_c`` marks concepts that
+    fired in the batch.
     """
     tc = cfg.train
     models = sae.models
     trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
+    dicts = _dictionaries(sae, cfg, trainable)
+    if tc.active_set == "global":
+        return _global_step_loss(sae, xs, source, cfg, dicts, dead_c)
+    codes = _codes(sae, xs[models[source]], models[source], cfg, dicts, trainable, dead_c,
+                   sae.select)
+    x_all = torch.cat([xs[m] for m in models], dim=1)
+    total, recon, aux_parts = _reconstruction([codes] * len(models), dicts, x_all,
+                                              codes.aux_all, sae.cfg.n, cfg)
+    return _finish(total, recon, aux_parts, [codes], source, sae.cfg.n)
+
+
+def _dictionaries(sae: UniversalSAE, cfg: RunConfig, trainable: list[bool]) -> list[Tensor]:
+    """Every model's normalized dictionary (n, d_j), detached where it does not step."""
     norm = ball_rows if sae.cfg.dictionary_norm == "ball" else normalize_rows
     fused_norm = kernel_of(sae, cfg) == "sparse" and norm is normalize_rows
-    dicts = [(normalize_rows_sparse_path if fused_norm else norm)(sae.dictionaries[m])
-             if t else norm(sae.dictionaries[m].detach()) for m, t in zip(models, trainable)]
-    codes = _codes(sae, xs, models[source], cfg, dicts, trainable, dead_c)
-    x_all = torch.cat([xs[m] for m in models], dim=1)
-    widths = [d.shape[1] for d in dicts]
+    return [(normalize_rows_sparse_path if fused_norm else norm)(sae.dictionaries[m])
+            if t else norm(sae.dictionaries[m].detach()) for m, t in zip(sae.models, trainable)]
+
+
+def _reconstruction(block_codes: list[Codes], dicts: list[Tensor], x_all: Tensor,
+                    aux_all: Tensor | None, n: int, cfg: RunConfig
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The criterion on ``x_all`` (N, sum d_j) against model j's block decoded from
+    ``block_codes[j]`` with ``dicts[j]``, summed over the Matryoshka prefixes (codes cut to
+    the concepts below each size; the auxiliary term only with the whole list)."""
+    tc = cfg.train
     criterion = make_criterion(tc.criterion)
+    widths = [d.shape[1] for d in dicts]
     total = None
     for size in prefix_sizes(cfg):
-        values_nk = codes.values_nk
-        if size < sae.cfg.n:
-            values_nk = values_nk * (codes.indices_nk < size)
-        decode = codes.decoder(values_nk, codes.indices_nk)
-        xhat_all = torch.cat([decode(d) for d in dicts], dim=1)
-        last = size == sae.cfg.n
+        decoders: dict[int, Callable[[Tensor], Tensor]] = {}  # one per codes (shared sort)
+        for c in block_codes:
+            if id(c) not in decoders:
+                values_nk = c.values_nk if size == n else c.values_nk * (c.indices_nk < size)
+                decoders[id(c)] = c.decoder(values_nk, c.indices_nk)
+        xhat_all = torch.cat([decoders[id(c)](d) for c, d in zip(block_codes, dicts)], dim=1)
         part, recon, aux_parts = criterion(
-            x_all, xhat_all, codes.aux_all if last else None, widths, tc.aux_coef,
+            x_all, xhat_all, aux_all if size == n else None, widths, tc.aux_coef,
             detach_residual=tc.aux == "gao")  # (aux_coef read only with an aux term)
         total = part if total is None else total + part
     assert total is not None
-    active_nk = codes.values_nk.detach() > 0
-    l0 = active_nk.sum(1).float().mean()
+    return total, recon, aux_parts
+
+
+def _finish(total: Tensor, recon: Tensor, aux_parts: Tensor, codes: list[Codes], source: int,
+            n: int) -> tuple[Tensor, StepOut, Tensor]:
+    """The step's result: the loss, its scalars in one host transfer, the fired concepts
+    (over every set of codes); ``l0`` is the mean over the sets of codes."""
+    actives = [c.values_nk.detach() > 0 for c in codes]
+    l0 = torch.stack([a.sum(1).float().mean() for a in actives]).mean()
+    fired = fired_mask(actives[0], codes[0].indices_nk, n)
+    for a, c in zip(actives[1:], codes[1:]):
+        fired |= fired_mask(a, c.indices_nk, n)
     # every scalar in one transfer (one host sync, not four: on a GPU each stalls the queue)
     scalars = torch.cat([total.detach().reshape(1), recon, aux_parts.sum().reshape(1),
                          l0.reshape(1)]).tolist()  # (cat promotes l0 to total's dtype)
-    return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), \
-        fired_mask(active_nk, codes.indices_nk, sae.cfg.n)
+    return total, StepOut(scalars[0], source, scalars[1:-2], scalars[-2], scalars[-1]), fired
+
+
+def _global_step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunConfig,
+                      dicts: list[Tensor], dead_c: Tensor | None
+                      ) -> tuple[Tensor, StepOut, Tensor]:
+    """``active_set=global`` (SPARC's global TopK): every model encodes its own activations;
+    the sparsity rule picks one active set per token from the models' ReLU'd
+    pre-activations averaged (total evidence for a concept; a model's negative value does not
+    veto the others, as its own code would zero it anyway); each model's code is its own
+    values on that set and reconstructs its own model, plus ``cross_coef`` x every other
+    model (``cross_coef=0``: self only)."""
+    models, n, tc = sae.models, sae.cfg.n, cfg.train
+    dense = kernel_of(sae, cfg) != "sparse"
+    pres = {m: sae.pre_activations(m, xs[m]) for m in models} if dense else {}
+    with torch.no_grad():
+        posts = [torch.relu(pres[m].detach() if dense else sae.pre_activations(m, xs[m]))
+                 for m in models]
+        shared_v, shared_i = sae.select(torch.stack(posts).mean(0))
+        on_nk = shared_v > 0  # (a rule's zero padding stays off in every model)
+
+    def fixed(post_nc: Tensor) -> tuple[Tensor, Tensor]:
+        return post_nc.gather(1, shared_i) * on_nk, shared_i
+
+    codes = [_codes(sae, xs[m], m, cfg, [d], [True], dead_c, fixed, pres.get(m))
+             for m, d in zip(models, dicts)]
+    x_all = torch.cat([xs[m] for m in models], dim=1)
+    auxes = [c.aux_all for c in codes]
+    aux_all = None if any(a is None for a in auxes) else torch.cat(auxes, dim=1)  # type: ignore
+    total, recon, aux_parts = _reconstruction(codes, dicts, x_all, aux_all, n, cfg)
+    if tc.cross_coef > 0:
+        criterion = make_criterion(tc.criterion)
+        for i, c in enumerate(codes):
+            decode = c.decoder(c.values_nk, c.indices_nk)
+            rest = [j for j in range(len(models)) if j != i]
+            cross, _, _ = criterion(torch.cat([xs[models[j]] for j in rest], dim=1),
+                                    torch.cat([decode(dicts[j]) for j in rest], dim=1), None,
+                                    [dicts[j].shape[1] for j in rest], 0.0, False)
+            total = total + tc.cross_coef * cross
+    return _finish(total, recon, aux_parts, codes, source, n)
 
 
 def fired_mask(active_nk: Tensor, indices_nk: Tensor, n: int) -> Tensor:

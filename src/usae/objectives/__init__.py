@@ -20,7 +20,7 @@ from typing import Any
 
 SPARSITY: dict[str, Any] = {
     "topk": "usae.objectives.topk:TopK",
-    "batch_topk": "usae.objectives.batch_topk:BatchTopK",
+    "batchtopk": "usae.objectives.batch_topk:BatchTopK",
 }
 
 CRITERIA: dict[str, Any] = {
