@@ -226,7 +226,7 @@ def test_cache_reports_its_work_and_keeps_cls_rows(tmp_path, caplog, capsys):
     timings: dict = {}
     with caplog.at_level("INFO"):
         manifest = cache(VIT, tmp_path / "imgs", tmp_path / "store", batch_size=3,
-                         workers=1, keep_cls=True, seed=3, val_fraction=0.5, progress=True,
+                         workers=1, keep_cls=True, split_seed=3, val_fraction=0.5, progress=True,
                          timings=timings)
     err = capsys.readouterr().err
     assert "cache: 100%" in err and "7/7" in err and "img/s" in err
@@ -415,7 +415,9 @@ def test_cache_hands_its_options_to_each_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cache_module, "build_backbones", build)
     monkeypatch.setattr(cache_module, "run_extraction", extraction)
     monkeypatch.setattr(cache_module, "keep_freed_memory", seen["malloc"].append)
-    monkeypatch.setattr(cache_module, "default_workers",
+    import usae.options as options_module
+
+    monkeypatch.setattr(options_module, "default_workers",
                         lambda device: (seen["default_workers"].append(device), 0)[1])
     monkeypatch.setattr(Dist, "from_env", classmethod(
         lambda cls, device: (own.calls.append(("from_env", (device,))), own)[1]))

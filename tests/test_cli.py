@@ -29,10 +29,56 @@ def test_help_lists_every_command_and_documents_options():
     for c in COMMANDS:
         assert "usage:" in run(c, "--help").stdout
     train_help = run("train", "--help").stdout
-    for key in ("--preset", "--max-steps", "--resume", "--set", "--config",
-                "decoder_update", "shuffle_pairing", "schedule"):
+    for key in ("--preset", "--max-steps", "--resume", "--set", "--config"):
         assert key in train_help
     assert "import-npz" in run("store", "--help").stdout
+
+
+def test_every_training_key_is_a_flag_with_its_default_and_reaches_the_config(tmp_path,
+                                                                              capsys):
+    import argparse
+    import dataclasses
+    import re
+
+    from usae.cli import build_parser, main
+    from usae.config import DATA_KEYS, SAEConfig, TrainConfig
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
+                 if a[0] == "train")[1]
+    help_text = " ".join(train.format_help().split())
+    for cls in (SAEConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in DATA_KEYS:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in help_text, flag
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            if f.name not in ("max_steps", "device"):  # (their own flags say what they do)
+                assert re.search(re.escape(flag) + r".*?\[default: " + re.escape(str(shown)),
+                                 help_text), flag
+    for word in ("batchtopk", "matryoshka", "global TopK across models"):
+        assert word in help_text
+    # each flag lands in config.json as the key it names (an oracle: the dataclass field)
+    acts = np.random.default_rng(0).standard_normal((16, 2, 6))
+    store = store_from_arrays(tmp_path / "s", {"a": acts}, dtype="float32",
+                              splits=["train"] * 16).path
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "r"), "--lr", "0.002",
+                 "--k", "3", "--n-concepts", "24", "--batch-images", "4", "--matryoshka",
+                 "6,12", "--sparsity", "batchtopk", "--no-keep-freed-memory", "--max-steps",
+                 "2", "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["train"]["lr"], cfg["sae"]["k"], cfg["sae"]["n_concepts"]) == (0.002, 3, 24)
+    assert cfg["train"]["matryoshka"] == [6, 12] and cfg["sae"]["sparsity"] == "batchtopk"
+    assert cfg["train"]["batch_images"] == 4 and cfg["train"]["keep_freed_memory"] is False
+    # --set is an alias; the same key given both ways must agree
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "q"), "--set", "k=3",
+                 "--k", "4", "--max-steps", "2"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    # image options belong to --images
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "q"), "--keep-cls",
+                 "--max-steps", "2"]) == 2
+    assert "--keep-cls: image options apply with --images" in capsys.readouterr().err
+    assert isinstance(train, argparse.ArgumentParser)
 
 
 def test_errors_are_one_clear_line(tmp_path):

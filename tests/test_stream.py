@@ -34,12 +34,15 @@ def stream(images, out, **kw):
                              workers=0, **kw)
 
 
-def test_streaming_equals_training_on_the_cached_store(images, tmp_path):
+@pytest.mark.parametrize("data", [{}, {"val_fraction": 0.3,
+                                      "split_seed": 5}])
+def test_streaming_equals_training_on_the_cached_store(images, tmp_path, data):
+    """The same activations either way, with cache's image options given to both."""
     cache(SPEC, images, tmp_path / "store", batch_size=4, workers=0, dtype="float32",
-          progress=False)
+          progress=False, **data)
     train_from_store(tmp_path / "store", tmp_path / "from_store", sets=SETS, max_steps=10,
                      progress=False)
-    summary = stream(images, tmp_path / "streamed")
+    summary = stream(images, tmp_path / "streamed", **data)
     assert summary["steps"] == 10
     assert_same_run(tmp_path / "from_store", tmp_path / "streamed", steps=10)
     config = (tmp_path / "streamed" / "config.json").read_text()

@@ -31,7 +31,7 @@ from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
 from usae.images import list_images
 from usae.malloc import keep_freed_memory
-from usae.options import CacheOptions, default_workers, merged
+from usae.options import CacheOptions, merged
 from usae.progress import bar as progress_bar
 from usae.store import MANIFEST, ModelEntry, read_manifest
 from usae.store_writer import Part, StoreWriter, wait_for_parts
@@ -84,7 +84,7 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
     # the backbones' activations page-fault in afresh otherwise: CPU forward passes take
     # twice as long, half of it in the kernel (benchmarks/cache.py)
     keep_freed_memory(o.device)
-    entries = list_images(images, val_fraction=o.val_fraction, seed=o.seed)
+    entries = list_images(images, val_fraction=o.val_fraction, seed=o.split_seed)
     list_text = json.dumps([[e["path"], e.get("split")] for e in entries])
     dist.agree("image lists", list_text)
     backbones, target = build_backbones(specs, pretrained=pretrained, align=o.align)
@@ -105,7 +105,7 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
     if writer.done > writer.part.lo:
         log.info("resuming %s: %d of %d images already stored", writer.path,
                  writer.done - writer.part.lo, writer.part.hi - writer.part.lo)
-    workers = o.workers if o.workers >= 0 else default_workers(o.device)
+    workers = o.resolved_workers(o.device)
     stats = run_extraction(writer, backbones, target, todo, o.batch_size, workers, o.keep_cls,
                            progress)
     if o.shard_dir:

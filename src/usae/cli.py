@@ -32,15 +32,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _config_keys_help() -> str:
-    from usae.config import SAEConfig, TrainConfig, field_help
+def _presets_help() -> str:
+    from usae.config import TRAIN_PRESETS
 
-    lines = ["config keys for --set key=value (and --config FILE):"]
-    for cls in (SAEConfig, TrainConfig):
-        for name, default, text in field_help(cls):
-            if name in ("models", "dims"):
-                continue
-            lines.append(f"  {name} (default {default!r}): {text}")
+    lines = ["presets (each key a preset changes from the paper's defaults):"]
+    for name, keys in TRAIN_PRESETS.items():
+        lines.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in keys.items())
+                                      or "the paper's defaults"))
     return "\n".join(lines)
 
 
@@ -89,21 +87,20 @@ def _add_store(sub) -> None:
                    help="stored precision")
 
 
+# training keys that already have a flag of their own in `usae train`
+OWN_FLAGS = ("max_steps", "device")
+
+
 def _add_train(sub) -> None:
-    from usae.config import TRAIN_PRESETS
+    from usae.config import DATA_KEYS, TRAIN_PRESETS, SAEConfig, TrainConfig
+    from usae.options import StreamOptions, add_arguments
 
     s = _sub(sub, "train", "train a universal SAE on a store, or on images streamed through "
-             "the backbones", epilog=_config_keys_help())
+             "the backbones", epilog=_presets_help())
     s.add_argument("--store", help="the activation store to train on")
     s.add_argument("--images", help="instead of --store: a folder or list of images whose "
                    "activations are computed on the fly (needs --models)")
     s.add_argument("--models", help="with --images: SPEC[,SPEC...] or a preset (paper, demo)")
-    s.add_argument("--workers", type=int, default=None, help="with --images: image-decoding "
-                   "threads (default: from the machine and device, as for cache)")
-    s.add_argument("--shuffle-buffer", type=int, default=512, help="with --images: images "
-                   "shuffled together (chunks of 64 consecutive images, as a store is read)")
-    s.add_argument("--stats-images", type=int, default=1024, help="with --images: images "
-                   "sampled for the standardization statistics")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--config", help="JSON or YAML file of config keys")
     s.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS),
@@ -114,12 +111,19 @@ def _add_train(sub) -> None:
     s.add_argument("--resume", action="store_true", help="continue from RUN's checkpoint")
     s.add_argument("--force", action="store_true", help="replace a run already in --out")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
+                   help="set one training key (repeatable); the same as its flag below")
     s.add_argument("--split", default="train", help="training split")
     s.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     s.add_argument("--independent", action="store_true",
                    help="train one ordinary TopK SAE per model instead (control)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(s.add_argument_group("with --images (as usae cache has them)"),
+                  StreamOptions, unset=True)
+    group = s.add_argument_group(
+        "training keys", "Each is also --set KEY=VALUE and a key of --config FILE. Unset, a key "
+        "takes the preset's value, else the default shown (the paper's).")
+    for cls in (SAEConfig, TrainConfig):
+        add_arguments(group, cls, unset=True, skip=DATA_KEYS + OWN_FLAGS)
 
 
 def _add_codec(sub) -> None:

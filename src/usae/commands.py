@@ -113,17 +113,25 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from usae.config import SAEConfig, TrainConfig
     from usae.distributed import is_main_process
+    from usae.options import StreamOptions, given_args
 
-    common = {"preset": args.preset, "config_file": args.config, "sets": args.set,
+    keys = {**given_args(SAEConfig, args), **given_args(TrainConfig, args)}
+    common = {"preset": args.preset, "config_file": args.config, "sets": args.set, "keys": keys,
               "max_steps": args.max_steps, "device": args.device, "resume": args.resume,
               "force": args.force, "split": args.split, "progress": not args.no_progress}
     if bool(args.store) == bool(args.images):
         raise UsaeError("give either --store (a cached store) or --images with --models "
                         "(activations computed on the fly)")
+    image_options = given_args(StreamOptions, args)
     if args.store:
         from usae.training import train_from_store
 
+        if image_options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in image_options)
+            raise UsaeError(f"{flags}: image options apply with --images; a store was cached "
+                            "with its own")
         summary = train_from_store(args.store, args.out, independent=args.independent,
                                    **common)
     else:
@@ -133,13 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsaeError("--images needs --models SPEC[,SPEC...]")
         if args.independent:
             raise UsaeError("--independent needs a store: usae cache, then train --store")
-        for flag, value in (("--shuffle-buffer", args.shuffle_buffer),
-                            ("--stats-images", args.stats_images)):
-            if value < 1:
-                raise UsaeError(f"{flag} must be at least 1, got {value}")
-        summary = train_from_images(args.images, args.models, args.out, workers=args.workers,
-                                    buffer_images=args.shuffle_buffer,
-                                    stats_images=args.stats_images, **common)
+        summary = train_from_images(args.images, args.models, args.out,
+                                    StreamOptions(**image_options), **common)
     if is_main_process():
         print(_train_summary(summary))
     return 0

@@ -67,29 +67,54 @@ def validate(obj: Any) -> None:
         check_device(obj.device)
 
 
-@dataclass(frozen=True)
-class CacheOptions:
-    """``usae cache``."""
+AUTOMATIC_WORKERS = -1  # "from the machine and the device" (``default_workers``)
 
-    dtype: str = opt("Stored precision.", "float16", choices=STORE_DTYPES)
-    batch_size: int = opt("Images per forward batch.", 32, minimum=1)
+
+@dataclass(frozen=True)
+class ImageDataOptions:
+    """How images become aligned activations: shared by ``usae cache`` and
+    ``usae train --images`` (which promises the same activations as a cached store)."""
+
     workers: int = opt("Image-decoding threads (0: decode between batches; -1: from the "
                        "machine and device: on a CPU 1 thread up to 4 cores, then cores/4; "
-                       "with CUDA every core but two, up to 16).", -1, minimum=-1)
+                       "with CUDA every core but two, up to 16).", AUTOMATIC_WORKERS,
+                       minimum=AUTOMATIC_WORKERS)
     align: str = opt("resample: feature grids are resampled to the smallest (paper); "
                      "resize_input: inputs are resized so grids match.", "resample",
                      choices=("resample", "resize_input"))
     keep_cls: bool = opt("Keep the CLS token as an extra row.", False)
-    device: str = opt("cpu or cuda[:i].", "cpu")
     val_fraction: float = opt("Held-out fraction when the images have no split folders.", 0.1,
                               minimum=0.0, below=1.0)
-    seed: int = opt("Seed of the held-out split.", 0, minimum=0, maximum=2**63 - 1)
+    split_seed: int = opt("Seed of the held-out split.", 0, minimum=0, maximum=2**63 - 1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def resolved_workers(self, device: str) -> int:
+        """``workers``, with -1 resolved for ``device``."""
+        return default_workers(device) if self.workers == AUTOMATIC_WORKERS else self.workers
+
+
+@dataclass(frozen=True)
+class CacheOptions(ImageDataOptions):
+    """``usae cache``."""
+
+    dtype: str = opt("Stored precision.", "float16", choices=STORE_DTYPES)
+    batch_size: int = opt("Images per forward batch.", 32, minimum=1)
+    device: str = opt("cpu or cuda[:i].", "cpu")
     shard_dir: str = opt("Under torchrun without a shared filesystem: each rank writes its part "
                          "as a store of its own in this folder (shard-R-of-N), instead of one "
                          "store at --out; join them with `usae store merge`.", "")
 
-    def __post_init__(self) -> None:
-        validate(self)
+
+@dataclass(frozen=True)
+class StreamOptions(ImageDataOptions):
+    """``usae train --images``: the image options of ``cache``, and the stream's own."""
+
+    shuffle_buffer: int = opt("Images shuffled together (chunks of 64 consecutive images, as "
+                              "a store is read).", 512, minimum=1)
+    stats_images: int = opt("Images sampled for the standardization statistics.", 1024,
+                            minimum=1)
 
 
 @dataclass(frozen=True)
@@ -156,25 +181,44 @@ def merged(cls: type, base: Any | None, changes: dict[str, Any]) -> Any:
     return replace(base if base is not None else cls(), **changes)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field, help text with the default; booleans become switches."""
+def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
+                  unset: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of ``cls`` (except ``skip``), help text with the default; booleans
+    become switches. ``unset``: every flag defaults to None, so that only what the user gave
+    is applied (over a preset or a config file); booleans then get ``--x``/``--no-x``."""
     hints = get_type_hints(cls)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in skip:
+            continue
+        flag, dashed = "--" + f.name.replace("_", "-"), f.name.replace("_", "-")
         text = f.metadata.get("help", "")
-        if hints[f.name] is bool:
+        hint = hints[f.name]
+        if unset:
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction if hint is bool else None,
+                                type=None if hint is bool else
+                                (str if getattr(hint, "__origin__", None) is tuple else hint),
+                                metavar=None if hint is bool else f.name.upper(),
+                                help=f"{text} [default: {shown!s}]".replace("%", "%%"))
+            continue
+        if hint is bool:
             if f.default is True:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                    action="store_false",
+                parser.add_argument("--no-" + dashed, dest=f.name, action="store_false",
                                     help=f"{text[:-1] if text.endswith('.') else text} "
-                                    f"(default: on; --no-{f.name.replace('_', '-')} turns it "
-                                    "off).")
+                                    f"(default: on; --no-{dashed} turns it off).")
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=text)
             continue
-        parser.add_argument(flag, dest=f.name, type=hints[f.name],
+        parser.add_argument(flag, dest=f.name, type=hint,
                             default=f.default if f.default is not MISSING else None,
                             help=text)
+
+
+def given_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` the user gave (flags added with ``unset=True``)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if getattr(args, f.name, None) is not None}
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

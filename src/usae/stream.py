@@ -29,7 +29,7 @@ from usae.decode import ImageDataset, batch_pixels, decoded_batches
 from usae.distributed import Dist, shard_range
 from usae.errors import UsaeError
 from usae.images import list_images
-from usae.options import default_workers
+from usae.options import StreamOptions, merged
 from usae.progress import bar as progress_bar
 from usae.sources import chunked_order, epoch_permutation, shard_slice
 from usae.stats import ModelStats, StatsAccumulator
@@ -47,7 +47,8 @@ class StreamSource:
 
     def __init__(self, backbones: list[Backbone], target: tuple[int, int],
                  entries: list[dict[str, Any]], *, keep_cls: bool = False,
-                 workers: int = 0, buffer_images: int = 512, stats_images: int = 1024,
+                 workers: int = 0, buffer_images: int = StreamOptions.shuffle_buffer,
+                 stats_images: int = StreamOptions.stats_images,
                  stats_from: list[str] | None = None, dist: Dist | None = None,
                  progress: bool = True) -> None:
         if not entries:
@@ -132,28 +133,30 @@ class StreamSource:
                                 self.keep_cls)
 
 
-def train_from_images(images: str | Path, models: str, out: str | Path, *,
-                      preset: str | None = None, config_file: str | None = None,
-                      sets: list[str] | None = None, max_steps: int | None = None,
+def train_from_images(images: str | Path, models: str, out: str | Path,
+                      options: StreamOptions | None = None, *, preset: str | None = None,
+                      config_file: str | None = None, sets: list[str] | None = None,
+                      keys: dict[str, Any] | None = None, max_steps: int | None = None,
                       device: str | None = None, resume: bool = False, force: bool = False,
-                      split: str = "train", progress: bool = True, workers: int | None = None,
-                      buffer_images: int = 512, stats_images: int = 1024,
-                      val_fraction: float = 0.1, align: str = "resample",
-                      pretrained: bool | None = None) -> dict[str, Any]:
+                      split: str = "train", progress: bool = True,
+                      pretrained: bool | None = None, **changes: Any) -> dict[str, Any]:
     """``usae train --images``: train on activations computed on the fly; returns the
-    training summary. Under ``torchrun`` every process runs this with the same arguments."""
+    training summary. ``options`` (or keyword ``changes`` such as ``workers=0``): the image
+    options, as ``usae cache`` has them (``StreamOptions``); the training keys as for
+    ``train_from_store``. Under ``torchrun`` every process runs this with the same arguments."""
+    o = merged(StreamOptions, options, changes)
     dist = Dist.from_env(device or "cpu")
     try:
-        entries = list_images(images, val_fraction=val_fraction, seed=0)
+        entries = list_images(images, val_fraction=o.val_fraction, seed=o.split_seed)
         backbones, target = build_backbones(expand_specs(models), pretrained=pretrained,
-                                            align=align)
+                                            align=o.align)
         cfg = resolve_run_config(tuple(b.name for b in backbones),
                                  tuple(b.d for b in backbones), out, preset, config_file, sets,
-                                 max_steps, device, resume)
+                                 max_steps, device, resume, keys)
         for b in backbones:
             b.to(dist.device(cfg.train.device))
-        opts = {"workers": default_workers(cfg.train.device) if workers is None else workers,
-                "buffer_images": buffer_images, "stats_images": stats_images, "dist": dist,
+        opts = {"workers": o.resolved_workers(cfg.train.device), "keep_cls": o.keep_cls,
+                "buffer_images": o.shuffle_buffer, "stats_images": o.stats_images, "dist": dist,
                 "stats_from": [e["path"] for e in entries], "progress": progress}
         train = [e for e in entries if e["split"] == split]
         if not train:
@@ -163,7 +166,7 @@ def train_from_images(images: str | Path, models: str, out: str | Path, *,
         val = StreamSource(backbones, target, held_out, **opts) \
             if cfg.train.eval_every and held_out and split != "val" else None
         record = {"split": split, "stream": {"source": Path(images).name, "images": len(train),
-                             "stats_images": min(stats_images, len(entries)),
+                             "stats_images": min(o.stats_images, len(entries)),
                              "models": {b.name: {**b.info(), "aligned_grid": list(target)}
                                         for b in backbones}}}
         return train_run(cfg, source, out, val_source=val, resume=resume, force=force,

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
                        preset: str | None = None, config_file: str | None = None,
                        sets: list[str] | None = None, max_steps: int | None = None,
-                       device: str | None = None, resume: bool = False) -> RunConfig:
-    """Preset (default ``paper``), then ``--config``, then ``--set``. With ``resume`` the
+                       device: str | None = None, resume: bool = False,
+                       keys: dict[str, Any] | None = None) -> RunConfig:
+    """Preset (default ``paper``), then ``--config``, then ``--set`` and the training-key
+    flags (``keys``: ``{key: value}``; a key given both ways must agree). With ``resume`` the
     run's own config (from its checkpoint) is the base, so only the keys given again are
     compared with it; a preset given again must be the run's own."""
     overrides: dict[str, Any] = {}
@@ -43,7 +45,13 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
         preset = "paper"  # the saved values already include their preset's; no second layer
     if config_file:
         overrides.update(load_config_file(config_file))
-    overrides.update(parse_set(sets or []))
+    given = parse_set(sets or [])
+    for key, value in (keys or {}).items():
+        if key in given and str(given[key]) != str(value):
+            raise UsaeError(f"{key} was given twice, as --set {key}={given[key]} and as "
+                            f"--{key.replace('_', '-')} {value} — give it once")
+        given[key] = value
+    overrides.update(given)
     if max_steps is not None:
         overrides["max_steps"] = max_steps
     if device:
@@ -54,6 +62,7 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
 
 def train_from_store(store_path: str | Path, out: str | Path, *, preset: str | None = None,
                      config_file: str | None = None, sets: list[str] | None = None,
+                     keys: dict[str, Any] | None = None,
                      max_steps: int | None = None, device: str | None = None,
                      resume: bool = False, force: bool = False, split: str = "train",
                      independent: bool = False, progress: bool = True,
@@ -64,7 +73,7 @@ def train_from_store(store_path: str | Path, out: str | Path, *, preset: str | N
     each reads its slice of every batch and rank 0 writes the run."""
     store = Store(store_path)
     cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
-                             max_steps, device, resume)
+                             max_steps, device, resume, keys)
     source = StoreSource(store, split=split)
     val = None
     if cfg.train.eval_every:
