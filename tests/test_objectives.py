@@ -21,7 +21,7 @@ from usae.sources import ArraySource
 from usae.step import step_loss
 from usae.store_writer import store_from_arrays
 from usae.train import Trainer
-from usae.training import train_from_store
+from usae.training import resolve_run_config, train_from_store
 
 
 def _sae(rule: str, k: int = 1, n: int = 3) -> UniversalSAE:
@@ -280,3 +280,21 @@ def test_global_topk_needs_every_model_stepping():
         resolve(("a", "b"), (8, 8), "paper", {"active_set": "global"})
     with pytest.raises(UsaeError, match="cross_coef is for active_set=global"):
         resolve(("a", "b"), (8, 8), "fast", {"cross_coef": 1.0})
+
+
+def test_a_resume_with_another_config_raises_its_own_error_type(make_arrays, tmp_path):
+    """ConfigMismatch (a UsaeError): `usae demo` starts afresh on it, and nothing matches
+    error text."""
+    from usae.errors import ConfigMismatch
+
+    arrays = make_arrays(n_images=8, tokens=2)
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
+                  {"n_concepts": 16, "k": 2, "batch_images": 4, "max_steps": 2})
+    Trainer(cfg, tmp_path / "r", progress=False).fit(ArraySource(arrays))
+    other = resolve(cfg.sae.models, cfg.sae.dims, "fast",
+                    {"n_concepts": 16, "k": 3, "batch_images": 4, "max_steps": 2})
+    with pytest.raises(ConfigMismatch, match=r"k: 2 -> 3"):
+        Trainer(other, tmp_path / "r", progress=False).fit(ArraySource(arrays), resume=True)
+    with pytest.raises(ConfigMismatch, match="preset"):
+        resolve_run_config(
+            cfg.sae.models, cfg.sae.dims, tmp_path / "r", preset="paper", resume=True)

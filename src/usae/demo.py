@@ -23,7 +23,7 @@ from usae import run as run_folder
 from usae.cache import cache
 from usae.cam import run_cam
 from usae.config import DEMO_DATA, resolve
-from usae.errors import UsaeError
+from usae.errors import ConfigMismatch, UsaeError
 from usae.evaluate import evaluate
 from usae.explorer.build import build_explorer
 from usae.options import CamOptions
@@ -150,8 +150,8 @@ def run_demo(out: str | Path, n_images: int = 320, steps: int = 0, models: str =
     try:
         train_run(cfg, source, run, resume=resume, force=not resume, progress=progress,
                   store_manifest=store.manifest)
-    except UsaeError as err:
-        if not resume or "different config" not in str(err):
+    except ConfigMismatch:
+        if not resume:
             raise
         log.info("the demo's settings changed: training %s again", run)
         train_run(cfg, source, run, force=True, progress=progress,

@@ -6,3 +6,8 @@ class UsaeError(Exception):
 
     The CLI prints its message without a traceback and exits with status 2.
     """
+
+
+class ConfigMismatch(UsaeError):
+    """``--resume`` was given a config that differs from the run's own (the message names
+    the keys). Callers that may start afresh instead (``usae demo``) catch this type."""

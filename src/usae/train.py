@@ -37,7 +37,7 @@ from usae.checkpoint import (
 )
 from usae.config import RunConfig, TrainConfig
 from usae.distributed import Dist, sync_batch_norms
-from usae.errors import UsaeError
+from usae.errors import ConfigMismatch, UsaeError
 from usae.files import json_text
 from usae.interrupts import StopSignals, TrainingInterrupted
 from usae.loggers import MetricSinks
@@ -112,6 +112,7 @@ class Trainer:
         self.since_fired = torch.zeros(run_cfg.sae.n, dtype=torch.long, device=self.device)
         self.last_row: dict[str, Any] = {}
         self.stopping = False  # a stop request, agreed by every rank
+        self.saved_step = -1  # the step of the last checkpoint written or read
 
     # -- state --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -133,6 +134,7 @@ class Trainer:
         status = (run_folder.final_status if self.step >= self.total
                   else run_folder.partial_status)(self.step, self.total)
         run_folder.write_config(self.out, self.cfg, status, self.extra_config)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
         """Restore every piece of state from the run's checkpoint."""
@@ -146,7 +148,7 @@ class Trainer:
         self.model_gen.set_state(tensors["rng.model_gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.since_fired = tensors["since_fired"].to(self.device)
-        self.step = int(ckpt.position["step"])
+        self.step = self.saved_step = int(ckpt.position["step"])
         self.sched_counts = [int(c) for c in ckpt.position["sched_counts"]]
         self.tokens = int(ckpt.position["tokens"])
         self.elapsed = float(ckpt.position["elapsed_s"])
@@ -164,7 +166,7 @@ class Trainer:
         diffs += [f"{key}: {old_t.get(key)!r} -> {now_t[key]!r}" for key in now_t
                   if key not in RESUMABLE_KEYS and now_t[key] != old_t.get(key)]
         if diffs:
-            raise UsaeError("cannot resume with a different config (" + "; ".join(diffs) +
+            raise ConfigMismatch("cannot resume with a different config (" + "; ".join(diffs) +
                             ") — drop those options, or train into a new folder")
 
     # -- training -----------------------------------------------------------------------
@@ -230,7 +232,7 @@ class Trainer:
         finally:
             sinks.close()
             torch.set_num_threads(threads_before)
-        if main and self.step >= self.total and not run_folder.is_final(self.out):
+        if main and self.step >= self.total and self.saved_step != self.step:
             self.save_checkpoint()
         self.dist.barrier()
         return self.sae

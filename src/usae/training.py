@@ -15,7 +15,7 @@ from usae import run as run_folder
 from usae.checkpoint import read_checkpoint_config
 from usae.config import RunConfig, load_config_file, parse_set, resolve
 from usae.distributed import Dist
-from usae.errors import UsaeError
+from usae.errors import ConfigMismatch, UsaeError
 from usae.files import atomic_write_json
 from usae.sources import DataSource, ModelSubset, StoreSource, n_batches
 from usae.store import Store, split_counts
@@ -38,7 +38,7 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
     if resume:
         old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
         if preset is not None and preset != old.preset:
-            raise UsaeError(f"cannot resume with --preset {preset}: {out} was trained with "
+            raise ConfigMismatch(f"cannot resume with --preset {preset}: {out} was trained with "
                             f"preset {old.preset!r} — drop --preset, or train into a new folder")
         overrides.update({k: v for k, v in asdict(old.sae).items() if k not in ("models", "dims")})
         overrides.update(asdict(old.train))
