@@ -76,6 +76,9 @@ FORBIDDEN = {
     "usae.sae": {"usae.train", "usae.step", "usae.store", "usae.evaluate"},
     "usae.store": {"usae.images", "usae.train", "usae.sae", "usae.backbones"},
     "usae.controls": {"usae.evaluate"},
+    # readers of a finished eval go through usae.eval_folder, not the eval command
+    "usae.concepts": {"usae.evaluate"},
+    "usae.cam": {"usae.evaluate"},
     "usae.run": {"usae.sae", "usae.train", "usae.evaluate"},
     "usae.hub": {"usae.sae", "usae.train", "usae.evaluate"},
     "usae.eval_folder": {"usae.sae", "usae.train", "usae.evaluate"},

@@ -196,3 +196,33 @@ def test_the_spectrum_is_cached_per_size(trained, tmp_path):
     again = load_or_estimate_spectrum(store, cache_file, 48, 8)
     assert torch.equal(first.magnitude, again.magnitude) and again.source == first.source
     assert load_or_estimate_spectrum(store, cache_file, 32, 8).size == 32  # another size
+
+
+def test_top_without_an_eval_ranks_by_one_kept_eval_of_the_run(trained, tmp_path, monkeypatch):
+    """`cam --top` with no --eval evaluates the run once into OUT/ranking-eval (not a
+    temporary folder) and reads that eval next time; the concepts are the universal-first
+    ranking of that eval's concepts.csv, recomputed here from the csv itself."""
+    import csv
+
+    from usae import cam_select
+    from usae.cam import RANKING_EVAL
+    from usae.sae import UniversalSAE
+
+    sae = UniversalSAE.load(trained / "run")
+    out = tmp_path / "cam"
+    picked = cam_select.pick_concepts(sae, trained / "run", trained / "store", None, 3, None,
+                                      progress=False, ranking_dir=out / RANKING_EVAL)
+    with open(out / RANKING_EVAL / "concepts.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    energy = {int(r["concept"]): float(r["energy"]) for r in rows}
+    universal = sorted((k for k in energy if rows[k]["class"] == "universal"),
+                       key=lambda k: -energy[k])
+    rest = sorted((k for k in energy if rows[k]["class"] != "universal" and energy[k] > 0),
+                  key=lambda k: -energy[k])
+    assert picked == (universal + rest)[:3]
+    monkeypatch.setattr(cam_select, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    assert cam_select.pick_concepts(sae, trained / "run", trained / "store", None, 3, None,
+                                    progress=False, ranking_dir=out / RANKING_EVAL) == picked
+    with pytest.raises(UsaeError, match="--top needs an eval"):
+        cam_select.pick_concepts(sae, trained / "run", trained / "store", None, 3, None)
+

@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from usae import run as run_folder
 from usae.align import align_tokens
 from usae.backbones import rebuild_cached
 from usae.backbones.base import Backbone
 from usae.cam_select import pick_concepts
 from usae.errors import UsaeError
 from usae.eval_folder import CONCEPTS_FILE, REPORT_FILE, TOP_IMAGES_FILE, check_eval_of_run
-from usae.evaluate import check_run_matches_store
 from usae.files import atomic_write_json, atomic_write_with, load_safetensors
 from usae.hub import is_hub_run, local_run
 from usae.images import load_rgb, preprocess_image
@@ -56,6 +56,7 @@ from usae.spectrum import Spectrum, load_or_estimate_spectrum
 from usae.store import Store
 
 log = logging.getLogger(__name__)
+RANKING_EVAL = "ranking-eval"  # OUT/ranking-eval: the eval --top ranks by when none is given
 
 
 class CamModel:
@@ -109,7 +110,7 @@ def build_cam_models(sae: UniversalSAE, store: Store, device: torch.device
 
 def check_run_and_store(sae: UniversalSAE, run: Path, store: Store) -> None:
     """The checks of ``usae eval``, and a backbone spec to rebuild each model from."""
-    check_run_matches_store(sae, run, store)
+    run_folder.check_run_matches_store(run, sae.models, sae.cfg.dims, store)
     for m in sae.models:
         if "spec" not in store.manifest["models"][m] or \
                 str(store.manifest["models"][m]["spec"]).startswith("array:"):
@@ -274,7 +275,8 @@ def run_cam(run: str | Path, store_path: str | Path, concepts: list[int] | None 
     if eval_dir is not None:
         check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n,
                           need=(REPORT_FILE, CONCEPTS_FILE))
-    ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress)
+    ks = pick_concepts(sae, run, store_path, concepts, top, eval_dir, progress,
+                       ranking_dir=out / RANKING_EVAL)
     device = torch.device(o.device)
     spectrum = load_or_estimate_spectrum(store, out / "spectrum.safetensors", o.size,
                                          o.spectrum_images).to(device)

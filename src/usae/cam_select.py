@@ -1,22 +1,34 @@
-"""Which concepts ``usae cam`` visualizes: given ids, or the most energetic universal ones."""
+"""Which concepts ``usae cam`` visualizes: given ids, or the most energetic universal ones of
+a finished eval (``usae.eval_folder``)."""
 
 from __future__ import annotations
 
-import tempfile
+import logging
 from pathlib import Path
 
 from usae.errors import UsaeError
-from usae.evaluate import evaluate, read_concepts_csv
+from usae.eval_folder import (
+    CONCEPTS_FILE,
+    REPORT_FILE,
+    check_eval_of_run,
+    read_concepts,
+    universal_first,
+)
+from usae.evaluate import evaluate
 from usae.options import EvalOptions
 from usae.sae import UniversalSAE
+
+log = logging.getLogger(__name__)
 
 
 def pick_concepts(sae: UniversalSAE, run: Path, store_path: str | Path,
                   concepts: list[int] | None, top: int | None,
-                  eval_dir: str | Path | None, progress: bool = True) -> list[int]:
+                  eval_dir: str | Path | None, progress: bool = True,
+                  ranking_dir: str | Path | None = None) -> list[int]:
     """``concepts`` checked against n, or the ``top`` most energetic universal concepts of
-    ``eval_dir`` (evaluated now on every image when no eval is given); when fewer are
-    universal, the most energetic of the rest fill in."""
+    ``eval_dir``; when fewer are universal, the most energetic of the rest fill in. Without
+    an eval, the run is evaluated once on every image into ``ranking_dir`` (kept: the next
+    ``--top`` reads it), and the log says so."""
     n = sae.cfg.n
     if concepts is not None:
         bad = [k for k in concepts if not 0 <= int(k) < n]
@@ -26,15 +38,27 @@ def pick_concepts(sae: UniversalSAE, run: Path, store_path: str | Path,
         return [int(k) for k in concepts]
     if not top or top < 1:
         raise UsaeError("give --concept K[,K...] or --top N (N >= 1)")
-    if eval_dir is not None and (Path(eval_dir) / "concepts.csv").exists():
-        rows = read_concepts_csv(Path(eval_dir) / "concepts.csv")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            evaluate(run, store_path, Path(tmp) / "eval", EvalOptions(split="all", plots=False),
-                     progress=progress)
-            rows = read_concepts_csv(Path(tmp) / "eval" / "concepts.csv")
-    ranked = sorted(rows, key=lambda r: -float(r["energy"]))
-    universal = [int(r["concept"]) for r in ranked if r["class"] == "universal"]
-    rest = [int(r["concept"]) for r in ranked if r["class"] != "universal"
-            and float(r["energy"]) > 0]
-    return (universal + rest)[:top]
+    if eval_dir is None:
+        if ranking_dir is None:
+            raise UsaeError("--top needs an eval to rank concepts: pass --eval EVAL (made by "
+                            "`usae eval RUN --store STORE --out EVAL`)")
+        eval_dir = Path(ranking_dir)
+        if not _is_eval_of(eval_dir, run, sae):
+            log.info("no --eval given: evaluating the run once on every image into %s (the "
+                     "next --top reuses it)", eval_dir)
+            evaluate(run, store_path, eval_dir, EvalOptions(split="all", plots=False,
+                                                            faithfulness=False),
+                     progress=progress, force=True)
+    return universal_first(read_concepts(eval_dir))[:top]
+
+
+def _is_eval_of(eval_dir: Path, run: Path, sae: UniversalSAE) -> bool:
+    """Whether ``eval_dir`` holds a finished eval of this run (as it is now)."""
+    if not (eval_dir / CONCEPTS_FILE).exists():
+        return False
+    try:
+        check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n,
+                          need=(REPORT_FILE, CONCEPTS_FILE))
+    except UsaeError:
+        return False
+    return True

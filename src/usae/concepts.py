@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from usae.errors import UsaeError
-from usae.evaluate import read_concepts_csv
+from usae.eval_folder import by_energy, read_concepts
 from usae.files import load_safetensors, read_json
 from usae.store import read_manifest
 
@@ -26,7 +26,7 @@ def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: 
     if models is not None and report["models"] != list(models):
         raise UsaeError(f"{eval_dir} is an eval of models {report['models']}, not of this run's "
                         f"{list(models)}")
-    rows = read_concepts_csv(eval_dir / "concepts.csv")
+    rows = read_concepts(eval_dir)
     n = len(rows)
     if concepts is not None:
         bad = [k for k in concepts if not 0 <= k < n]
@@ -34,8 +34,7 @@ def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: 
             raise UsaeError(f"concept(s) {bad} do not exist; this run has concepts 0..{n - 1}")
         chosen = [rows[k] for k in concepts]
     else:
-        pool = [r for r in rows if r["class"] == "universal"] if universal_only else rows
-        chosen = sorted(pool, key=lambda r: -float(r["energy"]))[:top]
+        chosen = by_energy(rows, universal_only)[:top]
     top_rows = load_safetensors(eval_dir / "top_images.safetensors")["rows.mean"]
     paths = [i["path"] for i in read_manifest(store)["images"]] if store else None
     out = []

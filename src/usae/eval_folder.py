@@ -13,6 +13,7 @@ model card, table or explorer never mixes two runs.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 from pathlib import Path
@@ -83,3 +84,28 @@ def check_eval_of_run(eval_dir: str | Path, run: str | Path, models: list[str],
         raise UsaeError(f"{eval_dir} is an eval of another run ({recorded.get('path')}, step "
                         f"{recorded.get('step')}): its weights differ from {run}'s{again}")
     return report
+
+
+def read_concepts(eval_dir: str | Path) -> list[dict[str, str]]:
+    """``EVAL/concepts.csv``: one dict of strings per concept, in concept order."""
+    path = Path(eval_dir) / CONCEPTS_FILE
+    try:
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+    except OSError as err:
+        raise UsaeError(f"cannot read {path}: {err.strerror or err} — make it with `usae eval`"
+                        ) from None
+
+
+def by_energy(rows: list[dict[str, str]], universal_only: bool = False) -> list[dict[str, str]]:
+    """Concept rows, most energetic first (``universal_only``: the universal class alone)."""
+    pool = [r for r in rows if r["class"] == "universal"] if universal_only else rows
+    return sorted(pool, key=lambda r: -float(r["energy"]))
+
+
+def universal_first(rows: list[dict[str, str]]) -> list[int]:
+    """Concept ids to show first: the universal ones by energy, then the rest that fire."""
+    ranked = by_energy(rows)
+    return ([int(r["concept"]) for r in ranked if r["class"] == "universal"]
+            + [int(r["concept"]) for r in ranked if r["class"] != "universal"
+               and float(r["energy"]) > 0])

@@ -118,26 +118,6 @@ def _entropy(fires_mn: np.ndarray) -> np.ndarray:
     return np.where(total > 0, np.abs(fe), np.nan)  # abs: no "-0.0" for one-model concepts
 
 
-def check_run_matches_store(sae: UniversalSAE, run: Path, store: Store) -> None:
-    """Errors for different models or dims; a warning for a different layer or alignment."""
-    if tuple(store.models) != sae.models:
-        raise UsaeError(f"the run has models {list(sae.models)} but the store has "
-                        f"{list(store.models)} — evaluate on a store cached with the same models")
-    for m, d_run, d_store in zip(sae.models, sae.cfg.dims, store.dims):
-        if d_run != d_store:
-            raise UsaeError(f"model {m!r}: the run has d={d_run} but the store has d={d_store}")
-    recorded = (run_folder.store_record(run) or {}).get("models")
-    if not recorded:
-        return
-    for m in sae.models:
-        now = store.manifest["models"][m]
-        was = recorded.get(m, {})
-        for key in ("layer", "aligned_grid", "spec", "keep_cls", "prefix_tokens"):
-            if key in was and key in now and was[key] != now[key]:
-                log.warning("warning: model %r was trained with %s=%r but the store has %r",
-                            m, key, was[key], now[key])
-
-
 def eval_rows(store: Store, split: str) -> tuple[np.ndarray, str]:
     """Rows of ``split``; without a ``val`` split, every image (with a warning)."""
     if split == "val" and "val" not in store.splits():
@@ -165,7 +145,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
     store = Store(store_path)
     keep_freed_memory(o.device)
     sae = UniversalSAE.load(run, device=o.device)
-    check_run_matches_store(sae, run, store)
+    run_folder.check_run_matches_store(run, sae.models, sae.cfg.dims, store)
     rows, split_used = eval_rows(store, o.split)
     if truth is not None:
         from usae.truth import load_truth
@@ -361,8 +341,3 @@ def _write(out: Path, report: dict[str, Any], concept_rows: list[dict[str, Any]]
         tensors[f"rows.{key}"] = c.top_rows[key].contiguous()
         tensors[f"scores.{key}"] = c.top_scores[key].float().contiguous()
     atomic_save_safetensors(out / "top_images.safetensors", tensors)
-
-
-def read_concepts_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))

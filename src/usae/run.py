@@ -159,3 +159,25 @@ def truncate_metrics(out: Path, step: int) -> None:
         except json.JSONDecodeError:
             break  # a line cut by a kill: everything after it is stale too
     atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def check_run_matches_store(run: str | Path, models: tuple[str, ...], dims: tuple[int, ...],
+                            store: Any) -> None:
+    """A run of ``models`` with widths ``dims`` read against a ``Store``: errors for other
+    models or widths; a warning for another layer, grid, spec or CLS choice than the run's
+    store record."""
+    if tuple(store.models) != tuple(models):
+        raise UsaeError(f"the run has models {list(models)} but the store has "
+                        f"{list(store.models)} — evaluate on a store cached with the same models")
+    for m, d_run, d_store in zip(models, dims, store.dims):
+        if d_run != d_store:
+            raise UsaeError(f"model {m!r}: the run has d={d_run} but the store has d={d_store}")
+    recorded = (store_record(run) or {}).get("models")
+    if not recorded:
+        return
+    for m in models:
+        now, was = store.manifest["models"][m], recorded.get(m, {})
+        for key in ("layer", "aligned_grid", "spec", "keep_cls", "prefix_tokens"):
+            if key in was and key in now and was[key] != now[key]:
+                log.warning("warning: model %r was trained with %s=%r but the store has %r",
+                            m, key, was[key], now[key])

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from usae.errors import UsaeError
-from usae.eval_folder import check_eval_of_run
-from usae.evaluate import evaluate, read_concepts_csv
+from usae.eval_folder import TOP_IMAGES_FILE, check_eval_of_run, read_concepts
+from usae.evaluate import evaluate
 from usae.files import json_text, load_safetensors, replace_folder
 from usae.hub import local_run
 from usae.images import load_rgb
@@ -129,15 +129,18 @@ def _eval_inputs(run: Path, store_path: str | Path, sae: UniversalSAE,
         evaluate(run, store_path, eval_dir, ranks, progress=progress)
     eval_dir = Path(eval_dir)
     report = check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n)
-    concepts = read_concepts_csv(eval_dir / "concepts.csv")
+    concepts = read_concepts(eval_dir)
     if report.get("split") == o.split:
         return report, concepts, load_safetensors(eval_dir / "top_images.safetensors")
-    # metrics stay those of the given eval (e.g. held-out); top images come from `split`
-    ranked = tmp / ".ranking"
-    evaluate(run, store_path, ranked, merged(EvalOptions, ranks, {"plots": False}),
+    # metrics stay those of the given eval (e.g. held-out); top images come from `split`,
+    # ranked by an eval of that split kept in the site (OUT/eval-<split>/)
+    ranked = tmp / f"eval-{o.split}"
+    log.info("the eval is of split %r: ranking the top images on split %r into %s",
+             report.get("split"), o.split, ranked.name)
+    evaluate(run, store_path, ranked, merged(EvalOptions, ranks, {"plots": False,
+                                                                  "faithfulness": False}),
              progress=progress)
-    top_images = load_safetensors(ranked / "top_images.safetensors")
-    shutil.rmtree(ranked)
+    top_images = load_safetensors(ranked / TOP_IMAGES_FILE)
     report["top_images_split"] = o.split
     return report, concepts, top_images
 
