@@ -85,9 +85,20 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
     # twice as long, half of it in the kernel (benchmarks/cache.py)
     keep_freed_memory(o.device)
     entries = list_images(images, val_fraction=o.val_fraction, seed=o.split_seed)
+    backbones, target = build_backbones(specs, pretrained=pretrained, align=o.align)
+    extra = {"source": str(Path(images).resolve()), "align": o.align}
+    return build_store(out, entries, backbones, target, o, extra, progress, timings, dist)
+
+
+def build_store(out: Path, entries: list[dict[str, Any]], backbones: list[Backbone],
+                target: tuple[int, int], o: CacheOptions, extra: dict[str, Any],
+                progress: bool, timings: dict[str, float] | None, dist: Dist
+                ) -> dict[str, Any]:
+    """Extract ``backbones`` on ``entries`` (``[{path, label, split}]``, in store order),
+    aligned to ``target``, into the store ``out`` (created or resumed; ``extra``: manifest
+    keys), shared among ``dist``'s ranks; returns the final manifest."""
     list_text = json.dumps([[e["path"], e.get("split")] for e in entries])
     dist.agree("image lists", list_text)
-    backbones, target = build_backbones(specs, pretrained=pretrained, align=o.align)
     for b in backbones:
         b.to(dist.device(o.device))
     n_batches = -(-len(entries) // o.batch_size)
@@ -97,7 +108,7 @@ def _cache(specs: list[str], images: str | Path, out: Path, o: CacheOptions,
         raise UsaeError(f"{dist.world} processes for {n_batches} batches of {o.batch_size} "
                         "images: use fewer processes or a smaller --batch-size")
     writer, todo = _open_writer(out, model_entries(backbones, target, o.keep_cls), entries,
-                                o, images, (lo, hi), list_text, dist)
+                                o, extra, (lo, hi), list_text, dist)
     if writer is None:  # an earlier run of this job finalized this rank's shard
         shard = _shard_path(o, dist)
         log.info("%s is already complete", shard)
@@ -138,11 +149,11 @@ def _finished_shard(path: Path, shard: dict[str, Any]) -> bool:
 
 
 def _open_writer(out: Path, models: list[ModelEntry], entries: list[dict[str, Any]],
-                 o: CacheOptions, images: str | Path, rows: tuple[int, int], list_text: str,
+                 o: CacheOptions, extra: dict[str, Any], rows: tuple[int, int], list_text: str,
                  dist: Dist) -> tuple[StoreWriter | None, list[str]]:
     """This rank's writer and the paths it still has to extract (rank 0 creates a shared
     store before the others open it); no writer when this rank's shard is already final."""
-    extra: dict[str, Any] = {"source": str(Path(images).resolve()), "align": o.align}
+    extra = dict(extra)
     lo, hi = rows
     if o.shard_dir:
         path = _shard_path(o, dist)

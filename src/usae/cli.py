@@ -68,7 +68,13 @@ def _add_cache(sub) -> None:
     add_arguments(s, CacheOptions)
 
 
+# what `store add-model` takes from the store itself, not from flags
+STORE_KEEPS = ("dtype", "align", "keep_cls", "val_fraction", "split_seed", "shard_dir")
+
+
 def _add_store(sub) -> None:
+    from usae.options import CacheOptions, add_arguments
+
     st = _sub(sub, "store", "inspect or import activation stores")
     ssub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     s = _sub(ssub, "info", "print the store's models, images and splits as JSON")
@@ -77,6 +83,12 @@ def _add_store(sub) -> None:
     s.add_argument("shards", nargs="+", help="the shard folders (shard-R-of-N), any order")
     s.add_argument("--out", required=True, help="the merged store's folder")
     s.add_argument("--force", action="store_true", help="replace --out if it holds anything")
+    s = _sub(ssub, "add-model", "add models to a finished store, for exactly its images "
+             "(order, splits and token grid kept; the other models' files untouched)")
+    s.add_argument("store")
+    s.add_argument("--models", required=True, help="SPEC[,SPEC...] of the new models")
+    add_arguments(s, CacheOptions, skip=STORE_KEEPS)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = _sub(ssub, "import-npz", "import the reference's per-image .npz cache")
     s.add_argument("src", help="folder tree of <image>_combined.npz or <image>_<NAME>.npz")
     s.add_argument("--out", required=True)
@@ -240,6 +252,8 @@ def output_folders(args: argparse.Namespace) -> list[str]:
     an output folder holds one command's output at a time."""
     cmd = args.command
     if cmd == "store":
+        if args.store_command == "add-model":
+            return [args.store]
         return [args.out] if args.store_command in ("merge", "import-npz") else []
     if cmd in ("cache", "train", "eval", "explore", "demo", "import-reference", "synth"):
         return [args.out]

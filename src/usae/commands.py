@@ -4,6 +4,7 @@ prints what was written (only after it was written)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -109,7 +110,20 @@ def cmd_store(args: argparse.Namespace) -> int:
         manifest = import_npz(args.src, args.out, models, split=args.split, dtype=args.dtype)
         print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
         return 0
-    raise UsaeError("a store command is needed — usage: usae store {info,merge,import-npz} ...")
+    if args.store_command == "add-model":
+        from usae.cli import STORE_KEEPS
+        from usae.options import CacheOptions
+        from usae.store_add import add_models
+
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CacheOptions)
+                 if f.name not in STORE_KEEPS}
+        manifest = add_models(args.store, args.models, CacheOptions(**given),
+                              progress=not args.no_progress)
+        print(f"{args.store}: models {list(manifest['models'])}, {manifest['n_images']} images, "
+              f"content hash {manifest['content_hash'][:16]}")
+        return 0
+    raise UsaeError("a store command is needed — usage: usae store "
+                    "{info,merge,import-npz,add-model} ...")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
