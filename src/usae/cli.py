@@ -68,12 +68,8 @@ def _add_cache(sub) -> None:
     add_arguments(s, CacheOptions)
 
 
-# what `store add-model` takes from the store itself, not from flags
-STORE_KEEPS = ("dtype", "align", "keep_cls", "val_fraction", "split_seed", "shard_dir")
-
-
 def _add_store(sub) -> None:
-    from usae.options import CacheOptions, add_arguments
+    from usae.options import STORE_KEEPS, CacheOptions, add_arguments
 
     st = _sub(sub, "store", "inspect or import activation stores")
     ssub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
@@ -128,6 +124,9 @@ def _add_train(sub) -> None:
     s.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     s.add_argument("--independent", action="store_true",
                    help="train one ordinary TopK SAE per model instead (control)")
+    s.add_argument("--extend", default=None, metavar="RUN", help="add the store's models that "
+                   "RUN lacks (usae store add-model) to RUN's concept space: RUN's weights are "
+                   "copied and frozen, only the new models train (RUN may be hf://...)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_arguments(s.add_argument_group("with --images (as usae cache has them)"),
                   StreamOptions, unset=True)

@@ -111,8 +111,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
         return 0
     if args.store_command == "add-model":
-        from usae.cli import STORE_KEEPS
-        from usae.options import CacheOptions
+        from usae.options import STORE_KEEPS, CacheOptions
         from usae.store_add import add_models
 
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CacheOptions)
@@ -139,7 +138,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsaeError("give either --store (a cached store) or --images with --models "
                         "(activations computed on the fly)")
     image_options = given_args(StreamOptions, args)
-    if args.store:
+    if args.extend:
+        from usae.extend import extend_run
+
+        if not args.store or args.independent:
+            raise UsaeError("--extend needs --store (a store with the run's models and the new "
+                            "ones) and trains one universal SAE (no --independent)")
+        summary = extend_run(args.extend, args.store, args.out, **common)
+    elif args.store:
         from usae.training import train_from_store
 
         if image_options:

@@ -104,6 +104,10 @@ class TrainConfig:
                             "schedule=global).", "source")
     cross_coef: float = _help("active_set=global: weight of the cross-reconstruction loss "
                               "(each model's code decodes every other model); 0: off.", 0.0)
+    frozen_models: tuple[str, ...] = _help("Models whose encoder, dictionary and "
+                                           "standardization stay as they are; set by "
+                                           "`usae train --extend` for the run's own models.",
+                                           ())
     matryoshka: tuple[int, ...] = _help("Matryoshka: nested prefix sizes of the concept list, "
                                         "e.g. 256,1024 (empty: off). The reconstruction loss "
                                         "is summed over the codes cut to each prefix and the "
@@ -199,6 +203,15 @@ class RunConfig:
     preset: str = "paper"
 
     def __post_init__(self) -> None:
+        frozen = set(self.train.frozen_models)
+        if self.sae.models and not frozen <= set(self.sae.models):
+            raise UsaeError(f"config: frozen_models {sorted(frozen - set(self.sae.models))} are "
+                            f"not models of this run ({list(self.sae.models)})")
+        if self.sae.models and frozen == set(self.sae.models):
+            raise UsaeError("config: every model is frozen; nothing would train")
+        if frozen and self.sae.sparsity != "topk":
+            raise UsaeError(f"config: frozen models need sparsity=topk (the {self.sae.sparsity} "
+                            "rule keeps state that every model shares)")
         if self.sae.models and any(size >= self.sae.n for size in self.train.matryoshka):
             raise UsaeError(f"config: matryoshka prefixes must be smaller than the {self.sae.n} "
                             f"concepts, got {list(self.train.matryoshka)}")

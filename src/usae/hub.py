@@ -129,7 +129,17 @@ def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
             f"- criterion `{t.criterion}`, auxiliary loss `{t.aux}` (x{t.aux_coef}), decoder "
             f"update `{t.decoder_update}`, schedule `{t.schedule}`, lr {t.lr}, batch "
             f"{t.batch_images} images",
+            *_extension_lines(cfg_json.get("extended_from")),
             f"- trained {status.get('step', '?')} steps ({status.get('state', 'final')})", ""]
+
+
+def _extension_lines(ext: dict[str, Any] | None) -> list[str]:
+    """The card's line for a run made by ``usae train --extend``."""
+    if not ext:
+        return []
+    added = ", ".join(f"`{m}`" for m in ext.get("added", []))
+    return [f"- extended from `{ext.get('run')}` (step {ext.get('step')}): added {added} on "
+            f"{str(ext.get('at', '?'))[:10]}, the earlier models' weights frozen"]
 
 
 def _metrics_section(report: dict[str, Any]) -> list[str]:

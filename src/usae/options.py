@@ -107,6 +107,10 @@ class CacheOptions(ImageDataOptions):
                          "store at --out; join them with `usae store merge`.", "")
 
 
+# the cache options `store add-model` takes from the store itself, not from flags
+STORE_KEEPS = ("dtype", "align", "keep_cls", "val_fraction", "split_seed", "shard_dir")
+
+
 @dataclass(frozen=True)
 class StreamOptions(ImageDataOptions):
     """``usae train --images``: the image options of ``cache``, and the stream's own."""

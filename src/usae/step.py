@@ -155,7 +155,8 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     """
     tc = cfg.train
     models = sae.models
-    trainable = [tc.decoder_update == "all" or j == source for j in range(len(models))]
+    trainable = [(tc.decoder_update == "all" or j == source) and m not in tc.frozen_models
+                 for j, m in enumerate(models)]
     dicts = _dictionaries(sae, cfg, trainable)
     if tc.active_set == "global":
         return _global_step_loss(sae, xs, source, cfg, dicts, dead_c)

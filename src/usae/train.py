@@ -79,7 +79,8 @@ class Trainer:
     """
 
     def __init__(self, run_cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
-                 extra_config: dict[str, Any] | None = None, dist: Dist | None = None) -> None:
+                 extra_config: dict[str, Any] | None = None, dist: Dist | None = None,
+                 initial_state: dict[str, Tensor] | None = None) -> None:
         self.cfg = run_cfg
         self.out = Path(out_dir)
         self.dist = dist or Dist()
@@ -101,8 +102,14 @@ class Trainer:
             self.sae.init_encoders_from_dictionaries()
         if self.dist.enabled:
             sync_batch_norms(self.sae)  # the paper normalizes over the whole batch
+        # frozen models (--extend) keep their weights: no gradient, no optimizer
+        self.initial_state = initial_state
+        self.trained = [m for m in self.sae.models if m not in tc.frozen_models]
+        for m in tc.frozen_models:
+            for p in self.sae.model_parameters(m):
+                p.requires_grad_(False)
         self.optimizers = {m: make_optimizer(self.sae.model_parameters(m), tc)
-                           for m in self.sae.models}
+                           for m in self.trained}
         self.model_gen = torch.Generator().manual_seed(tc.seed)
         self.step = 0
         self.total = 0
@@ -171,11 +178,20 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------
     def _set_standardization(self, source: DataSource) -> None:
+        """Statistics of the data; then, for ``--extend``, the frozen models' own weights and
+        standardization over them (``initial_state``)."""
         stats = source.stats()
         for m in self.sae.models:
             mean_d, std_d = stats[m].for_mode(self.cfg.sae.standardize)
             self.sae.set_standardization(m, torch.from_numpy(mean_d).float(),
                                          torch.from_numpy(std_d).float())
+        if self.initial_state is not None:
+            missing, _ = self.sae.load_state_dict(self.initial_state, strict=False)
+            kept = [k for k in self.initial_state]
+            if not kept or any(k.startswith(("encoders.", "dictionaries.")) and
+                               k.split(".")[1] in self.cfg.train.frozen_models
+                               for k in missing):
+                raise UsaeError("internal: the frozen models' weights were not all given")
 
     def _check_source(self, source: DataSource) -> int:
         """Checks models and dims; returns the number of full batches per epoch."""
@@ -303,13 +319,16 @@ class Trainer:
         xs = {m: self.sae.standardize(m, x) for m, x in xs.items()}
         source = int(torch.randint(len(models), (1,), generator=self.model_gen))
         self.sae.train()
+        for m in self.cfg.train.frozen_models:  # (BatchNorm's running statistics stay put)
+            self.sae.encoders[m].eval()
         dead = self.since_fired >= tc.dead_after_tokens if tc.aux == "gao" else None
         loss, out, fired = step_loss(self.sae, xs, source, self.cfg, dead)
         if not math.isfinite(out.loss):  # (the step's scalars are on the host already)
             raise UsaeError(f"the loss became {out.loss} at step {self.step + 1} "
                             f"(source model {models[source]!r}) — lower lr")
         loss.backward()
-        stepped = range(len(models)) if tc.decoder_update == "all" else [source]
+        stepped = [j for j in (range(len(models)) if tc.decoder_update == "all" else [source])
+                   if models[j] not in tc.frozen_models]
         fired, scalars, self.stopping = self.dist.reduce_step(
             [p for j in stepped for p in self.sae.model_parameters(models[j])], fired,
             [out.loss, *out.recon, out.aux, out.l0], stop_requested)
@@ -343,7 +362,8 @@ class Trainer:
         return {"step": self.step, "loss": out.loss, "tokens": self.tokens,
                 "elapsed_s": round(self.elapsed, 4), "source": src,
                 "recon": dict(zip(models, out.recon)), "aux": out.aux, "l0": out.l0,
-                "lr": self.optimizers[src].param_groups[0]["lr"], "sched_t": t,
+                "lr": (self.optimizers.get(src) or self.optimizers[self.trained[0]]
+                       ).param_groups[0]["lr"], "sched_t": t,  # (a frozen source: the others')
                 "dead_fraction": float((self.since_fired >= tc.dead_after_tokens).float().mean())}
 
     def _val_r2(self, val_source: DataSource) -> list[list[float]]:

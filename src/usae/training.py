@@ -150,7 +150,8 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
               val_source: DataSource | None = None, resume: bool = False, force: bool = False,
               independent: bool = False, progress: bool = True,
               store_manifest: dict[str, Any] | None = None,
-              dist: Dist | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              dist: Dist | None = None, extra: dict[str, Any] | None = None,
+              initial_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a universal SAE (or, with ``independent``, one ordinary TopK SAE per model, each
     in ``RUN/<model>/`` with the same n, k and data); returns the training summary.
 
@@ -166,7 +167,7 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
                               record)
         warn_if_too_short(cfg, source)
         return _train_run(cfg, source, Path(out_dir), val_source, resume, force, independent,
-                          progress, record, dist)
+                          progress, record, dist, initial_state)
     finally:
         if own:
             dist.close()
@@ -174,9 +175,11 @@ def train_run(cfg: RunConfig, source: DataSource, out_dir: str | Path,
 
 def _train_run(cfg: RunConfig, source: DataSource, out: Path, val_source: DataSource | None,
                resume: bool, force: bool, independent: bool, progress: bool,
-               extra: dict[str, Any], dist: Dist) -> dict[str, Any]:
+               extra: dict[str, Any], dist: Dist,
+               initial_state: dict[str, Any] | None = None) -> dict[str, Any]:
     if not independent:
-        trainer = Trainer(cfg, out, progress=progress, extra_config=extra, dist=dist)
+        trainer = Trainer(cfg, out, progress=progress, extra_config=extra, dist=dist,
+                          initial_state=initial_state)
         trainer.fit(source, val_source, resume=resume, force=force)
         return trainer.summary()
     if dist.is_main and not resume and out.exists() and any(out.iterdir()):
