@@ -128,3 +128,13 @@ def test_kill_9_during_add_model_then_the_same_command_finishes_it(images, tmp_p
     assert digest(acts_file(tmp_path / "s", "b")) == digest(acts_file(tmp_path / "whole", "b"))
     assert read_manifest(tmp_path / "s")["stats"] == read_manifest(tmp_path / "whole")["stats"]
     assert np.isfinite(Store(tmp_path / "s").read("b", np.arange(3)).numpy()).all()
+
+
+def test_store_model_is_the_manifest_entry_typed(together):
+    store = Store(together)
+    for name, raw in read_manifest(together)["models"].items():
+        entry = store.model(name)
+        assert (entry.name, entry.d, entry.tokens) == (name, raw["d"], raw["tokens"])
+        assert entry.as_manifest() == raw and "d" not in entry.info
+    with pytest.raises(UsaeError, match="no model 'zzz'"):
+        store.model("zzz")

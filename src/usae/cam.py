@@ -99,7 +99,7 @@ def build_cam_models(sae: UniversalSAE, store: Store, device: torch.device
     """One ``CamModel`` per model, built from the store's manifest (spec, layer, grid)."""
     out = {}
     for m in sae.models:
-        info = store.manifest["models"][m]
+        info = store.model(m).as_manifest()
         backbone = rebuild_cached(m, info)
         for p in backbone.module.parameters():
             p.requires_grad_(False)
@@ -112,8 +112,8 @@ def check_run_and_store(sae: UniversalSAE, run: Path, store: Store) -> None:
     """The checks of ``usae eval``, and a backbone spec to rebuild each model from."""
     run_folder.check_run_matches_store(run, sae.models, sae.cfg.dims, store)
     for m in sae.models:
-        if "spec" not in store.manifest["models"][m] or \
-                str(store.manifest["models"][m]["spec"]).startswith("array:"):
+        if "spec" not in store.model(m).info or \
+                str(store.model(m).info["spec"]).startswith("array:"):
             raise UsaeError(f"model {m!r} of {store.path} has no backbone spec (an imported or "
                             "in-memory store); CAM needs a store made by `usae cache`")
 

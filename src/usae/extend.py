@@ -93,9 +93,9 @@ def check_extendable(run: Path, cfg: RunConfig, store: Store) -> list[str]:
         raise UsaeError(f"the store has no model the run lacks (both have {old}) — add one "
                         "with `usae store add-model STORE --models SPEC`")
     for m, d in zip(cfg.sae.models, cfg.sae.dims):
-        if store.manifest["models"][m]["d"] != d:
+        if store.model(m).d != d:
             raise UsaeError(f"model {m!r}: the run has d={d} but the store has "
-                            f"d={store.manifest['models'][m]['d']}")
+                            f"d={store.model(m).d}")
     trained_on = (run_folder.store_record(run) or {}).get("content_hash")
     known = {store.manifest.get("content_hash"), *earlier_hashes(store.manifest)}
     if trained_on and trained_on not in known:

@@ -68,7 +68,7 @@ def heads(sae: UniversalSAE, store: Store) -> tuple[dict[str, Backbone], str | N
     out, reasons = {}, []
     for m in sae.models:
         try:
-            b = rebuild_cached(m, store.manifest["models"][m])
+            b = rebuild_cached(m, store.model(m).as_manifest())
         except UsaeError as err:
             reasons.append(str(err))
             continue

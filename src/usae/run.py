@@ -176,7 +176,7 @@ def check_run_matches_store(run: str | Path, models: tuple[str, ...], dims: tupl
     if not recorded:
         return
     for m in models:
-        now, was = store.manifest["models"][m], recorded.get(m, {})
+        now, was = store.model(m).info, recorded.get(m, {})
         for key in ("layer", "aligned_grid", "spec", "keep_cls", "prefix_tokens"):
             if key in was and key in now and was[key] != now[key]:
                 log.warning("warning: model %r was trained with %s=%r but the store has %r",

@@ -53,6 +53,10 @@ class ModelEntry:
     tokens: int
     info: dict[str, Any]
 
+    def as_manifest(self) -> dict[str, Any]:
+        """The entry as the manifest writes it (``d``, ``tokens`` and ``info``'s keys)."""
+        return {"d": self.d, "tokens": self.tokens, **self.info}
+
 
 def to_storage(x: np.ndarray | Tensor, dtype: str) -> np.ndarray:
     """float activations -> the on-disk representation of ``dtype``."""
@@ -151,6 +155,15 @@ class Store:
             return list(info["aligned_grid"])
         tokens = self.tokens - (1 if info.get("keep_cls") else 0)
         return list(square_grid(tokens)[1])
+
+    def model(self, name: str) -> ModelEntry:
+        """The manifest's entry of model ``name``: its width, tokens per image and the rest
+        (``info``: spec, layer, aligned grid, CLS choice...)."""
+        if name not in self.manifest["models"]:
+            raise UsaeError(f"the store has no model {name!r}; it has {list(self.models)}")
+        entry = self.manifest["models"][name]
+        return ModelEntry(name, int(entry["d"]), int(entry["tokens"]),
+                          {k: v for k, v in entry.items() if k not in ("d", "tokens")})
 
     def array(self, model: str) -> np.ndarray:
         """Raw memory-mapped (n_rows, tokens, d) array in storage dtype."""

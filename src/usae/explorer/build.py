@@ -174,7 +174,7 @@ def _union(rankings: list[dict[str, list[int]]]) -> list[int]:
 
 def _thumbnails(out: Path, store: Store, union: list[int], progress: bool) -> dict[int, str]:
     images = store.manifest["images"]
-    first = store.manifest["models"][store.models[0]]
+    first = store.model(store.models[0]).info
     crop = first.get("preprocess", {}).get("crop", [1, 1])
     crop_frac = (1.0, float(crop[1]) / float(crop[0])) if crop[0] >= crop[1] else \
         (float(crop[0]) / float(crop[1]), 1.0)
