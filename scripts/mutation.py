@@ -35,7 +35,8 @@ EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 # module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
 SELECTION: dict[str, list[str]] = {
     "sae": ["tests/test_sae.py", "tests/test_step.py"],
-    "step": ["tests/test_step.py", "tests/test_fused.py", "tests/test_sparse.py"],
+    "step": ["tests/test_step.py", "tests/test_fused.py", "tests/test_sparse.py",
+             "tests/test_objectives.py"],
     "fused": ["tests/test_fused.py", "tests/test_step.py"],
     "sparse": ["tests/test_sparse.py", "tests/test_step.py"],
     "metrics": ["tests/test_metrics.py"],
@@ -47,6 +48,7 @@ SELECTION: dict[str, list[str]] = {
     "stats": ["tests/test_sources.py", "tests/test_cache.py"],
     "cache": ["tests/test_cache.py"],
     "align": ["tests/test_images_align.py", "tests/test_backbones.py"],
+    "objectives.batch_topk": ["tests/test_objectives.py"],
 }
 # module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
 # tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
@@ -78,6 +80,11 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(x) for x in items) + "]"
 
 
+def module_path(module: str) -> Path:
+    """``step`` -> src/usae/step.py; ``objectives.batch_topk`` -> src/usae/objectives/..."""
+    return Path("src") / "usae" / (module.replace(".", "/") + ".py")
+
+
 def prepare(module: str) -> Path:
     """A fresh work folder for `module`: sources, tests and a one-module mutmut config."""
     work = WORK / module
@@ -91,7 +98,7 @@ def prepare(module: str) -> Path:
     config = "\n".join([
         "[tool.mutmut]",
         'source_paths = ["src/"]',
-        f'only_mutate = ["src/usae/{module}.py"]',
+        f'only_mutate = ["{module_path(module)}"]',
         f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
         f"pytest_add_cli_args_test_selection = {_toml_list(SELECTION[module])}",
         'also_copy = ["examples/"]',
@@ -104,7 +111,7 @@ def prepare(module: str) -> Path:
     import tomllib
 
     written = tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]
-    assert written["only_mutate"] == [f"src/usae/{module}.py"], written  # one module only
+    assert written["only_mutate"] == [str(module_path(module))], written  # one module only
     return work
 
 
@@ -113,7 +120,7 @@ def refresh_tests(module: str) -> Path:
     existing work folder (for `--rerun`: new tests may need other modules' new code). The
     mutated module itself must be unchanged since its run, or its mutants' names are stale."""
     work = WORK / module
-    mutated = Path("src") / "usae" / f"{module}.py"
+    mutated = module_path(module)
     if (ROOT / mutated).read_bytes() != (work / mutated).read_bytes():
         sys.exit(f"{mutated} changed since its run: run `{module}` again in full")
     for target in (work / "tests", work / "mutants" / "tests"):
