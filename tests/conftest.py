@@ -121,3 +121,20 @@ def tiny_tmpfs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def stop_after_commits(monkeypatch, n: int = 1) -> Callable[[], None]:
+    """Make every store writer raise KeyboardInterrupt (as Ctrl-C) at its commit number
+    ``n + 1``; returns a function that puts the real commit back."""
+    from usae import store_writer
+
+    real_commit, commits = store_writer.StoreWriter.commit, []
+
+    def commit_then_stop(self, *a, **k):
+        if len(commits) == n:
+            raise KeyboardInterrupt
+        commits.append(1)
+        return real_commit(self, *a, **k)
+
+    monkeypatch.setattr(store_writer.StoreWriter, "commit", commit_then_stop)
+    return lambda: monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)

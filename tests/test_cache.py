@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import stop_after_commits
 from usae.align import align_tokens
 from usae.backbones import build_backbones, expand_specs
 from usae.backbones.base import Preprocess
@@ -447,19 +448,11 @@ def test_interrupted_cache_resumes_in_process_with_the_right_rows_and_counts(
     imgs = make_images(tmp_path / "imgs", n=12)
     kw = dict(batch_size=4, workers=0, dtype="float32")
     cache(VIT, imgs, tmp_path / "full", progress=False, **kw)
-    real_commit, commits = store_writer.StoreWriter.commit, []
-
-    def commit_then_stop(self, *a, **k):
-        if len(commits) == 1:
-            raise KeyboardInterrupt
-        commits.append(1)
-        return real_commit(self, *a, **k)
-
-    monkeypatch.setattr(store_writer.StoreWriter, "commit", commit_then_stop)
+    restore = stop_after_commits(monkeypatch, 1)
     with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
         cache(VIT, imgs, tmp_path / "part", progress=False, **kw)
     assert "resuming" not in caplog.text
-    monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)
+    restore()
     capsys.readouterr()
     with caplog.at_level("INFO"):
         cache(VIT, imgs, tmp_path / "part", progress=True, **kw)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_train import _StopAfter
 from usae import objectives
 from usae.config import resolve
 from usae.errors import UsaeError
@@ -172,21 +173,6 @@ def small_store(tmp_path, make_arrays):
 SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1", "checkpoint_every=3"]
 
 
-class StopAt(ArraySource):
-    """An ArraySource that raises KeyboardInterrupt (as Ctrl-C) at batch number ``stop``."""
-
-    def __init__(self, arrays, stop):
-        super().__init__(arrays)
-        self.stop, self.served = stop, 0
-
-    def batches(self, *args, **kw):
-        for b in super().batches(*args, **kw):
-            if self.served == self.stop:
-                raise KeyboardInterrupt
-            self.served += 1
-            yield b
-
-
 @pytest.mark.parametrize("sets", [{"sparsity": "half_topk"}, {"sparsity": "batchtopk"},
                                   {"matryoshka": "8,16"},
                                   {"sparsity": "batchtopk", "matryoshka": "8", "aux": "reference",
@@ -200,7 +186,8 @@ def test_each_rule_trains_and_resumes_bit_identically(registered, make_arrays, t
                    "log_every": 1, "checkpoint_every": 3, **sets})
     Trainer(cfg, tmp_path / "whole", progress=False).fit(ArraySource(arrays))
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "part", progress=False).fit(StopAt(arrays, 7))
+        Trainer(cfg, tmp_path / "part", progress=False).fit(
+            _StopAfter(ArraySource(arrays), 7))
     Trainer(cfg, tmp_path / "part", progress=False).fit(ArraySource(arrays), resume=True)
     a = load_file(tmp_path / "whole" / "model.safetensors")
     b = load_file(tmp_path / "part" / "model.safetensors")

@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import stop_after_commits
 from tests.test_cache import make_images
-from usae import store_add, store_writer
+from usae import store_add
 from usae.cache import cache
 from usae.cli import main
 from usae.errors import UsaeError
@@ -74,18 +75,10 @@ def test_refusals_are_one_line(images, together, tmp_path, capsys):
 def test_a_stop_during_extraction_or_the_join_resumes_to_the_same_store(
         images, together, tmp_path, monkeypatch):
     cache(OLD, images, tmp_path / "s", **KW)
-    real_commit, commits = store_writer.StoreWriter.commit, []
-
-    def commit_then_stop(self, *a, **k):
-        if len(commits) == 1:
-            raise KeyboardInterrupt
-        commits.append(1)
-        return real_commit(self, *a, **k)
-
-    monkeypatch.setattr(store_writer.StoreWriter, "commit", commit_then_stop)
+    restore = stop_after_commits(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         store_add.add_models(tmp_path / "s", NEW, batch_size=4, workers=0, progress=False)
-    monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)
+    restore()
     assert list(read_manifest(tmp_path / "s")["models"]) == ["a"], "the store is unchanged"
     assert Store(tmp_path / "s").verify()
     # now a stop inside the join, after the arrays moved and before the manifest

@@ -182,11 +182,9 @@ def _train_run(cfg: RunConfig, source: DataSource, out: Path, val_source: DataSo
                           initial_state=initial_state)
         trainer.fit(source, val_source, resume=resume, force=force)
         return trainer.summary()
-    if dist.is_main and not resume and out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsaeError(f"{out} exists and is not empty — pass --resume to continue it, "
-                            "--force to replace it, or choose another --out")
-        (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)  # and, below, run files
+    if dist.is_main and not resume:  # (each model's run folder is checked by its trainer)
+        run_folder.prepare_folder(out, resume=False, force=force)
+        (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)
     summaries = {}
     for m, d in zip(cfg.sae.models, cfg.sae.dims):
         sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
