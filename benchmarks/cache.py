@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usae.backbones import build_backbones, expand_specs
-from usae.cache import cache
+from usae.data.backbones import build_backbones, expand_specs
+from usae.data.cache import cache
 from usae.demo import make_crops
-from usae.images import list_images, load_rgb, preprocess_image
+from usae.data.images import list_images, load_rgb, preprocess_image
 from usae.malloc import default_malloc, keep_freed_memory
 
 

@@ -31,8 +31,8 @@ def worker(args: argparse.Namespace) -> None:
 
     import usae.distributed as distributed
     from usae.config import resolve
-    from usae.sources import ArraySource
-    from usae.train import Trainer
+    from usae.data.sources import ArraySource
+    from usae.sae.trainer import Trainer
 
     counters = {"seconds": 0.0, "bytes": 0}
     real = distributed._checked

@@ -36,7 +36,7 @@ def _status_kb(key: str) -> int:
 def child(store: str, run: str, out: str) -> None:
     import threading
 
-    from usae.evaluate import evaluate
+    from usae.analysis.evaluate import evaluate
 
     peak_anon = [0]
     done = threading.Event()
@@ -66,9 +66,9 @@ def main() -> None:
     import torch
 
     from usae.config import resolve
-    from usae.sources import StoreSource
-    from usae.store_writer import store_from_arrays
-    from usae.train import Trainer
+    from usae.data.sources import StoreSource
+    from usae.store.writer import store_from_arrays
+    from usae.sae.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-eval-"))
     try:

@@ -57,12 +57,12 @@ def main() -> None:
     args = ap.parse_args()
     from usae.config import resolve
     from usae.demo import make_crops
-    from usae.evaluate import evaluate
+    from usae.analysis.evaluate import evaluate
     from usae.explorer.build import build_explorer
-    from usae.images import list_images
-    from usae.sources import StoreSource
-    from usae.store_writer import store_from_arrays
-    from usae.train import Trainer
+    from usae.data.images import list_images
+    from usae.data.sources import StoreSource
+    from usae.store.writer import store_from_arrays
+    from usae.sae.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-explorer-"))
     try:

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from usae.files import atomic_write_json
-from usae.sae import UniversalSAE
-from usae.store import content_hash, read_manifest
-from usae.store_add import _join
-from usae.truth import cosines, load_truth, raw_directions
+from usae.sae.model import UniversalSAE
+from usae.store.store import content_hash, read_manifest
+from usae.data.store_add import _join
+from usae.analysis.truth import cosines, load_truth, raw_directions
 
 USAE = [sys.executable, "-m", "usae"]
 

@@ -25,7 +25,7 @@ def main() -> None:
     demo = Path(args.demo)
     if not (demo / "run" / "model.safetensors").exists():
         sys.exit(f"{demo} has no finished demo run — run `make demo` first")
-    from usae.evaluate import evaluate
+    from usae.analysis.evaluate import evaluate
 
     times: dict[str, list[float]] = {"with": [], "without": []}
     report = {}

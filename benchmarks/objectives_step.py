@@ -18,9 +18,9 @@ import time
 import torch
 
 from usae.config import resolve
-from usae.sae import UniversalSAE
-from usae.step import step_loss
-from usae.train import make_optimizer
+from usae.sae.model import UniversalSAE
+from usae.sae.step import step_loss
+from usae.sae.trainer import make_optimizer
 
 RULES: dict[str, dict[str, object]] = {
     "topk": {},

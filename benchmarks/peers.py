@@ -29,9 +29,9 @@ import time
 import torch
 
 from usae.config import resolve
-from usae.sae import UniversalSAE
-from usae.step import step_loss
-from usae.train import make_optimizer
+from usae.sae.model import UniversalSAE
+from usae.sae.step import step_loss
+from usae.sae.trainer import make_optimizer
 
 D, K, TOKENS = 768, 32, 4096
 AUX_K = D // 2

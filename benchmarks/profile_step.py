@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import peers  # noqa: E402
-from usae.sparse import ConceptOrder  # noqa: E402
+from usae.sae.sparse import ConceptOrder  # noqa: E402
 
 
 def _time(fn, device: torch.device, reps: int = 20) -> float:

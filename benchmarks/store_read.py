@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usae.sources import StoreSource
-from usae.store_writer import store_from_arrays
+from usae.data.sources import StoreSource
+from usae.store.writer import store_from_arrays
 
 MODELS = {"siglip": 768, "dinov2": 384, "vit": 768}
 TOKENS, BATCH = 196, 32

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from usae.cache import cache
+from usae.data.cache import cache
 from usae.config import TRAIN_PRESETS
 from usae.demo import make_crops
-from usae.stream import train_from_images
-from usae.training import train_from_store
+from usae.data.streaming import train_from_images
+from usae.sae.training import train_from_store
 
 SETS = ["log_every=1000", "checkpoint_every=100000"]
 

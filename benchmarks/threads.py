@@ -32,7 +32,7 @@ SETTINGS = {
 
 
 def make_store(path: Path) -> None:
-    from usae.store_writer import store_from_arrays
+    from usae.store.writer import store_from_arrays
 
     rng = np.random.default_rng(0)
     latent = np.maximum(rng.normal(size=(320, 49, 64)), 0) * (rng.random((320, 49, 64)) < 0.1)

@@ -18,9 +18,9 @@ import time
 import torch
 
 from usae.config import resolve, with_train
-from usae.oracles import naive_step_loss
-from usae.sae import UniversalSAE
-from usae.step import step_loss
+from usae.sae.oracles import naive_step_loss
+from usae.sae.model import UniversalSAE
+from usae.sae.step import step_loss
 
 MODELS = ("siglip", "dinov2", "vit")
 DIMS = (768, 384, 768)

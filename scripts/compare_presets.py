@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from usae.config import DEMO_DATA, resolve
-from usae.evaluate import evaluate
-from usae.sources import StoreSource
-from usae.store import Store
-from usae.training import train_run
+from usae.analysis.evaluate import evaluate
+from usae.data.sources import StoreSource
+from usae.store.store import Store
+from usae.sae.training import train_run
 
 VARIANTS = {"paper": ("paper", {"n_concepts": 2048}), "best": ("best", {"n_concepts": 2048}),
             "demo": ("demo", {}), "fast": ("fast", DEMO_DATA)}

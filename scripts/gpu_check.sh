@@ -8,13 +8,13 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_step.py tests/test_sparse.py \
-  tests/test_fused.py tests/test_sae.py tests/test_metrics.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/sae/test_train.py tests/sae/test_step.py tests/sae/test_sparse.py \
+  tests/sae/test_fused.py tests/sae/test_sae.py tests/analysis/test_metrics.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 timeout 120 python3 - <<'PY' > "$OUT/cli.txt" 2>&1
 import json, subprocess, sys, tempfile, pathlib
 import numpy as np
 from PIL import Image
-from usae.store_writer import store_from_arrays
+from usae.store.writer import store_from_arrays
 root = pathlib.Path(tempfile.mkdtemp())
 rng = np.random.default_rng(0)
 store_from_arrays(root / "store", {"a": rng.normal(size=(64, 16, 48)).astype("f4"),

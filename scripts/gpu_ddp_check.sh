@@ -12,7 +12,7 @@ timeout 240 python3 - "$DEV" <<'PY' 2>&1 | tail -25 | tee "$OUT/ddp_cuda.txt"
 import json, os, socket, subprocess, sys, tempfile, pathlib
 import numpy as np
 from tests.conftest import shared_latent_arrays
-from usae.store_writer import store_from_arrays
+from usae.store.writer import store_from_arrays
 dev = sys.argv[1]
 root = pathlib.Path(tempfile.mkdtemp())
 store_from_arrays(root / "store", shared_latent_arrays(n_images=256, tokens=16, dims=(96, 64, 80)),

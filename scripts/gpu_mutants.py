@@ -17,23 +17,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (module, mutmut's name, code, mutated code)
 MUTANTS = [
-    ("sparse", "x__concept_sorted__mutmut_11", "dtype=torch.long, device=cols.device)",
+    ("sae.sparse", "x__concept_sorted__mutmut_11", "dtype=torch.long, device=cols.device)",
      "dtype=torch.long, device=None)"),
-    ("sparse", "x__concept_sorted__mutmut_14", "dtype=torch.long, device=cols.device)",
+    ("sae.sparse", "x__concept_sorted__mutmut_14", "dtype=torch.long, device=cols.device)",
      "dtype=torch.long, )"),
-    ("sparse", "xǁConceptOrderǁweight_grad__mutmut_5", "arange(idx.shape[0], device=idx.device)",
+    ("sae.sparse", "xǁConceptOrderǁweight_grad__mutmut_5", "arange(idx.shape[0], device=idx.device)",
      "arange(idx.shape[0], device=None)"),
-    ("sparse", "xǁConceptOrderǁweight_grad__mutmut_7", "arange(idx.shape[0], device=idx.device)",
+    ("sae.sparse", "xǁConceptOrderǁweight_grad__mutmut_7", "arange(idx.shape[0], device=idx.device)",
      "arange(idx.shape[0], )"),
-    ("step", "x_fired_mask__mutmut_14", "dtype=torch.bool, device=indices_nk.device)",
+    ("sae.step", "x_fired_mask__mutmut_14", "dtype=torch.bool, device=indices_nk.device)",
      "dtype=torch.bool, device=None)"),
-    ("step", "x_fired_mask__mutmut_17", "dtype=torch.bool, device=indices_nk.device)",
+    ("sae.step", "x_fired_mask__mutmut_17", "dtype=torch.bool, device=indices_nk.device)",
      "dtype=torch.bool, )"),
-    ("evaluate", "x__stream__mutmut_18", "device = sae.device_of()", "device = None"),
-    ("evaluate", "x__stream__mutmut_43", ".reshape(-1, store.dims[j]).to(device)",
+    ("analysis.evaluate", "x__stream__mutmut_18", "device = sae.device_of()", "device = None"),
+    ("analysis.evaluate", "x__stream__mutmut_43", ".reshape(-1, store.dims[j]).to(device)",
      ".reshape(-1, store.dims[j]).to(None)"),
 ]
-TESTS = ["tests/test_sparse.py", "tests/test_step.py", "tests/test_evaluate.py", "-k", "cuda"]
+TESTS = ["tests/sae/test_sparse.py", "tests/sae/test_step.py",
+         "tests/analysis/test_evaluate.py", "-k", "cuda"]
 
 
 def _pytest(extra: list[str]) -> subprocess.CompletedProcess:
@@ -54,7 +55,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "clean_passes": clean.returncode == 0,
               "clean_tail": clean.stdout.strip().splitlines()[-1:], "killed": [], "survived": []}
     for module, name, code, mutated in MUTANTS:
-        path = ROOT / "src" / "usae" / f"{module}.py"
+        path = ROOT / "src" / "usae" / (module.replace(".", "/") + ".py")
         original = path.read_text()
         assert original.count(code) == 1, (name, code)
         try:

@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 
 from usae import UniversalSAE
-from usae.concepts import concept_table
-from usae.evaluate import read_concepts_csv
-from usae.store import Store
+from usae.analysis.concepts import concept_table
+from usae.analysis.eval_folder import read_concepts
+from usae.store.store import Store
 
 ROOT = Path(os.environ.get("USAE_DEMO", "../demo-output"))
 RUN, STORE, EVAL = ROOT / "run", ROOT / "store", ROOT / "eval"
 report = json.loads((EVAL / "report.json").read_text())
-concepts = read_concepts_csv(EVAL / "concepts.csv")
+concepts = read_concepts(EVAL)
 models = report["models"]
 print(f"{len(models)} models: {models}; {report['n_concepts']} concepts; "
       f"evaluated on {report['n_images']} '{report['split']}' images")"""),

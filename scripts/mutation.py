@@ -11,8 +11,8 @@ behaviour) are counted apart. The script prints a per-module table and writes
 `mutants-work/results.json`: for each module, the mutant names by status.
 
     python scripts/mutation.py                 # every core module
-    python scripts/mutation.py sae store       # some modules
-    python scripts/mutation.py --rerun sae     # re-run only the last run's survivors of sae
+    python scripts/mutation.py sae.model store.store   # some modules
+    python scripts/mutation.py --rerun sae.model       # only the last run's survivors
 """
 
 from __future__ import annotations
@@ -34,32 +34,32 @@ EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 
 # module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
 SELECTION: dict[str, list[str]] = {
-    "sae": ["tests/test_sae.py", "tests/test_step.py"],
-    "step": ["tests/test_step.py", "tests/test_fused.py", "tests/test_sparse.py",
-             "tests/test_objectives.py"],
-    "fused": ["tests/test_fused.py", "tests/test_step.py"],
-    "sparse": ["tests/test_sparse.py", "tests/test_step.py"],
-    "metrics": ["tests/test_metrics.py"],
-    "evaluate": ["tests/test_evaluate.py", "tests/test_controls.py"],
-    "store": ["tests/test_store.py"],
-    "store_writer": ["tests/test_store.py", "tests/test_cache.py"],
-    "sources": ["tests/test_sources.py",
-                "tests/test_distributed.py::test_shards_of_a_batch_cover_it_once"],
-    "stats": ["tests/test_sources.py", "tests/test_cache.py"],
-    "cache": ["tests/test_cache.py"],
-    "align": ["tests/test_images_align.py", "tests/test_backbones.py"],
-    "objectives.batch_topk": ["tests/test_objectives.py"],
+    "sae.model": ["tests/sae/test_sae.py", "tests/sae/test_step.py"],
+    "sae.step": ["tests/sae/test_step.py", "tests/sae/test_fused.py", "tests/sae/test_sparse.py",
+             "tests/sae/test_objectives.py"],
+    "sae.fused": ["tests/sae/test_fused.py", "tests/sae/test_step.py"],
+    "sae.sparse": ["tests/sae/test_sparse.py", "tests/sae/test_step.py"],
+    "analysis.metrics": ["tests/analysis/test_metrics.py"],
+    "analysis.evaluate": ["tests/analysis/test_evaluate.py", "tests/analysis/test_controls.py"],
+    "store.store": ["tests/store/test_store.py"],
+    "store.writer": ["tests/store/test_store.py", "tests/data/test_cache.py"],
+    "data.sources": ["tests/data/test_sources.py",
+                "tests/sae/test_distributed.py::test_shards_of_a_batch_cover_it_once"],
+    "store.stats": ["tests/data/test_sources.py", "tests/data/test_cache.py"],
+    "data.cache": ["tests/data/test_cache.py"],
+    "data.align": ["tests/data/test_images_align.py", "tests/data/test_backbones.py"],
+    "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
 }
 # module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
 # tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
 # never run: evaluate's `trained` run is made by the store writer and the trainer alone, so a
 # mutant of evaluate cannot change it. The artifacts are built once, unmutated, before mutmut.
 PREBUILT: dict[str, str] = {
-    "evaluate": "tests/test_evaluate.py::test_report_and_csv_match_naive_formulas",
+    "analysis.evaluate": "tests/analysis/test_evaluate.py::test_report_and_csv_match_naive_formulas",
 }
 # module -> packages its tests import lazily, imported once by mutmut's fork server instead
 # of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
-PRELOAD: dict[str, str] = {"cache": "timm", "align": "timm,transformers"}
+PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformers"}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")
@@ -81,7 +81,7 @@ def _toml_list(items: list[str]) -> str:
 
 
 def module_path(module: str) -> Path:
-    """``step`` -> src/usae/step.py; ``objectives.batch_topk`` -> src/usae/objectives/..."""
+    """``step`` -> src/usae/sae/step.py; ``objectives.batch_topk`` -> src/usae/sae/objectives/..."""
     return Path("src") / "usae" / (module.replace(".", "/") + ".py")
 
 

@@ -126,7 +126,7 @@ def tiny_tmpfs(tmp_path):
 def stop_after_commits(monkeypatch, n: int = 1) -> Callable[[], None]:
     """Make every store writer raise KeyboardInterrupt (as Ctrl-C) at its commit number
     ``n + 1``; returns a function that puts the real commit back."""
-    from usae import store_writer
+    from usae.store import writer as store_writer
 
     real_commit, commits = store_writer.StoreWriter.commit, []
 

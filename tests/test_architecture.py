@@ -27,7 +27,7 @@ def imports_of(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("usae"):
             out.add(node.module)
-            for alias in node.names:  # `from usae import run` imports the module usae.run
+            for alias in node.names:  # `from usae import run` imports the module usae.sae.run
                 out.add(f"{node.module}.{alias.name}")
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("usae"))
@@ -66,29 +66,29 @@ def test_no_import_cycle_inside_usae():
 
 # Layers: a module must not import what sits above it in the data flow.
 FORBIDDEN = {
-    "usae.train": {"usae.evaluate", "usae.controls", "usae.explorer.build", "usae.plots",
-                   "usae.cache", "usae.demo"},
-    "usae.step": {"usae.train", "usae.evaluate", "usae.store"},
+    "usae.sae.trainer": {"usae.analysis.evaluate", "usae.analysis.controls", "usae.explorer.build", "usae.analysis.plots",
+                   "usae.data.cache", "usae.demo"},
+    "usae.sae.step": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.store.store"},
     # the objective seam: strategies the SAE and the step call, never the reverse
-    "usae.objectives": {"usae.sae", "usae.step", "usae.train", "usae.store", "usae.evaluate"},
-    "usae.fused": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
-    "usae.sparse": {"usae.train", "usae.evaluate", "usae.store", "usae.sae", "usae.step"},
-    "usae.sae": {"usae.train", "usae.step", "usae.store", "usae.evaluate"},
-    "usae.store": {"usae.images", "usae.train", "usae.sae", "usae.backbones"},
-    "usae.controls": {"usae.evaluate"},
-    # readers of a finished eval go through usae.eval_folder, not the eval command
-    "usae.concepts": {"usae.evaluate"},
-    "usae.cam": {"usae.evaluate"},
-    "usae.run": {"usae.sae", "usae.train", "usae.evaluate"},
-    "usae.hub": {"usae.sae", "usae.train", "usae.evaluate"},
-    "usae.eval_folder": {"usae.sae", "usae.train", "usae.evaluate"},
-    "usae.synth": {"usae.train", "usae.evaluate", "usae.explorer.build", "usae.sae"},
-    "usae.truth": {"usae.train", "usae.evaluate", "usae.explorer.build"},
-    "usae.locks": {"usae.store", "usae.sae", "usae.train", "usae.files"},
-    "usae.threads": {"usae.store", "usae.sae", "usae.train"},
-    "usae.cam": {"usae.train", "usae.store_writer"},
-    "usae.distributed": {"usae.train", "usae.training", "usae.sae", "usae.store",
-                         "usae.cache", "usae.store_writer"},
+    "usae.sae.objectives": {"usae.sae.model", "usae.sae.step", "usae.sae.trainer", "usae.store.store", "usae.analysis.evaluate"},
+    "usae.sae.fused": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.store.store", "usae.sae.model", "usae.sae.step"},
+    "usae.sae.sparse": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.store.store", "usae.sae.model", "usae.sae.step"},
+    "usae.sae.model": {"usae.sae.trainer", "usae.sae.step", "usae.store.store", "usae.analysis.evaluate"},
+    "usae.store.store": {"usae.data.images", "usae.sae.trainer", "usae.sae.model", "usae.data.backbones"},
+    "usae.analysis.controls": {"usae.analysis.evaluate"},
+    # readers of a finished eval go through usae.analysis.eval_folder, not the eval command
+    "usae.analysis.concepts": {"usae.analysis.evaluate"},
+    "usae.cam.maximize": {"usae.analysis.evaluate"},
+    "usae.sae.run": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
+    "usae.hub": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
+    "usae.analysis.eval_folder": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
+    "usae.analysis.synth": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.explorer.build", "usae.sae.model"},
+    "usae.analysis.truth": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.explorer.build"},
+    "usae.locks": {"usae.store.store", "usae.sae.model", "usae.sae.trainer", "usae.files"},
+    "usae.threads": {"usae.store.store", "usae.sae.model", "usae.sae.trainer"},
+    "usae.cam.maximize": {"usae.sae.trainer", "usae.store.writer"},
+    "usae.distributed": {"usae.sae.trainer", "usae.sae.training", "usae.sae.model", "usae.store.store",
+                         "usae.data.cache", "usae.store.writer"},
 }
 
 
@@ -102,8 +102,8 @@ def test_objectives_sit_below_the_sae_and_the_step():
     """Every strategy module of the seam: a rule or criterion is called by the SAE and the
     step, and imports neither (nor anything above them)."""
     g = graph()
-    for name in (m for m in g if m.startswith("usae.objectives")):
-        assert not (g[name] & FORBIDDEN["usae.objectives"]), name
+    for name in (m for m in g if m.startswith("usae.sae.objectives")):
+        assert not (g[name] & FORBIDDEN["usae.sae.objectives"]), name
 
 
 def test_distribution_lives_in_one_module():
@@ -116,7 +116,7 @@ def test_distribution_lives_in_one_module():
 
 def test_the_library_never_imports_the_test_oracles():
     g = graph()
-    users = [m for m, deps in g.items() if "usae.oracles" in deps]
+    users = [m for m, deps in g.items() if "usae.sae.oracles" in deps]
     assert users == []
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from usae.files import load_safetensors
-from usae.store_writer import store_from_arrays
+from usae.store.writer import store_from_arrays
 
 USAE = [sys.executable, "-m", "usae.cli"]
 COMMANDS = ["demo", "cache", "store", "train", "import-reference", "encode", "decode", "eval",

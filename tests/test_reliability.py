@@ -24,12 +24,12 @@ from usae.cli import main
 from usae.config import resolve
 from usae.errors import UsaeError
 from usae.files import load_safetensors
-from usae.images import load_rgb
-from usae.run import run_status
-from usae.sources import ArraySource
-from usae.store import Store
-from usae.store_writer import store_from_arrays
-from usae.training import train_run
+from usae.data.images import load_rgb
+from usae.sae.run import run_status
+from usae.data.sources import ArraySource
+from usae.store.store import Store
+from usae.store.writer import store_from_arrays
+from usae.sae.training import train_run
 
 
 class FaultyDisk:
@@ -208,12 +208,12 @@ def test_finished_run_and_foreign_folders_need_force(arrays, tmp_path):
 
 
 def test_eval_and_explore_refuse_foreign_folders_and_replace_their_own(arrays, tmp_path):
-    from usae.evaluate import evaluate
+    from usae.analysis.evaluate import evaluate
 
     store = store_from_arrays(tmp_path / "store", arrays)
     cfg = resolve(store.models, store.dims, "paper", {"n_concepts": 16, "k": 2,
                                                       "batch_images": 8, "max_steps": 3})
-    from usae.sources import StoreSource
+    from usae.data.sources import StoreSource
 
     train_run(cfg, StoreSource(store, "train"), tmp_path / "run", progress=False)
     (tmp_path / "mine").mkdir()
@@ -237,7 +237,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(arrays, tmp_path):
     store_from_arrays(tmp_path / "store", arrays)
     code = textwrap.dedent(f"""
         import os, signal, sys
-        import usae.train as t
+        import usae.sae.trainer as t
         real = t.Trainer.train_step
         def step(self, *a, **kw):
             out = real(self, *a, **kw)
@@ -302,7 +302,7 @@ def test_bad_config_values_and_npy_files(arrays, tmp_path, capsys):
 
 
 def test_partial_runs_warn_when_read(arrays, tmp_path, caplog):
-    from usae.sae import UniversalSAE
+    from usae.sae.model import UniversalSAE
 
     _train(arrays, tmp_path / "run", steps=12)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -336,7 +336,7 @@ def test_version_and_broken_pipe(arrays, tmp_path):
 
 
 def test_list_file_with_an_unknown_split_is_refused(tmp_path):
-    from usae.images import list_images
+    from usae.data.images import list_images
 
     (tmp_path / "list.txt").write_text("a.jpg,cat,trian\n")
     with pytest.raises(UsaeError, match="unknown split 'trian'"):
@@ -345,8 +345,8 @@ def test_list_file_with_an_unknown_split_is_refused(tmp_path):
 
 def test_concepts_in_the_terminal(arrays, tmp_path, capsys):
     """Item 8: a way to look at concepts without the browser."""
-    from usae.evaluate import evaluate
-    from usae.sources import StoreSource
+    from usae.analysis.evaluate import evaluate
+    from usae.data.sources import StoreSource
 
     store = store_from_arrays(tmp_path / "store", arrays)
     cfg = resolve(store.models, store.dims, "paper", {"n_concepts": 16, "k": 2,

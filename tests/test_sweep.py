@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from usae.checkpoint import read_checkpoint_position
+from usae.sae.checkpoint import read_checkpoint_position
 from usae.cli import main
 from usae.config import resolve
 from usae.errors import UsaeError
 from usae.files import atomic_write_json, finite_json, os_error_inside
 from usae.locks import acquire, lock_path, output_lock, release
-from usae.run import read_run_json, run_status
-from usae.sources import ArraySource
-from usae.store_writer import store_from_arrays
-from usae.training import train_run
+from usae.sae.run import read_run_json, run_status
+from usae.data.sources import ArraySource
+from usae.store.writer import store_from_arrays
+from usae.sae.training import train_run
 
 SMALL = ["--set", "n_concepts=16", "--set", "k=2", "--set", "batch_images=4", "--no-progress"]
 
@@ -140,7 +140,7 @@ def test_push_refuses_truncated_weights(store, tmp_path, capsys):
 def test_a_second_ctrl_c_during_the_save_waits_for_the_checkpoint(store, tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
-        import usae.train as t
+        import usae.sae.trainer as t
         real_step, real_save = t.Trainer.train_step, t.Trainer.save_checkpoint
         def step(self, *a, **kw):
             out = real_step(self, *a, **kw)
@@ -167,7 +167,7 @@ def test_a_second_ctrl_c_during_the_save_waits_for_the_checkpoint(store, tmp_pat
 def test_a_second_ctrl_c_mid_step_says_what_was_kept(store, tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
-        import usae.train as t
+        import usae.sae.trainer as t
         real_step = t.Trainer.train_step
         def step(self, *a, **kw):
             if self.step == 5:
@@ -341,7 +341,7 @@ def test_signals_are_restored_after_training(store, tmp_path):
 
 
 def test_hub_runs_are_not_written_into_the_download_cache(tmp_path):
-    from usae.cam import run_cam
+    from usae.cam.maximize import run_cam
     from usae.hub import push
 
     with pytest.raises(UsaeError, match="pass --out DIR"):
@@ -395,7 +395,7 @@ def test_resume_uses_the_runs_own_thread_count(arrays, tmp_path, monkeypatch):
     its checkpoint recorded (unless the user sets one), so it stays bit-identical."""
     import torch
 
-    from usae.train import Trainer
+    from usae.sae.trainer import Trainer
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("USAE_THREADS", raising=False)

@@ -11,11 +11,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "UniversalSAE": "usae.sae",
+    "UniversalSAE": "usae.sae.model",
     "SAEConfig": "usae.config",
     "TrainConfig": "usae.config",
-    "Trainer": "usae.train",
-    "ArraySource": "usae.sources",
+    "Trainer": "usae.sae.trainer",
+    "ArraySource": "usae.data.sources",
     "UsaeError": "usae.errors",
 }
 

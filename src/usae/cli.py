@@ -202,8 +202,8 @@ def _add_analysis(sub) -> None:
 
 
 def _add_synth(sub) -> None:
+    from usae.analysis.synth import SynthOptions
     from usae.options import add_arguments
-    from usae.synth import SynthOptions
 
     s = _sub(sub, "synth", "write a store of synthetic models with known shared, partly shared "
              "and model-specific features, and the truth beside it",

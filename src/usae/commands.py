@@ -59,7 +59,7 @@ def _codec(args: argparse.Namespace, encode: bool) -> tuple[tuple[int, ...], str
     import torch
 
     from usae.options import check_device
-    from usae.sae import UniversalSAE
+    from usae.sae.model import UniversalSAE
 
     check_device(args.device)
     sae = UniversalSAE.load(args.run, device=args.device)
@@ -83,7 +83,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    from usae.reference import import_reference
+    from usae.sae.reference import import_reference
 
     sae = import_reference(args.config, args.out)
     print(f"wrote {args.out}: models {list(sae.models)}, n={sae.cfg.n}, k={sae.cfg.k}")
@@ -92,27 +92,27 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     if args.store_command == "info":
-        from usae.store import Store
+        from usae.store.store import Store
 
         print(json.dumps(Store(args.store).info(), indent=2), flush=True)
         return 0
     if args.store_command == "merge":
-        from usae.store_merge import merge_shards
+        from usae.store.merge import merge_shards
 
         manifest = merge_shards(args.shards, args.out, force=args.force)
         print(f"wrote {args.out}: {manifest['n_images']} images from {len(args.shards)} shards, "
               f"content hash {manifest['content_hash'][:16]}")
         return 0
     if args.store_command == "import-npz":
-        from usae.npz_import import import_npz
+        from usae.store.npz_import import import_npz
 
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         manifest = import_npz(args.src, args.out, models, split=args.split, dtype=args.dtype)
         print(f"wrote {args.out}: {manifest['n_images']} images, models {models}")
         return 0
     if args.store_command == "add-model":
+        from usae.data.store_add import add_models
         from usae.options import STORE_KEEPS, CacheOptions
-        from usae.store_add import add_models
 
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CacheOptions)
                  if f.name not in STORE_KEEPS}
@@ -139,14 +139,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "(activations computed on the fly)")
     image_options = given_args(StreamOptions, args)
     if args.extend:
-        from usae.extend import extend_run
+        from usae.sae.extend import extend_run
 
         if not args.store or args.independent:
             raise UsaeError("--extend needs --store (a store with the run's models and the new "
                             "ones) and trains one universal SAE (no --independent)")
         summary = extend_run(args.extend, args.store, args.out, **common)
     elif args.store:
-        from usae.training import train_from_store
+        from usae.sae.training import train_from_store
 
         if image_options:
             flags = ", ".join("--" + k.replace("_", "-") for k in image_options)
@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_from_store(args.store, args.out, independent=args.independent,
                                    **common)
     else:
-        from usae.stream import train_from_images
+        from usae.data.streaming import train_from_images
 
         if not args.models:
             raise UsaeError("--images needs --models SPEC[,SPEC...]")
@@ -186,7 +186,7 @@ def _train_summary(s: dict) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from usae.cache import cache
+    from usae.data.cache import cache
     from usae.distributed import is_main_process
     from usae.options import CacheOptions, from_args
 
@@ -222,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  eval:     {res['report']}   held-out R2: self {np.diag(r2).mean():.2f}, "
               f"cross {off:.2f}")
     if res.get("faithfulness"):
-        from usae.faithfulness import format_table
+        from usae.analysis.faithfulness import format_table
 
         print(format_table(res["faithfulness"]))
     if res.get("cam"):
@@ -244,7 +244,7 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from usae.evaluate import evaluate
+    from usae.analysis.evaluate import evaluate
     from usae.options import EvalOptions, from_args
 
     opts = from_args(EvalOptions, args)
@@ -257,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{report['concept_classes']['universal']} universal concepts, Jaccard of active "
           f"sets across models {_fmt(s.get('jaccard_cross_mean'))}")
     if "faithfulness" in report:
-        from usae.faithfulness import format_table
+        from usae.analysis.faithfulness import format_table
 
         print(format_table(report["faithfulness"]))
         for folder in sorted(Path(args.out, "compare").glob("*/report.json")):
@@ -279,8 +279,8 @@ def _truth_summary(t: dict) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from usae.analysis.synth import SynthOptions, synth
     from usae.options import from_args
-    from usae.synth import SynthOptions, synth
 
     s = synth(args.out, from_args(SynthOptions, args), force=args.force)
     print(f"wrote {args.out}: store/ ({s['images']} images x {s['tokens']} tokens, models "
@@ -311,7 +311,7 @@ def _concept_ids(text: str | None) -> list[int] | None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from usae.cam import run_cam
+    from usae.cam.maximize import run_cam
     from usae.options import CamOptions, from_args
 
     if (args.concept is None) == (args.top is None):
@@ -329,10 +329,10 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
 
 def cmd_concepts(args: argparse.Namespace) -> int:
-    from usae.concepts import concept_table, format_table
-    from usae.eval_folder import check_eval_of_run
+    from usae.analysis.concepts import concept_table, format_table
+    from usae.analysis.eval_folder import check_eval_of_run
     from usae.hub import local_run
-    from usae.run import read_config
+    from usae.sae.run import read_config
 
     run = local_run(args.run)
     cfg = read_config(run)

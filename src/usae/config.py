@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from usae import objectives
 from usae.errors import UsaeError
+from usae.sae import objectives
 
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
 STANDARDIZE = ("scalar", "per_dim", "center_per_dim")
@@ -36,7 +36,7 @@ class SAEConfig:
     n_concepts: int = _help("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
     k: int = _help("Active concepts per token (with batchtopk: on average over a batch).",
                    32)
-    sparsity: str = _help("Sparsity rule (usae.objectives): topk (paper: the k largest per "
+    sparsity: str = _help("Sparsity rule (usae.sae.objectives): topk (paper: the k largest per "
                           "token) or batchtopk (the k x N largest over a batch of N tokens; "
                           "a threshold learnt in training at inference).", "topk")
     encoder: str = _help("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
@@ -94,7 +94,7 @@ class TrainConfig:
     warmup_steps: int = _help("Linear warmup from 1e-6; 0 means one epoch of iterations "
                               "(paper).", 0)
     min_lr: float = _help("Start of warmup and end of the cosine.", 1e-6)
-    criterion: str = _help("Reconstruction criterion (usae.objectives): l1 (paper, mean "
+    criterion: str = _help("Reconstruction criterion (usae.sae.objectives): l1 (paper, mean "
                            "|x - x_hat|) or l2.", "l1")
     active_set: str = _help("Whose codes a step uses: source (paper: the sampled source "
                             "model's codes reconstruct every model) or global (global TopK "
@@ -240,8 +240,6 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The paper plus the one improvement that won clearly in docs/RESULTS.md: every decoder
     # steps every iteration (cross R2 0.36 vs -0.05 at equal steps on the demo store).
     "best": {"decoder_update": "all"},
-    # Measured on the offline CNNs (shared/ASSETS.md, docs/RESULTS.md): paper settings do not
-    # converge in a few CPU minutes; these do. Used by `usae demo`.
     # The sparse step (benchmarks/peers.py): a linear encoder, so with aux=gao or none the
     # backward touches only the selected concepts; AuxK on concepts dead for 100k tokens and
     # encoders initialized from the dictionaries keep them alive; one global schedule; one
@@ -254,6 +252,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"decoder_update": "all", "aux": "gao", "encoder": "linear", "schedule": "global",
              "dead_after_tokens": 100_000, "encoder_init": "transpose",
              "fused_optimizer": True, "standardize": "center_per_dim", "lr": 3e-3},
+    # The offline CNNs' data settings on `best` (docs/RESULTS.md): the paper's settings do not
+    # converge on them in a few CPU minutes; these do.
     "demo": {**DEMO_DATA, "epochs": 60, "decoder_update": "all"},
 }
 

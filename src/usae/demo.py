@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from usae import run as run_folder
-from usae.cache import cache
-from usae.cam import run_cam
+from usae.analysis.evaluate import evaluate
+from usae.cam.maximize import run_cam
 from usae.config import DEMO_DATA, resolve
+from usae.data.cache import cache
+from usae.data.sources import StoreSource
 from usae.errors import ConfigMismatch, UsaeError
-from usae.evaluate import evaluate
 from usae.explorer.build import build_explorer
 from usae.options import CamOptions
-from usae.sources import StoreSource
-from usae.store import Store, read_manifest
-from usae.training import train_run
+from usae.sae import run as run_folder
+from usae.sae.training import train_run
+from usae.store.store import Store, read_manifest
 
 log = logging.getLogger(__name__)
 # CPU-sized CAM for the demo's models (EfficientNet-Lite at their native 224-260 px inputs)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from usae import __version__
-from usae import run as run_folder
+from usae.analysis.eval_folder import CONCEPTS_FILE, REPORT_FILE, check_eval_of_run, read_report
 from usae.errors import UsaeError
-from usae.eval_folder import CONCEPTS_FILE, REPORT_FILE, check_eval_of_run, read_report
 from usae.files import atomic_write_text, load_safetensors
+from usae.sae import run as run_folder
 
 PREFIX = "hf://"
 SHARED_FILES = (run_folder.CONFIG_FILE, run_folder.WEIGHTS_FILE)

@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from usae.analysis.eval_folder import TOP_IMAGES_FILE, check_eval_of_run, read_concepts
+from usae.analysis.evaluate import evaluate
+from usae.data.images import load_rgb
 from usae.errors import UsaeError
-from usae.eval_folder import TOP_IMAGES_FILE, check_eval_of_run, read_concepts
-from usae.evaluate import evaluate
 from usae.files import json_text, load_safetensors, replace_folder
 from usae.hub import local_run
-from usae.images import load_rgb
 from usae.options import EvalOptions, ExploreOptions, merged
 from usae.progress import bar as progress_bar
-from usae.sae import UniversalSAE
-from usae.store import Store
+from usae.sae.model import UniversalSAE
+from usae.store.store import Store
 
 log = logging.getLogger(__name__)
 CHUNK = 64

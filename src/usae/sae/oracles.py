@@ -1,0 +1,110 @@
+"""Naive formulations of the training step, for tests and benchmarks only.
+
+Nothing in the library imports this module. Each function is written out from the paper's
+and the reference implementation's definitions with plain dense autograd (full sorts, dense
+code matrices, every dictionary differentiated), and none of them calls the code it checks
+(no ``usae.sae.step``, no ``usae.sae.fused``, not even ``normalize_rows``), so a bug there cannot
+hide in both sides of a comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DICT_EPS = 1e-8  # written out again on purpose: an oracle shares no code with the library
+
+
+def naive_criterion(name: str, target: Tensor, estimate: Tensor) -> Tensor:
+    """``l1``: mean |target - estimate|; ``l2``: mean squared error."""
+    diff = target - estimate
+    return diff.abs().mean() if name == "l1" else (diff * diff).mean()
+
+
+def naive_unit_rows(w_nd: Tensor) -> Tensor:
+    """Each dictionary row divided by (its L2 norm + 1e-8)."""
+    return w_nd / (torch.sqrt((w_nd * w_nd).sum(dim=1, keepdim=True)) + DICT_EPS)
+
+
+def naive_topk_codes(pre_nc: Tensor, k: int) -> Tensor:
+    """Dense TopK(ReLU(pre)) codes (N, n)."""
+    post = torch.relu(pre_nc)
+    vals, idx = torch.topk(post, k, dim=1)
+    return torch.zeros_like(post).scatter(1, idx, vals)
+
+
+def naive_reference_aux_codes(pre_nc: Tensor, codes_nc: Tensor) -> Tensor:
+    """The reference's auxiliary codes: a full ``topk(relu(pre) - z, n // 2)``, densified."""
+    rest = torch.relu(pre_nc) - codes_nc
+    top = torch.topk(rest, k=rest.shape[1] // 2, dim=1)
+    return torch.zeros_like(rest).scatter(1, top.indices, top.values)
+
+
+def naive_gao_aux_codes(pre_nc: Tensor, dead_c: Tensor, aux_k: int) -> Tensor:
+    """AuxK: the top ``aux_k`` of ReLU(pre) restricted to dead concepts, densified."""
+    post = torch.relu(pre_nc) * dead_c.to(pre_nc.dtype)
+    k = min(aux_k, int(dead_c.sum()))
+    vals, idx = torch.topk(post, k, dim=1)
+    return torch.zeros_like(post).scatter(1, idx, vals)
+
+
+def naive_batch_topk_codes(pre_nc: Tensor, k: int) -> Tensor:
+    """BatchTopK by a full sort: the ``k * N`` largest of ReLU(pre) over the whole batch,
+    densified (N, n); ties at the cut are all kept."""
+    post = torch.relu(pre_nc)
+    cut = torch.sort(post.reshape(-1), descending=True).values[k * post.shape[0] - 1]
+    return post * ((post >= cut) & (post > 0))
+
+
+def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l1",
+                    aux: str = "reference", aux_coef: float = 0.1,
+                    dead_c: Tensor | None = None, aux_k: int = 0, rule: str = "topk",
+                    prefixes: tuple[int, ...] = ()) -> Tensor:
+    """The universal step's loss as the reference writes it, every decoder differentiated.
+
+    ``xs``: standardized batches ``{model: (N, d_m)}``; ``source``: index of the model whose
+    encoder produces the codes. Sum over models j of ``crit(x_j, z D_j)`` plus
+    ``aux_coef * crit(x_j - z D_j, a D_j)`` (``aux=reference``: a = top n/2 of relu(pre) - z;
+    ``aux=gao``: a = AuxK over dead concepts and the residual is detached; ``none``: no term).
+    ``rule``: topk or batchtopk codes. ``prefixes``: Matryoshka; the reconstruction term
+    is repeated with the codes of the concepts below each prefix size (columns cut off).
+    """
+    src = sae.models[source]
+    pre = sae.encoders[src](xs[src])
+    codes = naive_batch_topk_codes(pre, sae.cfg.k) if rule == "batchtopk" else \
+        naive_topk_codes(pre, sae.cfg.k)
+    total = pre.new_zeros(())
+    for m in sae.models:
+        dict_nd = naive_unit_rows(sae.dictionaries[m])
+        for size in prefixes:
+            total = total + naive_criterion(criterion, xs[m], codes[:, :size] @ dict_nd[:size])
+        xhat = codes @ dict_nd
+        total = total + naive_criterion(criterion, xs[m], xhat)
+        if aux == "reference":
+            aux_codes = naive_reference_aux_codes(pre, codes)  # full sort, once per decoder
+            total = total + aux_coef * naive_criterion(criterion, xs[m] - xhat,
+                                                       aux_codes @ dict_nd)
+        elif aux == "gao" and dead_c is not None and bool(dead_c.any()):
+            aux_codes = naive_gao_aux_codes(pre, dead_c, aux_k)
+            total = total + aux_coef * naive_criterion(criterion, (xs[m] - xhat).detach(),
+                                                       aux_codes @ dict_nd)
+    return total
+
+
+def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
+                           cross_coef: float = 0.0) -> Tensor:
+    """Global TopK across models, written out: one TopK per token over the mean of the
+    models' ReLU'd pre-activations; model m's code is its own ReLU'd values on that set;
+    sum over m of ``crit(x_m, z_m D_m)`` plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for
+    every j != m."""
+    posts = {m: torch.relu(sae.encoders[m](xs[m])) for m in sae.models}
+    mean = torch.stack([p.detach() for p in posts.values()]).mean(0)
+    mask = naive_topk_codes(mean, sae.cfg.k) > 0
+    dicts = {m: naive_unit_rows(sae.dictionaries[m]) for m in sae.models}
+    total = mean.new_zeros(())
+    for m in sae.models:
+        code = posts[m] * mask
+        for j in sae.models:
+            term = naive_criterion(criterion, xs[j], code @ dicts[j])
+            total = total + (term if j == m else cross_coef * term)
+    return total

@@ -1,0 +1,45 @@
+"""Independent-SAE matching (``usae.analysis.controls``): pure functions of dictionaries."""
+
+import numpy as np
+import pytest
+import torch
+
+from usae.config import SAEConfig, resolve
+from usae.analysis.controls import independent_consistency, match_dictionaries
+from usae.errors import UsaeError
+from usae.files import atomic_write_json
+from usae.sae.model import UniversalSAE
+
+
+def test_hungarian_matching_finds_a_permuted_dictionary():
+    torch.manual_seed(0)
+    d = torch.randn(30, 8)
+    perm = torch.randperm(30)
+    cos = match_dictionaries(d, d[perm] * 3)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-9)
+    rand = match_dictionaries(d, torch.randn(30, 8))
+    assert rand.mean() < 0.9
+
+
+def test_a_copy_matches_fully_and_the_random_control_does_not(tmp_path):
+    """Guards the matched/random columns (swapping them must fail)."""
+    torch.manual_seed(0)
+    cfg = resolve(("a", "b"), (64, 48), "paper", {"n_concepts": 40, "k": 4})
+    usae = UniversalSAE(cfg.sae)
+    for m, d in zip(("a", "b"), (64, 48)):
+        ind = UniversalSAE(SAEConfig(models=(m,), dims=(d,), n_concepts=40, k=4))
+        with torch.no_grad():
+            ind.dictionaries[m].copy_(usae.dictionaries[m][torch.randperm(40)] * 2.0)
+        ind.save(tmp_path / "ind" / m, resolve((m,), (d,), "paper", {"n_concepts": 40, "k": 4}))
+    atomic_write_json(tmp_path / "ind" / "independent.json", {"models": ["a", "b"]})
+    out = independent_consistency(usae, tmp_path / "ind", threshold=0.5)
+    for m in ("a", "b"):
+        r = out["models"][m]
+        assert r["matched_fraction"] == 1.0 and r["mean_cosine"] == pytest.approx(1.0)
+        assert r["random_matched_fraction"] < 0.3 and r["random_mean_cosine"] < 0.6
+
+
+def test_not_an_independent_run(tmp_path):
+    sae = UniversalSAE(SAEConfig(models=("a",), dims=(4,), n_concepts=8, k=2))
+    with pytest.raises(UsaeError, match="not an independent run"):
+        independent_consistency(sae, tmp_path)

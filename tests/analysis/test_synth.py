@@ -1,0 +1,204 @@
+"""``usae synth`` and the scores against its truth, pinned by independent oracles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from usae.cli import main
+from usae.config import SAEConfig
+from usae.errors import UsaeError
+from usae.sae.model import UniversalSAE
+from usae.store.store import Store
+from usae.analysis.synth import SynthOptions, feature_layout, generate, sample_codes, synth
+from usae.analysis.truth import load_truth, matched_correlation, score_truth
+
+SMALL = SynthOptions(dims="24,16,20", shared=8, partial=4, specific=4, images=60, tokens=4,
+                     active=2.0, seed=3)
+
+
+def test_codes_have_the_structure_asked_for():
+    o = SynthOptions(dims="8,8,8", shared=6, partial=3, specific=2, children=2, parents=2,
+                     images=50, tokens=40, correlation=0.5, seed=1)
+    rng = np.random.default_rng(0)
+    kind, member, parent = feature_layout(o, rng)
+    assert len(kind) == o.n_features() == 6 + 4 + 3 + 3 * 2
+    assert member[kind == 0].all() and (member[kind == 2].sum(1) == 1).all()
+    partial = member[kind == 1].sum(1)
+    assert ((partial >= 2) & (partial < 3)).all()
+    codes = sample_codes(o, parent, 20000, rng)
+    assert (codes >= 0).all()
+    for child in np.flatnonzero(parent >= 0):  # a child fires only with its parent
+        assert not ((codes[:, child] > 0) & (codes[:, parent[child]] == 0)).any()
+        assert (codes[:, child] > 0).any()
+    roots = np.flatnonzero(parent < 0)
+    rate = (codes[:, roots] > 0).mean()
+    assert rate == pytest.approx(o.active / len(roots), rel=0.15)
+
+
+def test_activations_are_codes_through_each_models_atoms():
+    arrays, truth = generate(SynthOptions(dims="12,10", shared=3, partial=0, specific=2,
+                                          images=20, tokens=3, noise=0.0, mean_shift=1.0))
+    codes = truth["codes"]
+    for m, x in arrays.items():
+        want = codes @ truth[f"atoms.{m}"] + truth[f"mean.{m}"]
+        np.testing.assert_allclose(x.reshape(-1, x.shape[-1]), want, rtol=1e-5, atol=1e-5)
+        norms = np.linalg.norm(truth[f"atoms.{m}"], axis=1)
+        assert set(np.round(norms, 5)) <= {0.0, 1.0}
+    assert not np.allclose(truth["mean.synth0"], 0)  # a nonzero mean, as in real activations
+
+
+def test_synth_writes_a_real_store_and_its_truth(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--dims", "12,10,8", "--images", "30",
+                 "--tokens", "4", "--shared", "4", "--partial", "2", "--specific", "2"]) == 0
+    assert "truth with 12 features" in capsys.readouterr().out
+    store = Store(tmp_path / "s" / "store")
+    assert store.models == ("synth0", "synth1", "synth2") and store.dims == (12, 10, 8)
+    assert store.splits() == {"train", "val"} or set(store.splits()) == {"train", "val"}
+    summary, t = load_truth(tmp_path / "s")
+    assert summary["features"] == {"shared": 4, "partial": 2, "specific": 6}
+    assert t["codes"].shape == (30 * 4, 12)
+    x = store.read("synth1", np.arange(3)).numpy().reshape(-1, 10)
+    want = t["codes"][:12].numpy() @ t["atoms.synth1"].numpy() + t["mean.synth1"].numpy()
+    assert np.abs(x - want).max() < 0.2  # the stored rows are the truth's (plus noise)
+    assert main(["synth", "--out", str(tmp_path / "s"), "--dims", "12"]) == 2
+    assert "at least two models" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "s")]) == 2  # a finished store: --force
+    assert "already holds a synthetic store — pass --force" in capsys.readouterr().err
+
+
+def _perfect_sae(truth_dir, dims, n_extra=5, seed=0) -> UniversalSAE:
+    """A run whose first F dictionary rows are the true atoms (random rows elsewhere)."""
+    summary, t = load_truth(truth_dir)
+    f = summary["n_features"]
+    cfg = SAEConfig(models=tuple(summary["models"]), dims=tuple(dims), n_concepts=f + n_extra,
+                    k=2, encoder="linear")
+    sae = UniversalSAE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m, d in zip(cfg.models, dims):
+            rows = torch.randn(f + n_extra, d, generator=gen)
+            atoms = t[f"atoms.{m}"]
+            live = atoms.norm(dim=1) > 0
+            rows[:f][live] = atoms[live]
+            sae.dictionaries[m].copy_(rows)
+            sae.set_standardization(m, torch.full((d,), 0.3), torch.full((d,), 2.0))
+    return sae
+
+
+def _classes(sae, member, specific_owner=True):
+    n = sae.cfg.n
+    f = member.shape[0]
+    owner = np.zeros(n, int)
+    specific = np.zeros(n, bool)
+    for i in range(f):
+        if member[i].sum() == 1 and specific_owner:
+            owner[i], specific[i] = int(np.flatnonzero(member[i])[0]), True
+    return {"specific": specific, "owner": owner, "fires": np.ones((len(sae.models), n))}
+
+
+def test_a_perfect_dictionary_scores_one(tmp_path):
+    synth(tmp_path / "s", SMALL)
+    sae = _perfect_sae(tmp_path / "s", SMALL.model_dims())
+    store = Store(tmp_path / "s" / "store")
+    member = load_truth(tmp_path / "s")[1]["membership"].numpy().astype(bool)
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
+                      _classes(sae, member))
+    assert out["recovery"] == {m: 1.0 for m in sae.models}
+    assert out["shared_as_one"] == 1.0 and out["partial_as_one"] == 1.0
+    assert out["specific_detected"] == 1.0
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
+                      _classes(sae, member, specific_owner=False))
+    assert out["specific_detected"] == 0.0  # matched, but not classed model-specific
+    with pytest.raises(UsaeError, match="is for models"):
+        sae2 = UniversalSAE(SAEConfig(models=("a", "b", "c"), dims=(24, 16, 20), n_concepts=8,
+                                      k=2))
+        score_truth(sae2, store, store.rows("val"), load_truth(tmp_path / "s"),
+                    {"specific": np.zeros(8, bool), "owner": np.zeros(8, int),
+                     "fires": np.ones((3, 8))})
+
+
+def test_a_random_dictionary_scores_what_chance_predicts(tmp_path):
+    """Recovery of random rows = E[max over n random unit vectors of the cosine with a unit
+    vector], estimated here by its own Monte Carlo."""
+    synth(tmp_path / "s", SMALL)
+    summary, t = load_truth(tmp_path / "s")
+    dims = SMALL.model_dims()
+    sae = _perfect_sae(tmp_path / "s", dims, n_extra=400, seed=5)  # many rows: low variance
+    with torch.no_grad():
+        for m, d in zip(sae.models, dims):
+            sae.dictionaries[m].copy_(torch.randn(sae.cfg.n, d, generator=torch.Generator()
+                                                  .manual_seed(d)))
+    store = Store(tmp_path / "s" / "store")
+    member = t["membership"].numpy().astype(bool)
+    out = score_truth(sae, store, store.rows("val"), load_truth(tmp_path / "s"),
+                      _classes(sae, member))
+    rng = np.random.default_rng(123)
+    for m, d in zip(sae.models, dims):
+        trials = rng.normal(size=(500, sae.cfg.n, d))
+        trials /= np.linalg.norm(trials, axis=2, keepdims=True)
+        chance = float(trials[:, :, 0].max(1).mean())  # cosine with e_0, by symmetry
+        assert out["recovery"][m] == pytest.approx(chance, abs=0.04), (m, chance)
+    assert out["shared_as_one"] == 0.0
+
+
+def test_matched_correlation():
+    rng = np.random.default_rng(0)
+    true = rng.exponential(size=(500, 6)) * (rng.random((500, 6)) < 0.3)
+    assert matched_correlation(true, true) == pytest.approx(1.0)
+    learned = np.concatenate([true[:, ::-1] * 3.0, np.zeros((500, 4))], axis=1)
+    assert matched_correlation(true, learned) == pytest.approx(1.0)  # order and scale free
+    noise = rng.normal(size=(500, 10))
+    assert matched_correlation(true, noise) < 0.2
+
+
+def test_a_short_run_recovers_the_shared_features_as_single_concepts(tmp_path, capsys):
+    """Seeded CPU run on a small set with a nonzero mean (threshold from measurement, with
+    margin: docs/RESULTS.md)."""
+    o = SynthOptions(dims="24,16,20", shared=10, partial=0, specific=3, images=600, tokens=8,
+                     active=1.5, seed=0)
+    synth(tmp_path / "s", o)
+    assert main(["train", "--store", str(tmp_path / "s" / "store"), "--out",
+                 str(tmp_path / "run"), "--preset", "fast", "--no-progress",
+                 "--set", "epochs=25", "--set", "n_concepts=64", "--set", "k=4",
+                 "--set", "batch_images=8"]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--store", str(tmp_path / "s" / "store"),
+                 "--out", str(tmp_path / "ev"), "--no-plots", "--truth",
+                 str(tmp_path / "s")]) == 0
+    assert "against the truth" in capsys.readouterr().out
+    t = json.loads((tmp_path / "ev" / "report.json").read_text())["truth"]
+    # measured 0.90-0.96 recovery and 0.70 shared as one (2026-11-29); the scalar
+    # standardization of the old `fast` gave 0.52 and 0.0 here
+    assert min(t["recovery"].values()) >= 0.85, t
+    assert t["shared_as_one"] >= 0.5, t
+
+
+def test_ball_dictionary_rows_are_at_most_unit_and_short_rows_are_kept():
+    from usae.sae.model import ball_rows
+
+    w = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    out = ball_rows(w)
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+    with pytest.raises(UsaeError, match="dictionary_norm must be one of"):
+        SAEConfig(models=("a",), dims=(4,), dictionary_norm="sphere")
+
+
+def test_a_ball_run_trains_saves_and_reloads_with_its_norm(arrays, tmp_path):
+    from usae.config import resolve
+    from usae.data.sources import ArraySource
+    from usae.sae.training import train_run
+
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
+                  {"n_concepts": 16, "k": 3, "batch_images": 8, "max_steps": 30,
+                   "dictionary_norm": "ball"})
+    train_run(cfg, ArraySource(arrays), tmp_path / "r", progress=False)
+    sae = UniversalSAE.load(tmp_path / "r")
+    assert sae.cfg.dictionary_norm == "ball"
+    for m in sae.models:
+        norms = sae.normalized_dict(m).detach().norm(dim=1)
+        assert float(norms.max()) <= 1.0 + 1e-6 and float(norms.min()) < 0.999
+        raw = sae.dictionaries[m].detach().norm(dim=1)
+        torch.testing.assert_close(norms, raw.clamp_max(1.0))

@@ -1,0 +1,114 @@
+"""`usae train --extend RUN`: a trained run gains a store's new model; its own weights stay
+bit-identical, and the extended run is a run like any other (eval, card, resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.data.test_cache import make_images
+from usae.data.cache import cache
+from usae.cli import main
+from usae.errors import UsaeError
+from usae.sae.extend import extend_run
+from usae.data.store_add import add_models
+
+SPECS = "effnet:lite0?img_size=64&name=a,effnet:lite1?img_size=64&name=b"
+NEW = "effnet:lite2?img_size=64&name=c"
+KEYS = ["--n-concepts", "64", "--k", "4", "--batch-images", "2", "--log-every", "1",
+        "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run on models a and b, and its store with model c added."""
+    root = tmp_path_factory.mktemp("extend")
+    images = make_images(root / "imgs", n=10, bad=False)
+    cache(SPECS, images, root / "store", batch_size=5, workers=0, progress=False)
+    assert main(["train", "--store", str(root / "store"), "--out", str(root / "run"),
+                 "--preset", "fast", *KEYS, "--max-steps", "8", "--no-progress"]) == 0
+    add_models(root / "store", NEW, batch_size=5, workers=0, progress=False)
+    return root
+
+
+def test_the_runs_own_weights_are_bit_identical_and_the_new_model_trains(setup, tmp_path):
+    out = tmp_path / "run2"
+    assert main(["train", "--extend", str(setup / "run"), "--store", str(setup / "store"),
+                 "--out", str(out), "--max-steps", "6", "--no-progress"]) == 0
+    old, new = load_file(setup / "run" / "model.safetensors"), load_file(out / "model.safetensors")
+    for key, value in old.items():
+        assert torch.equal(new[key], value), key
+    added = {k: v for k, v in new.items() if k not in old}
+    assert {"encoders.c.linear.weight", "dictionaries.c", "mean_c", "scale_c"} <= set(added)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sae"]["models"] == ["a", "b", "c"]
+    assert cfg["train"]["frozen_models"] == ["a", "b"] and cfg["preset"] == "fast"
+    assert cfg["extended_from"]["added"] == ["c"] and cfg["status"]["state"] == "final"
+    # the new dictionary and encoder moved from their initialization; the old ones did not
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["recon"]["c"] > 0 for r in rows)
+    from usae.hub import model_card
+
+    card = model_card(out)
+    assert "extended from" in card and "added `c`" in card
+
+
+def test_an_extended_run_evaluates_like_any_run(setup, tmp_path):
+    from usae.analysis.evaluate import evaluate
+
+    out = tmp_path / "run2"
+    extend_run(setup / "run", setup / "store", out, max_steps=4, progress=False)
+    report = evaluate(out, setup / "store", tmp_path / "eval", split="all", plots=False,
+                      faithfulness=False, progress=False)
+    assert report["models"] == ["a", "b", "c"] and len(report["r2"]) == 3
+
+
+def test_refusals_are_one_line(setup, tmp_path, capsys):
+    other = tmp_path / "other"
+    cache(f"{SPECS},{NEW}", make_images(tmp_path / "imgs", n=6, bad=False), other,
+          batch_size=3, workers=0, progress=False)
+    with pytest.raises(UsaeError, match="images differ from those the run was trained on"):
+        extend_run(setup / "run", other, tmp_path / "x", max_steps=2, progress=False)
+    assert main(["train", "--store", str(setup / "store"), "--out", str(tmp_path / "full"),
+                 "--preset", "fast", *KEYS, "--max-steps", "2", "--no-progress"]) == 0
+    with pytest.raises(UsaeError, match="has no model the run lacks"):
+        extend_run(tmp_path / "full", setup / "store", tmp_path / "y", max_steps=2,
+                   progress=False)
+    assert main(["train", "--extend", str(setup / "run"), "--images", "x", "--models", "y",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "--extend needs --store" in capsys.readouterr().err
+
+
+def test_kill_9_during_extend_then_resume_ends_where_the_whole_run_ends(setup, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out, *more):
+        return [sys.executable, "-m", "usae", "train", "--extend", str(setup / "run"),
+                "--store", str(setup / "store"), "--out", str(out), "--max-steps", "40",
+                "--checkpoint-every", "4", "--no-progress", *more]
+
+    assert subprocess.run(command(tmp_path / "whole"), env=env, timeout=300).returncode == 0
+    proc = subprocess.Popen(command(tmp_path / "part"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    ckpt = tmp_path / "part" / "checkpoint.safetensors"
+    for _ in range(3000):
+        if ckpt.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    res = subprocess.run(command(tmp_path / "part", "--resume"), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

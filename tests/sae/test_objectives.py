@@ -1,0 +1,287 @@
+"""The objective seam (``usae.sae.objectives``): each sparsity rule and criterion pinned by an
+independent oracle, and a rule that exists only here running through training, resume,
+encode/decode, eval and the hub card unchanged."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.sae.test_train import _StopAfter
+from usae.sae import objectives
+from usae.config import resolve
+from usae.errors import UsaeError
+from usae.sae.objectives.batch_topk import SEEN, THRESHOLD
+from usae.sae.oracles import naive_batch_topk_codes, naive_step_loss
+from usae.sae.model import UniversalSAE, densify
+from usae.data.sources import ArraySource
+from usae.sae.step import step_loss
+from usae.store.writer import store_from_arrays
+from usae.sae.trainer import Trainer
+from usae.sae.training import resolve_run_config, train_from_store
+
+
+def _sae(rule: str, k: int = 1, n: int = 3) -> UniversalSAE:
+    cfg = resolve(("a",), (2,), "paper", {"n_concepts": n, "k": k, "sparsity": rule})
+    return UniversalSAE(cfg.sae)
+
+
+def _dense(sae: UniversalSAE, post_nc: torch.Tensor) -> torch.Tensor:
+    values_nk, indices_nk = sae.select(post_nc)
+    return densify(values_nk, indices_nk, post_nc.shape[1])
+
+
+def test_batch_topk_keeps_the_k_times_n_largest_of_the_batch_by_hand():
+    post = torch.tensor([[5.0, 0.0, 1.0], [4.0, 3.0, 2.0]])
+    sae = _sae("batchtopk", k=1).train()
+    # k x N = 2 entries of the batch: 5 and 4, one in each row
+    assert torch.equal(_dense(sae, post), torch.tensor([[5.0, 0, 0], [4.0, 0, 0]]))
+    assert float(getattr(sae, THRESHOLD)) == 4.0 and int(getattr(sae, SEEN)) == 1
+    sae = _sae("batchtopk", k=2).train()
+    # 4 entries: 5, 4, 3 and 2; the first row keeps one, the second three
+    assert torch.equal(_dense(sae, post), torch.tensor([[5.0, 0, 0], [4.0, 3.0, 2.0]]))
+    assert float(getattr(sae, THRESHOLD)) == 2.0
+    # the next step's smallest kept value moves the threshold by 1 %
+    _dense(sae, torch.tensor([[9.0, 8.0, 7.0], [6.0, 0.0, 0.0]]))
+    assert float(getattr(sae, THRESHOLD)) == pytest.approx(0.99 * 2.0 + 0.01 * 6.0)
+
+
+def test_batch_topk_at_inference_keeps_what_passes_the_threshold_one_token_at_a_time():
+    sae = _sae("batchtopk", k=2).eval()
+    getattr(sae, THRESHOLD).fill_(2.5)
+    post = torch.tensor([[5.0, 0.0, 1.0], [4.0, 3.0, 2.0]])
+    want = torch.tensor([[5.0, 0, 0], [4.0, 3.0, 0]])
+    assert torch.equal(_dense(sae, post), want)
+    assert torch.equal(_dense(sae, post[1:]), want[1:]), "a token's code needs no batch"
+    assert float(getattr(sae, THRESHOLD)) == 2.5, "inference does not move the threshold"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_topk_equals_a_full_sort_on_random_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(17, 40, generator=g, dtype=torch.float64)
+    sae = _sae("batchtopk", k=3, n=40).double().train()
+    torch.testing.assert_close(_dense(sae, torch.relu(pre)), naive_batch_topk_codes(pre, 3))
+
+
+def _step_vs_naive(settings: dict, naive: dict, source: int = 1) -> None:
+    torch.manual_seed(0)
+    models, dims = ("a", "b", "c"), (24, 12, 16)
+    cfg = resolve(models, dims, "paper", {"n_concepts": 64, "k": 5, **settings})
+    base = UniversalSAE(cfg.sae).double().train()
+    if cfg.sae.encoder == "linear":
+        base.init_encoders_from_dictionaries()
+    xs = {m: torch.randn(60, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    ours, ref_sae = copy.deepcopy(base), copy.deepcopy(base)
+    loss, _, _ = step_loss(ours, xs, source, cfg)
+    loss.backward()
+    ref = naive_step_loss(ref_sae, xs, source, cfg.train.criterion, aux=cfg.train.aux, **naive)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(ours.named_parameters(), ref_sae.parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("kernel", [{"aux": "reference"},
+                                    {"aux": "none", "encoder": "linear"},
+                                    {"aux": "none", "encoder": "mlp_ln_1"}])
+def test_batch_topk_step_matches_the_naive_loss_on_every_kernel(kernel):
+    _step_vs_naive({"sparsity": "batchtopk", "decoder_update": "all", **kernel},
+                   {"rule": "batchtopk"})
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kernel", [{"aux": "reference"}, {"aux": "none", "encoder": "linear"}])
+def test_matryoshka_loss_is_the_sum_of_the_prefix_losses(rule, kernel):
+    _step_vs_naive({"sparsity": rule, "matryoshka": "8,32", "decoder_update": "all",
+                    **kernel}, {"rule": rule, "prefixes": (8, 32)})
+
+
+def test_matryoshka_prefixes_are_checked():
+    for bad in ("32,8", "0,8", "8,8"):
+        with pytest.raises(UsaeError, match="increasing positive"):
+            resolve(("a",), (4,), "paper", {"n_concepts": 64, "matryoshka": bad})
+    with pytest.raises(UsaeError, match="smaller than the 64"):
+        resolve(("a",), (4,), "paper", {"n_concepts": 64, "matryoshka": "8,64"})
+    with pytest.raises(UsaeError, match="sparsity must be one of"):
+        resolve(("a",), (4,), "paper", {"sparsity": "nope"})
+
+
+class NaiveL1:
+    """A criterion written with plain autograd: the seam's signature, no fused kernel."""
+
+    def __call__(self, x_nD, xh_nD, ah_nD, widths, aux_coef, detach_residual):
+        parts = torch.stack([(x - xh).abs().mean() for x, xh in
+                             zip(x_nD.split(widths, 1), xh_nD.split(widths, 1))])
+        aux = torch.zeros_like(parts)
+        if ah_nD is not None:
+            resid = x_nD - xh_nD
+            resid = resid.detach() if detach_residual else resid
+            aux = torch.stack([(r - a).abs().mean() for r, a in
+                               zip(resid.split(widths, 1), ah_nD.split(widths, 1))])
+        return parts.sum() + aux_coef * aux.sum(), parts.detach(), aux.detach()
+
+
+class HalfTopK:
+    """A sparsity rule that exists only in the tests: TopK with half the k."""
+
+    def buffers(self, n_concepts):
+        return {}
+
+    def select(self, post_nc, k, owner):
+        return torch.topk(post_nc, max(1, k // 2), dim=1, sorted=False)
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    monkeypatch.setitem(objectives.SPARSITY, "half_topk", HalfTopK)
+    monkeypatch.setitem(objectives.CRITERIA, "naive_l1", NaiveL1)
+
+
+def test_a_criterion_added_at_the_seam_trains_as_the_fused_one(registered):
+    torch.manual_seed(0)
+    cfg_fused = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3})
+    cfg_naive = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3,
+                                                       "criterion": "naive_l1"})
+    base = UniversalSAE(cfg_fused.sae).double()
+    xs = {"a": torch.randn(20, 10).double(), "b": torch.randn(20, 6).double()}
+    fused, naive = copy.deepcopy(base), copy.deepcopy(base)
+    (lf, _, _), (ln, _, _) = step_loss(fused, xs, 0, cfg_fused), step_loss(naive, xs, 0, cfg_naive)
+    lf.backward()
+    ln.backward()
+    torch.testing.assert_close(lf, ln)
+    for p, q in zip(fused.parameters(), naive.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.fixture
+def small_store(tmp_path, make_arrays):
+    n = 32
+    return store_from_arrays(tmp_path / "store", make_arrays(n_images=n, tokens=4),
+                             dtype="float32", splits=["train"] * 24 + ["val"] * 8).path
+
+
+SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1", "checkpoint_every=3"]
+
+
+@pytest.mark.parametrize("sets", [{"sparsity": "half_topk"}, {"sparsity": "batchtopk"},
+                                  {"matryoshka": "8,16"},
+                                  {"sparsity": "batchtopk", "matryoshka": "8", "aux": "reference",
+                                   "encoder": "mlp_bn_1"},
+                                  {"active_set": "global", "cross_coef": 0.5,
+                                   "matryoshka": "8"}])
+def test_each_rule_trains_and_resumes_bit_identically(registered, make_arrays, tmp_path, sets):
+    arrays = make_arrays(n_images=24, tokens=4)
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
+                  {"n_concepts": 32, "k": 4, "batch_images": 4, "max_steps": 10,
+                   "log_every": 1, "checkpoint_every": 3, **sets})
+    Trainer(cfg, tmp_path / "whole", progress=False).fit(ArraySource(arrays))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "part", progress=False).fit(
+            _StopAfter(ArraySource(arrays), 7))
+    Trainer(cfg, tmp_path / "part", progress=False).fit(ArraySource(arrays), resume=True)
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    if sets.get("sparsity") == "half_topk":
+        assert all(r["l0"] <= 2 for r in rows), "the test rule's k/2 ran in training"
+    if sets.get("sparsity") == "batchtopk":
+        assert float(a[THRESHOLD]) > 0 and int(a[SEEN]) == 10
+        assert all(r["l0"] == pytest.approx(4) for r in rows), "k x N kept, k on average"
+
+
+def test_a_rule_added_at_the_seam_works_through_encode_eval_and_the_card(
+        registered, small_store, tmp_path):
+    from usae.analysis.evaluate import evaluate
+    from usae.hub import model_card
+
+    run = tmp_path / "run"
+    train_from_store(small_store, run, preset="fast", sets=SETS + ["sparsity=half_topk"],
+                     max_steps=6, progress=False)
+    sae = UniversalSAE.load(run)
+    x = torch.randn(5, sae.dim(sae.models[0]))
+    codes = sae.encode(sae.models[0], x)
+    assert ((codes > 0).sum(1) <= 2).all(), "encode uses the run's rule"
+    assert sae.decode(sae.models[1], codes).shape == (5, sae.dim(sae.models[1]))
+    report = evaluate(run, small_store, tmp_path / "eval", plots=False, faithfulness=False)
+    assert all(v <= 2 + 1e-6 for v in report["l0"].values())
+    card = model_card(run, tmp_path / "eval")
+    assert "sparsity rule `half_topk`" in card
+
+
+@pytest.mark.parametrize("kernel", [{"aux": "none", "encoder": "linear"},
+                                    {"aux": "none", "encoder": "mlp_ln_1"}])
+@pytest.mark.parametrize("cross", [0.0, 0.5])
+def test_global_topk_step_matches_the_naive_loss(kernel, cross):
+    from usae.sae.oracles import naive_global_step_loss
+
+    torch.manual_seed(0)
+    models, dims = ("a", "b", "c"), (24, 12, 16)
+    cfg = resolve(models, dims, "fast", {"n_concepts": 64, "k": 5, "active_set": "global",
+                                         "cross_coef": cross, **kernel})
+    base = UniversalSAE(cfg.sae).double().train()
+    xs = {m: torch.randn(60, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    ours, ref_sae = copy.deepcopy(base), copy.deepcopy(base)
+    loss, out, _ = step_loss(ours, xs, 0, cfg)
+    loss.backward()
+    ref = naive_global_step_loss(ref_sae, xs, "l1", cross)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(ours.named_parameters(), ref_sae.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_global_topk_shares_one_active_set_chosen_from_the_mean_by_hand():
+    """Model a's ReLU'd activations (3, 0, 1), b's (0, 2, 1.5): their mean (1.5, 1, 1.25)
+    picks concept 0 for k = 1; a's code is 3 there, b's is 0 (so only concept 0 fires)."""
+    cfg = resolve(("a", "b"), (3, 3), "fast", {"n_concepts": 3, "k": 1, "active_set": "global",
+                                               "aux": "none"})
+    sae = UniversalSAE(cfg.sae).train()
+    with torch.no_grad():
+        for m in ("a", "b"):
+            sae.encoders[m].linear.weight.copy_(torch.eye(3))
+            sae.encoders[m].linear.bias.zero_()
+            sae.dictionaries[m].copy_(torch.eye(3))
+    xs = {"a": torch.tensor([[3.0, 0.0, 1.0]]), "b": torch.tensor([[0.0, 2.0, 1.5]])}
+    loss, out, fired = step_loss(sae, xs, 0, cfg)
+    assert fired.tolist() == [True, False, False]
+    # a reconstructs (3, 0, 0): mean |error| 1/3; b reconstructs nothing: (2 + 1.5) / 3
+    assert out.recon == pytest.approx([1 / 3, 3.5 / 3])
+    assert out.l0 == pytest.approx(0.5)
+
+
+def test_global_topk_needs_every_model_stepping():
+    with pytest.raises(UsaeError, match="decoder_update=all"):
+        resolve(("a", "b"), (8, 8), "paper", {"active_set": "global"})
+    with pytest.raises(UsaeError, match="cross_coef is for active_set=global"):
+        resolve(("a", "b"), (8, 8), "fast", {"cross_coef": 1.0})
+
+
+def test_a_resume_with_another_config_raises_its_own_error_type(make_arrays, tmp_path):
+    """ConfigMismatch (a UsaeError): `usae demo` starts afresh on it, and nothing matches
+    error text."""
+    from usae.errors import ConfigMismatch
+
+    arrays = make_arrays(n_images=8, tokens=2)
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "fast",
+                  {"n_concepts": 16, "k": 2, "batch_images": 4, "max_steps": 2})
+    Trainer(cfg, tmp_path / "r", progress=False).fit(ArraySource(arrays))
+    other = resolve(cfg.sae.models, cfg.sae.dims, "fast",
+                    {"n_concepts": 16, "k": 3, "batch_images": 4, "max_steps": 2})
+    with pytest.raises(ConfigMismatch, match=r"k: 2 -> 3"):
+        Trainer(other, tmp_path / "r", progress=False).fit(ArraySource(arrays), resume=True)
+    with pytest.raises(ConfigMismatch, match="preset"):
+        resolve_run_config(
+            cfg.sae.models, cfg.sae.dims, tmp_path / "r", preset="paper", resume=True)
