@@ -49,6 +49,8 @@ SELECTION: dict[str, list[str]] = {
     "data.cache": ["tests/data/test_cache.py"],
     "data.align": ["tests/data/test_images_align.py", "tests/data/test_backbones.py"],
     "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
+    "sae.extend": ["tests/sae/test_extend.py"],
+    "data.store_add": ["tests/data/test_store_add.py"],
 }
 # module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
 # tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
@@ -59,7 +61,8 @@ PREBUILT: dict[str, str] = {
 }
 # module -> packages its tests import lazily, imported once by mutmut's fork server instead
 # of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
-PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformers"}
+PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformers",
+                           "sae.extend": "timm", "data.store_add": "timm"}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")

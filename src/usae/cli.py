@@ -127,6 +127,9 @@ def _add_train(sub) -> None:
     s.add_argument("--extend", default=None, metavar="RUN", help="add the store's models that "
                    "RUN lacks (usae store add-model) to RUN's concept space: RUN's weights are "
                    "copied and frozen, only the new models train (RUN may be hf://...)")
+    s.add_argument("--finetune", action="store_true", help="with --extend RUN (a run of every "
+                   "model of the store, e.g. an extended one): copy all its weights and train "
+                   "them all; OUT/concept_drift.json says how far each model's concepts moved")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_arguments(s.add_argument_group("with --images (as usae cache has them)"),
                   StreamOptions, unset=True)

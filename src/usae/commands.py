@@ -144,7 +144,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.store or args.independent:
             raise UsaeError("--extend needs --store (a store with the run's models and the new "
                             "ones) and trains one universal SAE (no --independent)")
-        summary = extend_run(args.extend, args.store, args.out, **common)
+        summary = extend_run(args.extend, args.store, args.out, finetune=args.finetune,
+                             **common)
+    elif args.finetune:
+        raise UsaeError("--finetune goes with --extend RUN (the run whose weights to train)")
     elif args.store:
         from usae.sae.training import train_from_store
 
@@ -177,6 +180,9 @@ def _train_summary(s: dict) -> str:
     if s.get("loss") is not None:
         recon = ", ".join(f"{m} {v:.4f}" for m, v in (s.get("recon") or {}).items())
         lines.append(f"  last logged loss {s['loss']:.4f} (reconstruction: {recon})")
+    for m, d in (s.get("concept_drift") or {}).items():
+        lines.append(f"  {m}: concepts moved by fine-tuning: mean cosine to before "
+                     f"{d['mean_cosine']:.3f}, {d['moved_fraction']:.1%} below 0.9")
     if s.get("val_r2"):
         r2 = np.asarray(s["val_r2"])
         off = r2[~np.eye(len(r2), dtype=bool)]

@@ -137,6 +137,9 @@ def _extension_lines(ext: dict[str, Any] | None) -> list[str]:
     """The card's line for a run made by ``usae train --extend``."""
     if not ext:
         return []
+    if ext.get("finetune"):
+        return [f"- fine-tuned from `{ext.get('run')}` (step {ext.get('step')}) on "
+                f"{str(ext.get('at', '?'))[:10]}: every model trained (concept_drift.json)"]
     added = ", ".join(f"`{m}`" for m in ext.get("added", []))
     return [f"- extended from `{ext.get('run')}` (step {ext.get('step')}): added {added} on "
             f"{str(ext.get('at', '?'))[:10]}, the earlier models' weights frozen"]

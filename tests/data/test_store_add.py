@@ -19,7 +19,7 @@ from usae.data import store_add
 from usae.data.cache import cache
 from usae.cli import main
 from usae.errors import UsaeError
-from usae.store.store import Store, acts_file, read_manifest
+from usae.store.store import Store, acts_file, earlier_hashes, read_manifest
 
 OLD = "effnet:lite0?img_size=64&name=a"
 NEW = "effnet:lite1?img_size=64&name=b"
@@ -57,7 +57,7 @@ def test_an_added_model_equals_a_cache_of_every_model_at_once(images, together, 
     assert new["history"][0]["added"] == ["b"]
     assert new["history"][0]["previous_content_hash"] == old["content_hash"]
     assert new["content_hash"] != old["content_hash"] and Store(tmp_path / "s").verify()
-    assert store_add.earlier_hashes(new) == {old["content_hash"]}
+    assert earlier_hashes(new) == {old["content_hash"]}
     assert not list((tmp_path / "s").glob(".add-*")), "the staging store is removed"
 
 

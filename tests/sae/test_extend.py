@@ -112,3 +112,28 @@ def test_kill_9_during_extend_then_resume_ends_where_the_whole_run_ends(setup, t
     b = load_file(tmp_path / "part" / "model.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_finetune_trains_every_model_and_says_how_far_the_concepts_moved(setup, tmp_path):
+    ext, ft = tmp_path / "ext", tmp_path / "ft"
+    extend_run(setup / "run", setup / "store", ext, max_steps=4, progress=False)
+    assert main(["train", "--extend", str(ext), "--finetune", "--store", str(setup / "store"),
+                 "--out", str(ft), "--max-steps", "4", "--no-progress"]) == 0
+    assert json.loads((ft / "config.json").read_text())["train"]["frozen_models"] == []
+    before, after = load_file(ext / "model.safetensors"), load_file(ft / "model.safetensors")
+    drift = json.loads((ft / "concept_drift.json").read_text())["models"]
+    for m in ("a", "b", "c"):
+        assert not torch.equal(before[f"dictionaries.{m}"], after[f"dictionaries.{m}"])
+
+        def unit(w):
+            return w / (w.norm(dim=1, keepdim=True) + 1e-8)
+
+        cos = (unit(before[f"dictionaries.{m}"]) * unit(after[f"dictionaries.{m}"])).sum(1)
+        assert drift[m]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-4)
+        assert drift[m]["moved_fraction"] == pytest.approx(float((cos < 0.9).float().mean()),
+                                                           abs=1e-4)
+    with pytest.raises(UsaeError, match="extend the run with them first"):
+        extend_run(setup / "run", setup / "store", tmp_path / "x", finetune=True,
+                   max_steps=2, progress=False)
+    assert main(["train", "--store", str(setup / "store"), "--out", str(tmp_path / "y"),
+                 "--finetune"]) == 2

@@ -50,6 +50,17 @@ def test_batch_topk_keeps_the_k_times_n_largest_of_the_batch_by_hand():
     assert float(getattr(sae, THRESHOLD)) == pytest.approx(0.99 * 2.0 + 0.01 * 6.0)
 
 
+def test_batch_topk_threshold_follows_a_cut_below_one_and_is_an_integer_count():
+    sae = _sae("batchtopk", k=1).train()
+    _dense(sae, torch.tensor([[0.5, 0.0, 0.2], [0.3, 0.0, 0.0]]))  # k x N = 2: 0.5 and 0.3
+    assert float(getattr(sae, THRESHOLD)) == pytest.approx(0.3)
+    assert getattr(sae, SEEN).dtype == torch.int64 and int(getattr(sae, SEEN)) == 1
+    sae.eval()  # values at the threshold are kept, and those between it and 1
+    getattr(sae, THRESHOLD).fill_(0.5)
+    assert torch.equal(_dense(sae, torch.tensor([[0.5, 0.7, 0.4]])),
+                       torch.tensor([[0.5, 0.7, 0.0]]))
+
+
 def test_batch_topk_at_inference_keeps_what_passes_the_threshold_one_token_at_a_time():
     sae = _sae("batchtopk", k=2).eval()
     getattr(sae, THRESHOLD).fill_(2.5)
@@ -221,26 +232,74 @@ def test_a_rule_added_at_the_seam_works_through_encode_eval_and_the_card(
     assert "sparsity rule `half_topk`" in card
 
 
-@pytest.mark.parametrize("kernel", [{"aux": "none", "encoder": "linear"},
-                                    {"aux": "none", "encoder": "mlp_ln_1"}])
+GLOBAL_CASES = {
+    "linear": {"aux": "none", "encoder": "linear"},
+    "layernorm": {"aux": "none", "encoder": "mlp_ln_1"},
+    "batchnorm_reference_aux": {"aux": "reference", "encoder": "mlp_bn_1"},
+    "linear_auxk": {"aux": "gao", "encoder": "linear"},
+    "layernorm_auxk": {"aux": "gao", "encoder": "mlp_ln_1"},
+    "linear_batchtopk": {"aux": "none", "encoder": "linear", "sparsity": "batchtopk"},
+    "linear_ball": {"aux": "none", "encoder": "linear", "dictionary_norm": "ball"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GLOBAL_CASES))
 @pytest.mark.parametrize("cross", [0.0, 0.5])
-def test_global_topk_step_matches_the_naive_loss(kernel, cross):
+def test_global_topk_step_matches_the_naive_loss(case, cross):
+    """Loss, every gradient, the fired concepts and BatchNorm's running statistics (each
+    encoder runs once a step) against ``naive_global_step_loss``."""
     from usae.sae.oracles import naive_global_step_loss
 
     torch.manual_seed(0)
     models, dims = ("a", "b", "c"), (24, 12, 16)
+    keys = GLOBAL_CASES[case]
     cfg = resolve(models, dims, "fast", {"n_concepts": 64, "k": 5, "active_set": "global",
-                                         "cross_coef": cross, **kernel})
+                                         "cross_coef": cross, "aux_k": 6, **keys})
     base = UniversalSAE(cfg.sae).double().train()
+    with torch.no_grad():  # rows of both lengths, so that `ball` differs from `unit`
+        for m in models:
+            base.dictionaries[m].mul_(torch.linspace(0.5, 3.0, 64, dtype=torch.float64)[:, None])
     xs = {m: torch.randn(60, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    dead = torch.arange(64) % 3 == 0 if keys["aux"] == "gao" else None
     ours, ref_sae = copy.deepcopy(base), copy.deepcopy(base)
-    loss, out, _ = step_loss(ours, xs, 0, cfg)
+    loss, out, fired = step_loss(ours, xs, 0, cfg, dead)
     loss.backward()
-    ref = naive_global_step_loss(ref_sae, xs, "l1", cross)
+    ref, ref_fired = naive_global_step_loss(ref_sae, xs, "l1", cross,
+                                            rule=cfg.sae.sparsity, aux=keys["aux"],
+                                            dead_c=dead, aux_k=6)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(fired, ref_fired)
     for (name, p), q in zip(ours.named_parameters(), ref_sae.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+    for (name, b), c in zip(ours.named_buffers(), ref_sae.buffers()):
+        if not name.startswith("batch_topk"):  # (the rule's own state: tested above)
+            torch.testing.assert_close(b, c, msg=name)
+
+
+def test_ball_dictionaries_in_the_step_match_the_naive_loss():
+    """``dictionary_norm=ball`` on the source rule's kernels: rows longer than 1 shrink to
+    1, shorter ones stay (the oracle's ``naive_ball_rows``)."""
+    for kernel in ({"aux": "reference"}, {"aux": "none", "encoder": "linear"}):
+        torch.manual_seed(1)
+        models, dims = ("a", "b"), (12, 8)
+        cfg = resolve(models, dims, "paper", {"n_concepts": 32, "k": 3, "decoder_update": "all",
+                                              "dictionary_norm": "ball", **kernel})
+        base = UniversalSAE(cfg.sae).double().train()
+        with torch.no_grad():
+            for m in models:
+                base.dictionaries[m].mul_(torch.linspace(0.3, 3.0, 32,
+                                                         dtype=torch.float64)[:, None])
+        xs = {m: torch.randn(30, d, dtype=torch.float64) for m, d in zip(models, dims)}
+        ours, ref_sae = copy.deepcopy(base), copy.deepcopy(base)
+        loss, _, _ = step_loss(ours, xs, 1, cfg)
+        loss.backward()
+        ref = naive_step_loss(ref_sae, xs, 1, "l1", aux=cfg.train.aux)
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+        for (name, p), q in zip(ours.named_parameters(), ref_sae.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_global_topk_shares_one_active_set_chosen_from_the_mean_by_hand():

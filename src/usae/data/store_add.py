@@ -144,9 +144,3 @@ def _join(path: Path, staging: Path) -> dict[str, Any]:
         log.info("added %s to %s (%d images)", ", ".join(names), path, manifest["n_images"])
     shutil.rmtree(staging)
     return manifest
-
-
-def earlier_hashes(manifest: dict[str, Any]) -> set[str]:
-    """The content hashes this store had before models were added (for a run trained on it
-    then)."""
-    return {str(h["previous_content_hash"]) for h in manifest.get("history", [])}

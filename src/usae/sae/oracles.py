@@ -26,6 +26,18 @@ def naive_unit_rows(w_nd: Tensor) -> Tensor:
     return w_nd / (torch.sqrt((w_nd * w_nd).sum(dim=1, keepdim=True)) + DICT_EPS)
 
 
+def naive_ball_rows(w_nd: Tensor) -> Tensor:
+    """``dictionary_norm=ball``: each row longer than 1 divided by its norm, others kept."""
+    norms = torch.sqrt((w_nd * w_nd).sum(dim=1, keepdim=True))
+    return torch.where(norms > 1, w_nd / norms, w_nd)
+
+
+def naive_dictionary(sae, model: str) -> Tensor:
+    """The model's dictionary as the step uses it (unit rows, or ``ball`` rows)."""
+    w = sae.dictionaries[model]
+    return naive_ball_rows(w) if sae.cfg.dictionary_norm == "ball" else naive_unit_rows(w)
+
+
 def naive_topk_codes(pre_nc: Tensor, k: int) -> Tensor:
     """Dense TopK(ReLU(pre)) codes (N, n)."""
     post = torch.relu(pre_nc)
@@ -75,7 +87,7 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
         naive_topk_codes(pre, sae.cfg.k)
     total = pre.new_zeros(())
     for m in sae.models:
-        dict_nd = naive_unit_rows(sae.dictionaries[m])
+        dict_nd = naive_dictionary(sae, m)
         for size in prefixes:
             total = total + naive_criterion(criterion, xs[m], codes[:, :size] @ dict_nd[:size])
         xhat = codes @ dict_nd
@@ -92,19 +104,36 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
 
 
 def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
-                           cross_coef: float = 0.0) -> Tensor:
-    """Global TopK across models, written out: one TopK per token over the mean of the
-    models' ReLU'd pre-activations; model m's code is its own ReLU'd values on that set;
-    sum over m of ``crit(x_m, z_m D_m)`` plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for
-    every j != m."""
-    posts = {m: torch.relu(sae.encoders[m](xs[m])) for m in sae.models}
+                           cross_coef: float = 0.0, rule: str = "topk", aux: str = "none",
+                           aux_coef: float = 0.1, dead_c: Tensor | None = None,
+                           aux_k: int = 0) -> tuple[Tensor, Tensor]:
+    """Global TopK across models, written out: the rule (TopK, or BatchTopK by a full sort)
+    picks one active set per token from the mean of the models' ReLU'd pre-activations;
+    model m's code is its own ReLU'd values on that set; sum over m of ``crit(x_m, z_m D_m)``
+    (plus m's auxiliary term into its own model: ``reference`` or ``gao``, as
+    ``naive_step_loss``) plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for every j != m.
+    Returns (loss, fired: (n,) concepts with a positive code in some model)."""
+    pres = {m: sae.encoders[m](xs[m]) for m in sae.models}
+    posts = {m: torch.relu(p) for m, p in pres.items()}
     mean = torch.stack([p.detach() for p in posts.values()]).mean(0)
-    mask = naive_topk_codes(mean, sae.cfg.k) > 0
-    dicts = {m: naive_unit_rows(sae.dictionaries[m]) for m in sae.models}
+    chosen = naive_batch_topk_codes(mean, sae.cfg.k) if rule == "batchtopk" else \
+        naive_topk_codes(mean, sae.cfg.k)
+    mask = chosen > 0
+    dicts = {m: naive_dictionary(sae, m) for m in sae.models}
     total = mean.new_zeros(())
+    fired = torch.zeros(mean.shape[1], dtype=torch.bool)
     for m in sae.models:
         code = posts[m] * mask
+        fired |= (code.detach() > 0).any(0)
         for j in sae.models:
             term = naive_criterion(criterion, xs[j], code @ dicts[j])
             total = total + (term if j == m else cross_coef * term)
-    return total
+        resid = xs[m] - code @ dicts[m]
+        if aux == "reference":
+            total = total + aux_coef * naive_criterion(
+                criterion, resid, naive_reference_aux_codes(pres[m], code) @ dicts[m])
+        elif aux == "gao" and dead_c is not None and bool(dead_c.any()):
+            total = total + aux_coef * naive_criterion(
+                criterion, resid.detach(), naive_gao_aux_codes(pres[m], dead_c, aux_k)
+                @ dicts[m])
+    return total, fired

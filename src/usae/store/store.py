@@ -228,3 +228,9 @@ class Store:
         result = np.empty_like(out)
         result[order] = out
         return from_storage(result, self.dtype)
+
+
+def earlier_hashes(manifest: dict[str, Any]) -> set[str]:
+    """The content hashes a store had before models were added to it (``usae store
+    add-model`` records them in ``history``): a run trained on it then still matches."""
+    return {str(h["previous_content_hash"]) for h in manifest.get("history", [])}
