@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -137,3 +138,59 @@ def test_finetune_trains_every_model_and_says_how_far_the_concepts_moved(setup, 
                    max_steps=2, progress=False)
     assert main(["train", "--store", str(setup / "store"), "--out", str(tmp_path / "y"),
                  "--finetune"]) == 2
+
+
+def test_two_ranks_extend_as_one_process_and_add_a_model_as_one(setup, tmp_path):
+    """torchrun: `--extend` on two ranks trains the run one process trains (the frozen
+    weights bit-identical on both), and `store add-model` on two ranks writes the bytes one
+    process writes (every process with one thread)."""
+    import shutil
+
+    from tests.sae.test_distributed import TORCHRUN, _env, assert_same_run, free_port
+
+    def torchrun(*args):
+        return subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(free_port()), "-m", "usae",
+                               *args], capture_output=True, text=True, timeout=300,
+                              env=_env())
+
+    common = ["--extend", str(setup / "run"), "--store", str(setup / "store"), "--max-steps",
+              "6", "--log-every", "1", "--no-progress"]
+    res = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "usae", "train", *common, "--out",
+                          str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=6)
+    old = load_file(setup / "run" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.equal(two[k], v) for k, v in old.items())
+    for name in ("s1", "s2"):
+        shutil.copytree(setup / "store", tmp_path / name)
+        for path in (tmp_path / name).glob("acts_c.bin"):
+            path.unlink()
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        manifest["models"].pop("c")
+        manifest["stats"].pop("c")
+        manifest["content_hash"] = manifest["history"][0]["previous_content_hash"]
+        manifest.pop("history")
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    add = ["store", "add-model", "--models", NEW, "--workers", "0", "--batch-size", "2",
+           "--no-progress"]
+    res = torchrun(*add[:2], str(tmp_path / "s2"), *add[2:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "usae", *add[:2], str(tmp_path / "s1"),
+                          *add[2:]], env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("acts_c.bin", "manifest.json"):
+        a, b = (tmp_path / "s1" / name).read_bytes(), (tmp_path / "s2" / name).read_bytes()
+        if name == "manifest.json":  # (the time of the join differs; float64 statistics
+            a, b = (json.loads(x) for x in (a, b))  # summed over two ranks round otherwise)
+            for m in (a, b):
+                m["history"][0].pop("at")
+            stats = a.pop("stats"), b.pop("stats")
+            assert stats[0]["a"] == stats[1]["a"] and stats[0]["b"] == stats[1]["b"]
+            for key, value in stats[0]["c"].items():
+                assert np.allclose(value, stats[1]["c"][key], rtol=1e-12, atol=0), key
+        assert a == b, name
