@@ -1,19 +1,21 @@
 """Configuration: one tree of frozen dataclasses, the single source of truth.
 
-Every field carries its help text in ``metadata["help"]``; the CLI's ``--set key=value``
-and ``usae train --help`` read it from here. Validation lives in ``__post_init__``.
+Every field is an ``options.opt``: help text, choices and limits in its metadata, the one
+option mechanism of every command. ``usae train``'s flags, ``--help``, ``--set key=value``
+and config files all read them from here; ``options.validate`` applies the choices and limits
+(errors name the key), ``__post_init__`` adds the checks across fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from usae.errors import UsaeError
+from usae.options import opt, validate
 from usae.sae import objectives
 
 ENCODERS = ("mlp_bn_1", "mlp_ln_1", "linear")
@@ -23,31 +25,31 @@ DATA_KEYS = ("models", "dims")  # set from the data, never by the user
 MAX_SEED = 2**63 - 1  # what every generator seeded from it (torch, NumPy) accepts
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass(frozen=True)
 class SAEConfig:
     """Architecture of a universal SAE (everything needed to rebuild it for inference)."""
 
-    models: tuple[str, ...] = _help("Model names, in matrix order.", ())
-    dims: tuple[int, ...] = _help("Activation width d_m of each model, same order.", ())
-    n_concepts: int = _help("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
-    k: int = _help("Active concepts per token (with batchtopk: on average over a batch).",
-                   32)
-    sparsity: str = _help("Sparsity rule (usae.sae.objectives): topk (paper: the k largest per "
-                          "token) or batchtopk (the k x N largest over a batch of N tokens; "
-                          "a threshold learnt in training at inference).", "topk")
-    encoder: str = _help("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
-                         "mlp_ln_1 (LayerNorm) or linear (no norm).", "mlp_bn_1")
-    standardize: str = _help("Input standardization: scalar (paper: one mean/std per model), "
-                             "per_dim (mean and std per dimension) or center_per_dim "
-                             "(mean per dimension, one std per model).", "scalar")
-    dictionary_norm: str = _help("Dictionary rows: unit (paper: every row of every model's "
-                                 "dictionary has norm 1) or ball (norm at most 1: a concept "
-                                 "can fade out of a model it does not live in; docs/RESULTS.md, "
-                                 "\"Ground truth\").", "unit")
+    OPTION_NAMES = "key"  # errors say `config: key` (options.validate)
+
+    models: tuple[str, ...] = opt("Model names, in matrix order.", ())
+    dims: tuple[int, ...] = opt("Activation width d_m of each model, same order.", ())
+    n_concepts: int = opt("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
+    k: int = opt("Active concepts per token (with batchtopk: on average over a batch).",
+                 32)
+    sparsity: str = opt("Sparsity rule (usae.sae.objectives): topk (paper: the k largest per "
+                        "token) or batchtopk (the k x N largest over a batch of N tokens; "
+                        "a threshold learnt in training at inference).", "topk")
+    encoder: str = opt("Encoder kind: mlp_bn_1 (paper: Linear, BatchNorm1d, ReLU), "
+                       "mlp_ln_1 (LayerNorm) or linear (no norm).", "mlp_bn_1",
+                       choices=ENCODERS)
+    standardize: str = opt("Input standardization: scalar (paper: one mean/std per model), "
+                           "per_dim (mean and std per dimension) or center_per_dim "
+                           "(mean per dimension, one std per model).", "scalar",
+                           choices=STANDARDIZE)
+    dictionary_norm: str = opt("Dictionary rows: unit (paper: every row of every model's "
+                               "dictionary has norm 1) or ball (norm at most 1: a concept "
+                               "can fade out of a model it does not live in; docs/RESULTS.md, "
+                               "\"Ground truth\").", "unit", choices=DICTIONARY_NORMS)
 
     def __post_init__(self) -> None:
         if len(self.models) != len(self.dims):
@@ -56,17 +58,10 @@ class SAEConfig:
             raise UsaeError(f"config: duplicate model names in {list(self.models)}")
         if any(int(d) <= 0 for d in self.dims):
             raise UsaeError(f"config: every model dim must be positive, got {list(self.dims)}")
-        if self.encoder not in ENCODERS:
-            raise UsaeError(f"config: encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.standardize not in STANDARDIZE:
-            raise UsaeError(f"config: standardize must be one of {STANDARDIZE}, "
-                            f"got {self.standardize!r}")
-        if self.sparsity not in objectives.SPARSITY:
+        validate(self)
+        if self.sparsity not in objectives.SPARSITY:  # (a registry: rules may be added)
             raise UsaeError(f"config: sparsity must be one of {sorted(objectives.SPARSITY)}, "
                             f"got {self.sparsity!r}")
-        if self.dictionary_norm not in DICTIONARY_NORMS:
-            raise UsaeError(f"config: dictionary_norm must be one of {DICTIONARY_NORMS}, got "
-                            f"{self.dictionary_norm!r}")
         if self.k <= 0:
             raise UsaeError(f"config: k must be positive, got {self.k}")
         if self.n_concepts < 0:
@@ -85,97 +80,86 @@ class SAEConfig:
 class TrainConfig:
     """How to train. ``paper`` preset = these defaults, exactly the reference's rule."""
 
-    lr: float = _help("Peak AdamW learning rate (paper 3e-4).", 3e-4)
-    weight_decay: float = _help("AdamW weight decay (paper 1e-5).", 1e-5)
-    grad_clip: float = _help("Gradient-norm clip per model (paper 1.0); 0 disables.", 1.0)
-    batch_images: int = _help("Images per batch; a batch is all their tokens (paper 32).", 32)
-    epochs: int = _help("Passes over the training split.", 1)
-    max_steps: int = _help("Stop after this many steps; 0 means epochs x batches per epoch.", 0)
-    warmup_steps: int = _help("Linear warmup from 1e-6; 0 means one epoch of iterations "
-                              "(paper).", 0)
-    min_lr: float = _help("Start of warmup and end of the cosine.", 1e-6)
-    criterion: str = _help("Reconstruction criterion (usae.sae.objectives): l1 (paper, mean "
-                           "|x - x_hat|) or l2.", "l1")
-    active_set: str = _help("Whose codes a step uses: source (paper: the sampled source "
-                            "model's codes reconstruct every model) or global (global TopK "
-                            "across models, as SPARC: every model encodes, one active set per "
-                            "token is chosen from their averaged activations, and each model's "
-                            "code on it reconstructs its own model; needs decoder_update=all, "
-                            "schedule=global).", "source")
-    cross_coef: float = _help("active_set=global: weight of the cross-reconstruction loss "
-                              "(each model's code decodes every other model); 0: off.", 0.0)
-    frozen_models: tuple[str, ...] = _help("Models whose encoder, dictionary and "
-                                           "standardization stay as they are; set by "
-                                           "`usae train --extend` for the run's own models.",
-                                           ())
-    matryoshka: tuple[int, ...] = _help("Matryoshka: nested prefix sizes of the concept list, "
-                                        "e.g. 256,1024 (empty: off). The reconstruction loss "
-                                        "is summed over the codes cut to each prefix and the "
-                                        "whole list, so early concepts learn general "
-                                        "features.", ())
-    aux: str = _help("Auxiliary loss: reference (paper: top n/2 of relu(pre)-z predicts the "
-                     "residual), gao (AuxK on dead latents, detached residual) or none.",
-                     "reference")
-    aux_coef: float = _help("Weight of the auxiliary loss (paper 0.1).", 0.1)
-    aux_k: int = _help("AuxK size for aux=gao; 0 means min(4 x k, n/2).", 0)
-    dead_after_tokens: int = _help("aux=gao: a concept is dead after this many tokens "
-                                   "without firing.", 1_000_000)
-    decoder_update: str = _help("source (paper: only the sampled model's encoder and decoder "
-                                "step) or all (every decoder steps every iteration).", "source")
-    schedule: str = _help("per_model (paper: each model's cosine steps only when sampled, so "
-                          "it never reaches min_lr) or global (one schedule per iteration).",
-                          "per_model")
-    shuffle_pairing: bool = _help("Control: permute each model's images so models see "
-                                  "different images at the same position.", False)
-    encoder_init: str = _help("default (paper: PyTorch's Linear init) or transpose (each "
-                              "encoder starts as its model's unit-row dictionary, transposed; "
-                              "Gao et al. 2024: fewer dead concepts).", "default")
-    seed: int = _help("Seed for init, model sampling and data order.", 0)
-    device: str = _help("cpu or cuda.", "cpu")
-    log_every: int = _help("Write metrics.jsonl every N steps.", 10)
-    checkpoint_every: int = _help("Checkpoint every N steps (and always at the end).", 500)
-    checkpoint_minutes: float = _help("Also checkpoint when this many minutes have passed "
-                                      "since the last one (SIGINT/SIGTERM always save).", 10.0)
-    eval_every: int = _help("Held-out R2 matrix every N steps; 0 disables.", 0)
-    eval_batches: int = _help("Batches used for the held-out R2 matrix.", 4)
-    fused_optimizer: bool = _help("One fused AdamW kernel per model instead of PyTorch's "
-                                  "default loop: the same update (the rounding differs), "
-                                  "the optimizer step about 4x faster on a CPU, up to 8% of "
-                                  "a sparse training step (benchmarks/peers.py).", False)
-    keep_freed_memory: bool = _help("CPU: keep freed memory for reuse (glibc), avoiding page "
-                                    "faults on the step's large temporaries (~10% faster).",
-                                    True)
-    tensorboard: bool = _help("Also log to TensorBoard in RUN/tb (lazy import).", False)
-    wandb: bool = _help("Also log to Weights & Biases (lazy import, offline-safe).", False)
+    OPTION_NAMES = "key"  # errors say `config: key` (options.validate)
+
+    lr: float = opt("Peak AdamW learning rate (paper 3e-4).", 3e-4)
+    weight_decay: float = opt("AdamW weight decay (paper 1e-5).", 1e-5, minimum=0)
+    grad_clip: float = opt("Gradient-norm clip per model (paper 1.0); 0 disables.", 1.0, minimum=0)
+    batch_images: int = opt("Images per batch; a batch is all their tokens (paper 32).",
+                            32, minimum=1)
+    epochs: int = opt("Passes over the training split.", 1, minimum=1)
+    max_steps: int = opt("Stop after this many steps; 0 means epochs x batches per epoch.",
+                         0, minimum=0)
+    warmup_steps: int = opt("Linear warmup from 1e-6; 0 means one epoch of iterations "
+                            "(paper).", 0, minimum=0)
+    min_lr: float = opt("Start of warmup and end of the cosine.", 1e-6, minimum=0)
+    criterion: str = opt("Reconstruction criterion (usae.sae.objectives): l1 (paper, mean "
+                         "|x - x_hat|) or l2.", "l1")
+    active_set: str = opt("Whose codes a step uses: source (paper: the sampled source "
+                          "model's codes reconstruct every model) or global (global TopK "
+                          "across models, as SPARC: every model encodes, one active set per "
+                          "token is chosen from their averaged activations, and each model's "
+                          "code on it reconstructs its own model; needs decoder_update=all, "
+                          "schedule=global).", "source", choices=("source", "global"))
+    cross_coef: float = opt("active_set=global: weight of the cross-reconstruction loss "
+                            "(each model's code decodes every other model); 0: off.",
+                            0.0, minimum=0)
+    frozen_models: tuple[str, ...] = opt("Models whose encoder, dictionary and "
+                                         "standardization stay as they are; set by "
+                                         "`usae train --extend` for the run's own models.",
+                                         ())
+    matryoshka: tuple[int, ...] = opt("Matryoshka: nested prefix sizes of the concept list, "
+                                      "e.g. 256,1024 (empty: off). The reconstruction loss "
+                                      "is summed over the codes cut to each prefix and the "
+                                      "whole list, so early concepts learn general "
+                                      "features.", ())
+    aux: str = opt("Auxiliary loss: reference (paper: top n/2 of relu(pre)-z predicts the "
+                   "residual), gao (AuxK on dead latents, detached residual) or none.",
+                   "reference", choices=("reference", "gao", "none"))
+    aux_coef: float = opt("Weight of the auxiliary loss (paper 0.1).", 0.1, minimum=0)
+    aux_k: int = opt("AuxK size for aux=gao; 0 means min(4 x k, n/2).", 0, minimum=0)
+    dead_after_tokens: int = opt("aux=gao: a concept is dead after this many tokens "
+                                 "without firing.", 1_000_000, minimum=0)
+    decoder_update: str = opt("source (paper: only the sampled model's encoder and decoder "
+                              "step) or all (every decoder steps every iteration).", "source",
+                              choices=("source", "all"))
+    schedule: str = opt("per_model (paper: each model's cosine steps only when sampled, so "
+                        "it never reaches min_lr) or global (one schedule per iteration).",
+                        "per_model", choices=("per_model", "global"))
+    shuffle_pairing: bool = opt("Control: permute each model's images so models see "
+                                "different images at the same position.", False)
+    encoder_init: str = opt("default (paper: PyTorch's Linear init) or transpose (each "
+                            "encoder starts as its model's unit-row dictionary, transposed; "
+                            "Gao et al. 2024: fewer dead concepts).", "default",
+                            choices=("default", "transpose"))
+    seed: int = opt("Seed for init, model sampling and data order.", 0)
+    device: str = opt("cpu or cuda.", "cpu")
+    log_every: int = opt("Write metrics.jsonl every N steps.", 10, minimum=1)
+    checkpoint_every: int = opt("Checkpoint every N steps (and always at the end).", 500, minimum=1)
+    checkpoint_minutes: float = opt("Also checkpoint when this many minutes have passed "
+                                    "since the last one (SIGINT/SIGTERM always save).",
+                                    10.0, minimum=0)
+    eval_every: int = opt("Held-out R2 matrix every N steps; 0 disables.", 0, minimum=0)
+    eval_batches: int = opt("Batches used for the held-out R2 matrix.", 4)
+    fused_optimizer: bool = opt("One fused AdamW kernel per model instead of PyTorch's "
+                                "default loop: the same update (the rounding differs), "
+                                "the optimizer step about 4x faster on a CPU, up to 8% of "
+                                "a sparse training step (benchmarks/peers.py).", False)
+    keep_freed_memory: bool = opt("CPU: keep freed memory for reuse (glibc), avoiding page "
+                                  "faults on the step's large temporaries (~10% faster).",
+                                  True)
+    tensorboard: bool = opt("Also log to TensorBoard in RUN/tb (lazy import).", False)
+    wandb: bool = opt("Also log to Weights & Biases (lazy import, offline-safe).", False)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UsaeError(f"config: {f.name} must be a finite number, got {value}")
-        checks = {
-            "criterion": tuple(sorted(objectives.CRITERIA)),
-            "aux": ("reference", "gao", "none"),
-            "decoder_update": ("source", "all"),
-            "schedule": ("per_model", "global"),
-            "active_set": ("source", "global"),
-            "encoder_init": ("default", "transpose"),
-            "device": None,
-        }
-        for name, allowed in checks.items():
-            if allowed and getattr(self, name) not in allowed:
-                raise UsaeError(f"config: {name} must be one of {allowed}, "
-                                f"got {getattr(self, name)!r}")
+        validate(self)  # finite numbers, every field's choices and limits
+        if self.criterion not in objectives.CRITERIA:  # (a registry: criteria may be added)
+            raise UsaeError(f"config: criterion must be one of {sorted(objectives.CRITERIA)}, "
+                            f"got {self.criterion!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UsaeError(f"config: device must be cpu or cuda[:i], got {self.device!r}")
-        for name in ("lr", "batch_images", "epochs"):
-            if getattr(self, name) <= 0:
-                raise UsaeError(f"config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "log_every", "checkpoint_every", "eval_every",
-                     "aux_k", "weight_decay", "grad_clip", "aux_coef", "checkpoint_minutes",
-                     "min_lr", "dead_after_tokens", "cross_coef"):
-            if getattr(self, name) < 0:
-                raise UsaeError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UsaeError(f"config: lr must be positive, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsaeError(f"config: seed must be an integer from 0 to {MAX_SEED}, got "
                             f"{self.seed}")
@@ -190,8 +174,6 @@ class TrainConfig:
         if self.cross_coef and self.active_set != "global":
             raise UsaeError("config: cross_coef is for active_set=global (with source, the "
                             "source's codes already reconstruct every model)")
-        if self.log_every == 0 or self.checkpoint_every == 0:
-            raise UsaeError("config: log_every and checkpoint_every must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -370,7 +352,7 @@ def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
     return replace(cfg, train=replace(cfg.train, **changes))
 
 
-def field_help(cls: type) -> list[tuple[str, Any, str]]:
+def fieldopt(cls: type) -> list[tuple[str, Any, str]]:
     """(name, default, help) for every field, for ``--help`` texts."""
     return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
 

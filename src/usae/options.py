@@ -50,9 +50,13 @@ def check_device(device: str) -> None:
 
 
 def validate(obj: Any) -> None:
-    """Apply every field's choices and limits; finite floats only."""
+    """Apply every field's choices and limits; finite floats only. Errors name the flag
+    (``--batch-size``), or the config key (``config: lr``) for classes whose
+    ``OPTION_NAMES`` is ``"key"`` (the training config, set by flags, --set and files)."""
+    keys = getattr(obj, "OPTION_NAMES", "flag") == "key"
     for f in fields(obj):
-        value, meta, flag = getattr(obj, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        value, meta = getattr(obj, f.name), f.metadata
+        flag = f"config: {f.name}" if keys else "--" + f.name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
             raise UsaeError(f"{flag} must be a finite number, got {value}")
         if meta.get("choices") and value not in meta["choices"]:
