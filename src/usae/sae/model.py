@@ -155,6 +155,11 @@ class UniversalSAE(nn.Module):
         ReLU and TopK (what TopK ranks; smooth where TopK is not)."""
         return self.encoders[model](xs_nd)
 
+    def linear(self, model: str) -> nn.Linear:
+        """The linear map of ``model``'s encoder (for ``encoder=linear``, the whole encoder:
+        the sparse step's kernel fuses it with the selection)."""
+        return self.encoders[model].linear
+
     def select(self, post_nc: Tensor) -> tuple[Tensor, Tensor]:
         """The sparsity rule (``cfg.sparsity``) on ReLU'd pre-activations (N, n): sparse
         codes ``(values_nk, indices_nk)``. Rules with state (BatchTopK's threshold) read

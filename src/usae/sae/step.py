@@ -112,7 +112,7 @@ def _codes(sae: UniversalSAE, x_nd: Tensor, src: str, cfg: RunConfig, dicts: lis
     kernel = kernel_of(sae, cfg)
     if kernel == "sparse":
         # no dense weight gradient, no dense AuxK decode (the same maths)
-        lin = sae.encoders[src].linear
+        lin = sae.linear(src)
         # the dead concepts, found once (one host sync) for AuxK's selection and decode
         dead_s = dead_c.nonzero().squeeze(1) if tc.aux == "gao" and dead_c is not None \
             else None
