@@ -138,3 +138,19 @@ def stop_after_commits(monkeypatch, n: int = 1) -> Callable[[], None]:
 
     monkeypatch.setattr(store_writer.StoreWriter, "commit", commit_then_stop)
     return lambda: monkeypatch.setattr(store_writer.StoreWriter, "commit", real_commit)
+
+
+def cache_and_train(root: Path, specs: str, preset: str, keys: dict, **cache_kw) -> Path:
+    """Cache ``root/imgs`` with ``specs`` into ``root/store`` and train ``root/run`` on its
+    train split with ``preset`` and ``keys``; returns ``root``."""
+    from usae.config import resolve
+    from usae.data.cache import cache
+    from usae.data.sources import StoreSource
+    from usae.sae.training import train_run
+    from usae.store.store import Store
+
+    cache(specs, root / "imgs", root / "store", workers=0, progress=False, **cache_kw)
+    store = Store(root / "store")
+    cfg = resolve(store.models, store.dims, preset, keys)
+    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
+    return root

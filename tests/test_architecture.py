@@ -78,7 +78,6 @@ FORBIDDEN = {
     "usae.analysis.controls": {"usae.analysis.evaluate"},
     # readers of a finished eval go through usae.analysis.eval_folder, not the eval command
     "usae.analysis.concepts": {"usae.analysis.evaluate"},
-    "usae.cam.maximize": {"usae.analysis.evaluate"},
     "usae.sae.run": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
     "usae.hub": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
     "usae.analysis.eval_folder": {"usae.sae.model", "usae.sae.trainer", "usae.analysis.evaluate"},
@@ -86,7 +85,7 @@ FORBIDDEN = {
     "usae.analysis.truth": {"usae.sae.trainer", "usae.analysis.evaluate", "usae.explorer.build"},
     "usae.locks": {"usae.store.store", "usae.sae.model", "usae.sae.trainer", "usae.files"},
     "usae.threads": {"usae.store.store", "usae.sae.model", "usae.sae.trainer"},
-    "usae.cam.maximize": {"usae.sae.trainer", "usae.store.writer"},
+    "usae.cam.maximize": {"usae.sae.trainer", "usae.store.writer", "usae.analysis.evaluate"},
     "usae.distributed": {"usae.sae.trainer", "usae.sae.training", "usae.sae.model", "usae.store.store",
                          "usae.data.cache", "usae.store.writer"},
 }
@@ -104,6 +103,26 @@ def test_objectives_sit_below_the_sae_and_the_step():
     g = graph()
     for name in (m for m in g if m.startswith("usae.sae.objectives")):
         assert not (g[name] & FORBIDDEN["usae.sae.objectives"]), name
+
+
+# Packages by stage: nothing in a package imports a later stage.
+PACKAGE_FORBIDDEN = {
+    # (the store may use the data stage's pure helpers: splits and grid arithmetic)
+    "usae.store": ("usae.data.images", "usae.data.backbones", "usae.data.image_decoding",
+                   "usae.data.cache", "usae.data.streaming", "usae.data.sources", "usae.sae",
+                   "usae.analysis", "usae.cam", "usae.explorer"),
+    "usae.sae": ("usae.cam", "usae.explorer", "usae.analysis.evaluate"),
+    "usae.analysis": ("usae.cam", "usae.explorer"),
+    "usae.cam": ("usae.explorer",),
+}
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGE_FORBIDDEN))
+def test_packages_do_not_import_later_stages(package):
+    g = graph()
+    for name in (m for m in g if m == package or m.startswith(package + ".")):
+        bad = {m for m in g[name] if m.startswith(PACKAGE_FORBIDDEN[package])}
+        assert not bad, f"{name} imports {bad}"
 
 
 def test_distribution_lives_in_one_module():

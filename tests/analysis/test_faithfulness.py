@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from usae.data.backbones import build_backbone
-from usae.data.cache import cache
 from usae.cli import main
 from usae.config import resolve
 from usae.analysis.faithfulness import kl_divergence, measure
@@ -87,17 +86,13 @@ def test_the_mean_ablation_equals_a_plain_forward_hook():
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    from conftest import write_noise_images
+    from conftest import cache_and_train, write_noise_images
 
     root = tmp_path_factory.mktemp("faith")
     write_noise_images(root / "imgs", 12, shape=(72, 72))
-    cache(f"{LITE},{VIT}", root / "imgs", root / "store", workers=0, progress=False,
-          val_fraction=0.25)
-    store = Store(root / "store")
-    cfg = resolve(store.models, store.dims, "fast", {"n_concepts": 64, "k": 8,
-                                                     "batch_images": 3, "max_steps": 20})
-    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
-    return root
+    return cache_and_train(root, f"{LITE},{VIT}", "fast", {"n_concepts": 64, "k": 8,
+                                                           "batch_images": 3, "max_steps": 20},
+                           val_fraction=0.25)
 
 
 def test_measure_on_two_real_backbones(cached):

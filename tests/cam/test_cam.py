@@ -10,17 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from usae.data.cache import cache
+from tests.conftest import cache_and_train
 from usae.cam.maximize import build_cam_models, optimize, run_cam
 from usae.cli import main
-from usae.config import resolve
 from usae.errors import UsaeError
 from usae.options import CamOptions
 from usae.sae.model import UniversalSAE
-from usae.data.sources import StoreSource
 from usae.cam.spectrum import analytic_spectrum, estimate_spectrum, fit_alpha, radial_frequency
 from usae.store.store import Store
-from usae.sae.training import train_run
 
 SPECS = (
     "effnet:lite0?img_size=64&name=lite0,"
@@ -60,12 +57,8 @@ def trained(tmp_path_factory):
         path = root / "imgs" / f"c{i % 2}" / f"{i:02d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr.astype(np.uint8)).save(path)
-    cache(SPECS, root / "imgs", root / "store", workers=0, progress=False)
-    store = Store(root / "store")
-    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 32, "k": 4,
-                                                     "batch_images": 4, "max_steps": 30})
-    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
-    return root
+    return cache_and_train(root, SPECS, "demo", {"n_concepts": 32, "k": 4, "batch_images": 4,
+                                                  "max_steps": 30})
 
 
 def test_objective_rises_and_the_same_seed_gives_the_same_image(trained):
