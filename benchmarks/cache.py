@@ -22,8 +22,8 @@ import torch
 
 from usae.data.backbones import build_backbones, expand_specs
 from usae.data.cache import cache
-from usae.demo import make_crops
 from usae.data.images import list_images, load_rgb, preprocess_image
+from usae.demo import make_crops
 from usae.malloc import default_malloc, keep_freed_memory
 
 

@@ -13,14 +13,14 @@ import time
 
 import torch
 
-from usae.data.backbones import build_backbones, expand_specs
 from usae.cam.maximize import CamModel, optimize
+from usae.cam.spectrum import analytic_spectrum
 from usae.config import SAEConfig
+from usae.data.backbones import build_backbones, expand_specs
 from usae.demo import DEMO_CAM
 from usae.malloc import keep_freed_memory
 from usae.options import CamOptions
 from usae.sae.model import UniversalSAE
-from usae.cam.spectrum import analytic_spectrum
 
 
 def backbone_pass_s(model: CamModel, crops: int, steps: int) -> float:

@@ -88,7 +88,8 @@ def launch(nproc: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--worker",
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--images",
-           str(args.images), "--tokens", str(args.tokens), "--concepts", str(args.concepts), "--device",
+           str(args.images), "--tokens", str(args.tokens), "--concepts", str(args.concepts),
+                                                                             "--device",
            args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

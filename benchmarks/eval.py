@@ -67,8 +67,8 @@ def main() -> None:
 
     from usae.config import resolve
     from usae.data.sources import StoreSource
-    from usae.store.writer import store_from_arrays
     from usae.sae.trainer import Trainer
+    from usae.store.writer import store_from_arrays
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-eval-"))
     try:

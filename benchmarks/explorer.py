@@ -55,14 +55,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    from usae.config import resolve
-    from usae.demo import make_crops
     from usae.analysis.evaluate import evaluate
-    from usae.explorer.build import build_explorer
+    from usae.config import resolve
     from usae.data.images import list_images
     from usae.data.sources import StoreSource
-    from usae.store.writer import store_from_arrays
+    from usae.demo import make_crops
+    from usae.explorer.build import build_explorer
     from usae.sae.trainer import Trainer
+    from usae.store.writer import store_from_arrays
 
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-explorer-"))
     try:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from usae.analysis.truth import cosines, load_truth, raw_directions
+from usae.data.store_add import _join
 from usae.files import atomic_write_json
 from usae.sae.model import UniversalSAE
 from usae.store.store import content_hash, read_manifest
-from usae.data.store_add import _join
-from usae.analysis.truth import cosines, load_truth, raw_directions
 
 USAE = [sys.executable, "-m", "usae"]
 

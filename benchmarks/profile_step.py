@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peers  # noqa: E402
 import torch  # noqa: E402
 
-import peers  # noqa: E402
 from usae.sae.sparse import ConceptOrder  # noqa: E402
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from usae.data.cache import cache
 from usae.config import TRAIN_PRESETS
-from usae.demo import make_crops
+from usae.data.cache import cache
 from usae.data.streaming import train_from_images
+from usae.demo import make_crops
 from usae.sae.training import train_from_store
 
 SETS = ["log_every=1000", "checkpoint_every=100000"]

@@ -18,8 +18,8 @@ import time
 import torch
 
 from usae.config import resolve, with_train
-from usae.sae.oracles import naive_step_loss
 from usae.sae.model import UniversalSAE
+from usae.sae.oracles import naive_step_loss
 from usae.sae.step import step_loss
 
 MODELS = ("siglip", "dinov2", "vit")

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from usae.config import DEMO_DATA, resolve
 from usae.analysis.evaluate import evaluate
+from usae.config import DEMO_DATA, resolve
 from usae.data.sources import StoreSource
-from usae.store.store import Store
 from usae.sae.training import train_run
+from usae.store.store import Store
 
 VARIANTS = {"paper": ("paper", {"n_concepts": 2048}), "best": ("best", {"n_concepts": 2048}),
             "demo": ("demo", {}), "fast": ("fast", DEMO_DATA)}

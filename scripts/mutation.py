@@ -18,7 +18,6 @@ behaviour) are counted apart. The script prints a per-module table and writes
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,14 +22,14 @@ from PIL import Image
 
 from usae.cli import main
 from usae.config import resolve
+from usae.data.images import load_rgb
+from usae.data.sources import ArraySource
 from usae.errors import UsaeError
 from usae.files import load_safetensors
-from usae.data.images import load_rgb
 from usae.sae.run import run_status
-from usae.data.sources import ArraySource
+from usae.sae.training import train_run
 from usae.store.store import Store
 from usae.store.writer import store_from_arrays
-from usae.sae.training import train_run
 
 
 class FaultyDisk:

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from usae.sae.checkpoint import read_checkpoint_position
 from usae.cli import main
 from usae.config import resolve
+from usae.data.sources import ArraySource
 from usae.errors import UsaeError
 from usae.files import atomic_write_json, finite_json, os_error_inside
 from usae.locks import acquire, lock_path, output_lock, release
+from usae.sae.checkpoint import read_checkpoint_position
 from usae.sae.run import read_run_json, run_status
-from usae.data.sources import ArraySource
-from usae.store.writer import store_from_arrays
 from usae.sae.training import train_run
+from usae.store.writer import store_from_arrays
 
 SMALL = ["--set", "n_concepts=16", "--set", "k=2", "--set", "batch_images=4", "--no-progress"]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from usae.config import SAEConfig, resolve
 from usae.analysis.controls import independent_consistency, match_dictionaries
+from usae.config import SAEConfig, resolve
 from usae.errors import UsaeError
 from usae.files import atomic_write_json
 from usae.sae.model import UniversalSAE

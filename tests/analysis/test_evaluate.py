@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from usae.config import resolve
-from usae.errors import UsaeError
+from tests.conftest import prebuilt
 from usae.analysis.evaluate import evaluate
+from usae.config import resolve
+from usae.data.sources import StoreSource
+from usae.errors import UsaeError
 from usae.files import load_safetensors
 from usae.sae.model import UniversalSAE
-from usae.data.sources import StoreSource
+from usae.sae.training import train_run
 from usae.store.store import Store
 from usae.store.writer import store_from_arrays
-from usae.sae.training import train_run
-
-from tests.conftest import prebuilt
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from usae.data.backbones import build_backbone
+from usae.analysis.faithfulness import kl_divergence, measure
 from usae.cli import main
 from usae.config import resolve
-from usae.analysis.faithfulness import kl_divergence, measure
-from usae.sae.model import UniversalSAE
+from usae.data.backbones import build_backbone
 from usae.data.sources import StoreSource
+from usae.sae.model import UniversalSAE
+from usae.sae.training import train_run
 from usae.store.store import Store
 from usae.store.writer import store_from_arrays
-from usae.sae.training import train_run
 
 LITE = "effnet:lite0?img_size=64&name=lite0"
 VIT = "timm:vit_tiny_patch16_224?img_size=64&pretrained=0&name=vit"

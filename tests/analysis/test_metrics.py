@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from usae.config import SAEConfig
 from usae.analysis.metrics import R2Accumulator, cross_model_update, r2_matrix
+from usae.config import SAEConfig
 from usae.sae.model import UniversalSAE
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from usae.analysis.synth import SynthOptions, feature_layout, generate, sample_codes, synth
+from usae.analysis.truth import load_truth, matched_correlation, score_truth
 from usae.cli import main
 from usae.config import SAEConfig
 from usae.errors import UsaeError
 from usae.sae.model import UniversalSAE
 from usae.store.store import Store
-from usae.analysis.synth import SynthOptions, feature_layout, generate, sample_codes, synth
-from usae.analysis.truth import load_truth, matched_correlation, score_truth
 
 SMALL = SynthOptions(dims="24,16,20", shared=8, partial=4, specific=4, images=60, tokens=4,
                      active=2.0, seed=3)

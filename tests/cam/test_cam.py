@@ -12,11 +12,11 @@ from PIL import Image
 
 from tests.conftest import cache_and_train
 from usae.cam.maximize import build_cam_models, optimize, run_cam
+from usae.cam.spectrum import analytic_spectrum, estimate_spectrum, fit_alpha, radial_frequency
 from usae.cli import main
 from usae.errors import UsaeError
 from usae.options import CamOptions
 from usae.sae.model import UniversalSAE
-from usae.cam.spectrum import analytic_spectrum, estimate_spectrum, fit_alpha, radial_frequency
 from usae.store.store import Store
 
 SPECS = (

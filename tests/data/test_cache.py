@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 
 from tests.conftest import stop_after_commits
+from usae.data import cache as cache_module
 from usae.data.align import align_tokens
 from usae.data.backbones import build_backbones, expand_specs
 from usae.data.backbones.base import Preprocess
-from usae.data import cache as cache_module
-from usae.store import writer as store_writer
 from usae.data.cache import cache
+from usae.data.images import load_rgb, normalize, preprocess_image, resize_crop
 from usae.distributed import Dist
 from usae.errors import UsaeError
-from usae.data.images import load_rgb, normalize, preprocess_image, resize_crop
+from usae.store import writer as store_writer
 from usae.store.store import Store, read_manifest
 
 SPECS = "effnet:lite0?img_size=64,timm:vit_tiny_patch16_224?img_size=64&pretrained=0"

@@ -10,13 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from usae.data.cache import cache
-from usae.cli import main
-from usae.errors import UsaeError
-from usae.store.store import Store
-from usae.store.merge import merge_shards
 from tests.conftest import write_noise_images
 from tests.sae.test_distributed import TORCHRUN, _env, free_port
+from usae.cli import main
+from usae.data.cache import cache
+from usae.errors import UsaeError
+from usae.store.merge import merge_shards
+from usae.store.store import Store
 
 SPEC = "effnet:lite0?pretrained=0&img_size=32&name=a,effnet:lite0?pretrained=0&img_size=32&name=b"
 

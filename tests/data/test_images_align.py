@@ -14,8 +14,8 @@ from usae.data.align import (
     resample_tokens,
     square_grid,
 )
-from usae.errors import UsaeError
 from usae.data.images import list_images, load_rgb
+from usae.errors import UsaeError
 
 
 def _img(path, mode="RGB", size=(20, 16)):

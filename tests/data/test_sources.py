@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from usae.errors import UsaeError
 from usae.data.sources import ArraySource, ModelSubset, StoreSource, n_batches
+from usae.errors import UsaeError
 from usae.store.stats import ModelStats, StatsAccumulator
 from usae.store.store import ModelEntry, Store
 from usae.store.writer import StoreWriter, store_from_arrays

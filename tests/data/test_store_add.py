@@ -15,9 +15,9 @@ import pytest
 
 from tests.conftest import stop_after_commits
 from tests.data.test_cache import make_images
+from usae.cli import main
 from usae.data import store_add
 from usae.data.cache import cache
-from usae.cli import main
 from usae.errors import UsaeError
 from usae.store.store import Store, acts_file, earlier_hashes, read_manifest
 

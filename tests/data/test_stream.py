@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from usae.data.cache import cache
-from usae.cli import main
-from usae.errors import UsaeError
-from usae.sae.interrupts import TrainingInterrupted
-from usae.data.streaming import train_from_images
-from usae.sae.trainer import Trainer
-from usae.sae.training import train_from_store
 from tests.conftest import write_noise_images
 from tests.sae.test_distributed import TORCHRUN, _env, assert_same_run, free_port
+from usae.cli import main
+from usae.data.cache import cache
+from usae.data.streaming import train_from_images
+from usae.errors import UsaeError
+from usae.sae.interrupts import TrainingInterrupted
+from usae.sae.trainer import Trainer
+from usae.sae.training import train_from_store
 
 SPEC = "effnet:lite0?img_size=64&name=a,effnet:lite1?img_size=64&name=b"  # pretrained, offline
 SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1"]

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usae.data.cache import cache
+from usae.analysis.evaluate import evaluate
 from usae.cam.maximize import run_cam
 from usae.config import resolve
-from usae.analysis.evaluate import evaluate
+from usae.data.cache import cache
+from usae.data.sources import StoreSource
 from usae.explorer.build import build_explorer
 from usae.explorer.serve import make_server
-from usae.data.sources import StoreSource
-from usae.store.store import Store
 from usae.sae.training import train_run
+from usae.store.store import Store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "explorer"

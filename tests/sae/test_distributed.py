@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from usae.config import resolve
+from usae.data.sources import ArraySource, StoreSource, shard_slice
 from usae.distributed import Dist, GlobalBatchNorm1d, shard_range, sync_batch_norms
 from usae.errors import UsaeError
-from usae.data.sources import ArraySource, StoreSource, shard_slice
-from usae.store.writer import store_from_arrays
 from usae.sae.trainer import Trainer
 from usae.sae.training import train_from_store
+from usae.store.writer import store_from_arrays
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 STEPS = ["--max-steps", "20", "--set", "n_concepts=32", "--set", "k=4", "--set",

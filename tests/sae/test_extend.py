@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.data.test_cache import make_images
-from usae.data.cache import cache
 from usae.cli import main
+from usae.data.cache import cache
+from usae.data.store_add import add_models
 from usae.errors import UsaeError
 from usae.sae.extend import extend_run
-from usae.data.store_add import add_models
 
 SPECS = "effnet:lite0?img_size=64&name=a,effnet:lite1?img_size=64&name=b"
 NEW = "effnet:lite2?img_size=64&name=c"

@@ -12,17 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from tests.sae.test_train import _StopAfter
-from usae.sae import objectives
 from usae.config import resolve
+from usae.data.sources import ArraySource
 from usae.errors import UsaeError
+from usae.sae import objectives
+from usae.sae.model import UniversalSAE, densify
 from usae.sae.objectives.batch_topk import SEEN, THRESHOLD
 from usae.sae.oracles import naive_batch_topk_codes, naive_step_loss
-from usae.sae.model import UniversalSAE, densify
-from usae.data.sources import ArraySource
 from usae.sae.step import step_loss
-from usae.store.writer import store_from_arrays
 from usae.sae.trainer import Trainer
 from usae.sae.training import resolve_run_config, train_from_store
+from usae.store.writer import store_from_arrays
 
 
 def _sae(rule: str, k: int = 1, n: int = 3) -> UniversalSAE:

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from usae.errors import UsaeError
-from usae.sae.reference import import_reference
 from usae.sae.model import UniversalSAE
+from usae.sae.reference import import_reference
 
 MODELS = {"SigLIP": 24, "DinoV2": 12, "ViT": 24}
 N, K = 64, 5

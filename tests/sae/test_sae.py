@@ -121,7 +121,8 @@ def _hand_encoder(x, w, b, kind, eps=1e-5):
     if kind == "mlp_bn_1":
         return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + eps)
     if kind == "mlp_ln_1":
-        return (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + eps)
+        return (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False,
+                                                                keepdim=True) + eps)
     return h
 
 

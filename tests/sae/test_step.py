@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 from usae.config import resolve
 from usae.sae.fused import reference_aux_codes_
+from usae.sae.model import UniversalSAE
 from usae.sae.oracles import (
     naive_reference_aux_codes,
     naive_step_loss,
     naive_topk_codes,
     naive_unit_rows,
 )
-from usae.sae.model import UniversalSAE
 from usae.sae.step import reference_aux_codes, step_loss
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from usae.config import resolve, with_train
-from usae.errors import UsaeError
 from usae.data.sources import ArraySource
-from usae.store.writer import store_from_arrays
+from usae.errors import UsaeError
 from usae.sae.trainer import Trainer, lr_at
+from usae.store.writer import store_from_arrays
 
 
 def small_cfg(arrays, **over):

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usae.errors import UsaeError
 from usae.data.sources import StoreSource
+from usae.errors import UsaeError
 from usae.store.store import ModelEntry, Store, from_storage, to_storage
 from usae.store.writer import Part, StoreWriter, read_progress, store_from_arrays
 
@@ -262,7 +262,8 @@ def test_progress_files_of_older_versions_and_skipped_keys(tmp_path):
 
     from usae.store.stats import StatsAccumulator
 
-    sums = {"sum.a": torch.zeros(3, dtype=torch.float64), "sumsq.a": torch.ones(3, dtype=torch.float64),
+    sums = {"sum.a": torch.zeros(3, dtype=torch.float64), "sumsq.a": torch.ones(3,
+                                                                                dtype=torch.float64),
             "count.a": torch.tensor([4])}
     save_file(sums, tmp_path / "p.safetensors", metadata={"done": "4", "skipped": '{"2": "bad"}'})
     done, lo, hi, skipped, accs = read_progress(tmp_path / "p.safetensors",
