@@ -108,6 +108,9 @@ class TrainConfig:
                                          "standardization stay as they are; set by "
                                          "`usae train --extend` for the run's own models.",
                                          ())
+    match_coef: float = opt("With frozen_models (train --extend): weight of a loss pulling a "
+                            "new model's codes towards the frozen models' codes on the same "
+                            "tokens (their mean squared distance); 0: off.", 0.0, minimum=0)
     matryoshka: tuple[int, ...] = opt("Matryoshka: nested prefix sizes of the concept list, "
                                       "e.g. 256,1024 (empty: off). The reconstruction loss "
                                       "is summed over the codes cut to each prefix and the "
@@ -191,6 +194,9 @@ class RunConfig:
                             f"not models of this run ({list(self.sae.models)})")
         if self.sae.models and frozen == set(self.sae.models):
             raise UsaeError("config: every model is frozen; nothing would train")
+        if self.train.match_coef and (not frozen or self.train.active_set != "source"):
+            raise UsaeError("config: match_coef pulls new models towards frozen ones: it needs "
+                            "frozen_models (usae train --extend) and active_set=source")
         if frozen and self.sae.sparsity != "topk":
             raise UsaeError(f"config: frozen models need sparsity=topk (the {self.sae.sparsity} "
                             "rule keeps state that every model shares)")

@@ -60,6 +60,14 @@ def test_the_runs_own_weights_are_bit_identical_and_the_new_model_trains(setup, 
 
     card = model_card(out)
     assert "extended from" in card and "added `c`" in card
+    # with the code-matching loss, through the CLI flag (the old weights stay put)
+    assert main(["train", "--extend", str(setup / "run"), "--store", str(setup / "store"),
+                 "--out", str(tmp_path / "matched"), "--max-steps", "3", "--match-coef",
+                 "0.5", "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "matched" / "config.json").read_text())
+    assert cfg["train"]["match_coef"] == 0.5
+    matched = load_file(tmp_path / "matched" / "model.safetensors")
+    assert all(torch.equal(matched[k], v) for k, v in old.items())
 
 
 def test_an_extended_run_evaluates_like_any_run(setup, tmp_path):

@@ -344,3 +344,29 @@ def test_a_resume_with_another_config_raises_its_own_error_type(make_arrays, tmp
     with pytest.raises(ConfigMismatch, match="preset"):
         resolve_run_config(
             cfg.sae.models, cfg.sae.dims, tmp_path / "r", preset="paper", resume=True)
+
+
+def test_code_matching_adds_the_distance_to_the_frozen_models_codes():
+    """`match_coef` (train --extend): the loss grows by coef x the mean squared distance
+    between the new model's codes and the mean of the frozen models' codes, written out with
+    `naive_topk_codes`; it applies only when a new model is the source."""
+    from usae.sae.oracles import naive_topk_codes
+
+    torch.manual_seed(0)
+    models, dims = ("a", "b", "c"), (12, 8, 10)
+    keys = {"n_concepts": 32, "k": 4, "frozen_models": "a,b"}
+    plain = resolve(models, dims, "fast", keys)
+    matched = resolve(models, dims, "fast", {**keys, "match_coef": 0.5})
+    sae = UniversalSAE(plain.sae).double().train()
+    xs = {m: torch.randn(20, d, dtype=torch.float64) for m, d in zip(models, dims)}
+    with torch.no_grad():
+        codes = {m: naive_topk_codes(sae.encoders[m](xs[m]), 4) for m in models}
+    want = 0.5 * (codes["c"] - (codes["a"] + codes["b"]) / 2).square().mean()
+    base, _, _ = step_loss(copy.deepcopy(sae), xs, 2, plain)
+    got, _, _ = step_loss(copy.deepcopy(sae), xs, 2, matched)
+    torch.testing.assert_close(got - base, want, rtol=1e-9, atol=1e-12)
+    base0, _, _ = step_loss(copy.deepcopy(sae), xs, 0, plain)
+    got0, _, _ = step_loss(copy.deepcopy(sae), xs, 0, matched)
+    assert got0.item() == base0.item(), "a frozen source is not pulled anywhere"
+    with pytest.raises(UsaeError, match="match_coef pulls new models"):
+        resolve(models, dims, "fast", {"n_concepts": 32, "match_coef": 0.5})

@@ -26,7 +26,14 @@ from usae.sae.fused import (
     reference_aux_codes_,
     topk_reference_aux_decode,
 )
-from usae.sae.model import DICT_EPS, UniversalSAE, ball_rows, normalize_rows, sparse_decode
+from usae.sae.model import (
+    DICT_EPS,
+    UniversalSAE,
+    ball_rows,
+    densify,
+    normalize_rows,
+    sparse_decode,
+)
 from usae.sae.objectives import criterion as make_criterion
 from usae.sae.sparse import ConceptOrder, Selection, sparse_decode_train, sparse_linear_topk
 
@@ -165,7 +172,21 @@ def step_loss(sae: UniversalSAE, xs: dict[str, Tensor], source: int, cfg: RunCon
     x_all = torch.cat([xs[m] for m in models], dim=1)
     total, recon, aux_parts = _reconstruction([codes] * len(models), dicts, x_all,
                                               codes.aux_all, sae.cfg.n, cfg)
+    if tc.match_coef and models[source] not in tc.frozen_models:
+        total = total + tc.match_coef * code_matching(sae, xs, codes, tc.frozen_models)
     return _finish(total, recon, aux_parts, [codes], source, sae.cfg.n)
+
+
+def code_matching(sae: UniversalSAE, xs: dict[str, Tensor], codes: Codes,
+                  frozen: tuple[str, ...]) -> Tensor:
+    """Mean squared distance between the source's dense codes (N, n) and the mean of the
+    frozen models' codes on the same tokens (no gradient into those): what pulls a model
+    added by ``--extend`` towards the concepts the run already has (``match_coef``)."""
+    n = sae.cfg.n
+    with torch.no_grad():
+        target = torch.stack([densify(*sae.encode_standardized(m, xs[m])[1:], n)
+                              for m in frozen]).mean(0)
+    return (densify(codes.values_nk, codes.indices_nk, n) - target).square().mean()
 
 
 def _dictionaries(sae: UniversalSAE, cfg: RunConfig, trainable: list[bool]) -> list[Tensor]:
