@@ -13,6 +13,7 @@ feature's best concept in the new model is its best concept in the old ones, and
 Prints one JSON object as its last line.
 
     python benchmarks/extend.py --out /tmp/ext [--epochs 10] [--k 8] [--threads 1]
+        [--match-coef 0.1]
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--threads", default="1")
+    p.add_argument("--match-coef", type=float, default=0.0,
+                   help="also an extension with the code-matching loss at this weight")
     args = p.parse_args()
     out = Path(args.out)
     env = {**os.environ, "OMP_NUM_THREADS": args.threads, "USAE_THREADS": args.threads}
@@ -113,7 +116,13 @@ def main() -> None:
                 "--no-progress", "--force"], env)
     t_new = sh([*USAE, "train", "--store", str(three), "--out", str(out / "run-scratch"),
                 *keys], env)
-    for name, seconds in (("extended", t_ext), ("scratch", t_new)):
+    timed = [("extended", t_ext), ("scratch", t_new)]
+    if args.match_coef:
+        timed.append(("extended-matched", sh(
+            [*USAE, "train", "--extend", str(out / "run-old"), "--store", str(three), "--out",
+             str(out / "run-extended-matched"), "--epochs", str(args.epochs), "--match-coef",
+             str(args.match_coef), "--no-progress", "--force"], env)))
+    for name, seconds in timed:
         run, ev = out / f"run-{name}", out / f"eval-{name}"
         sh([*USAE, "eval", str(run), "--store", str(three), "--out", str(ev), "--truth",
             str(synth), "--no-plots", "--no-faithfulness", "--force"], env)
