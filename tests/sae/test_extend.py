@@ -141,6 +141,11 @@ def test_finetune_trains_every_model_and_says_how_far_the_concepts_moved(setup, 
         assert drift[m]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-4)
         assert drift[m]["moved_fraction"] == pytest.approx(float((cos < 0.9).float().mean()),
                                                            abs=1e-4)
+    (ft / "concept_drift.json").unlink()  # a resumed fine-tuning writes it when it ends
+    summary = extend_run(ext, setup / "store", ft, finetune=True, resume=True, max_steps=4,
+                         progress=False)
+    assert json.loads((ft / "concept_drift.json").read_text())["models"] == drift
+    assert summary["concept_drift"] == drift
     with pytest.raises(UsaeError, match="extend the run with them first"):
         extend_run(setup / "run", setup / "store", tmp_path / "x", finetune=True,
                    max_steps=2, progress=False)

@@ -47,9 +47,13 @@ def extend_run(run: str | Path, store_path: str | Path, out: str | Path, *,
     trained, and ``out/concept_drift.json`` says how far each model's concepts moved.
     ``--resume`` continues ``out`` as any run (its config names the frozen models)."""
     if resume:
-        return train_from_store(store_path, out, config_file=config_file, sets=sets, keys=keys,
-                                max_steps=max_steps, device=device, resume=True, force=force,
-                                split=split, progress=progress, dist=dist)
+        summary = train_from_store(store_path, out, config_file=config_file, sets=sets,
+                                   keys=keys, max_steps=max_steps, device=device, resume=True,
+                                   force=force, split=split, progress=progress, dist=dist)
+        if finetune and (dist is None or dist.is_main):
+            summary["concept_drift"] = write_drift(UniversalSAE.load(local_run(run)),
+                                                   UniversalSAE.load(out), Path(out))
+        return summary
     if preset is not None:
         raise UsaeError("--extend keeps the run's own config; give single keys (--lr, "
                         "--max-steps...) instead of --preset")
