@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -154,3 +155,26 @@ def cache_and_train(root: Path, specs: str, preset: str, keys: dict, **cache_kw)
     cfg = resolve(store.models, store.dims, preset, keys)
     train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
     return root
+
+
+@contextlib.contextmanager
+def stand_in_hub(run: Path, repo_id: str, tmp_path: Path):
+    """Serve ``run``'s config.json and weights as the Hub repository ``repo_id`` on 127.0.0.1
+    (tests/fake_hub.py); yields the environment a client needs (its own HF_HOME, online)."""
+    import sys
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (shared / name).write_bytes((run / name).read_bytes())
+    hub = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_hub.py")),
+                            str(shared), repo_id], stdout=subprocess.PIPE, text=True)
+    try:
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1",
+               "HF_ENDPOINT": hub.stdout.readline().strip()}
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads it as offline too
+        yield env
+    finally:
+        hub.kill()
+        hub.wait()

@@ -64,25 +64,13 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_hf_runs_load_through_the_hub_cache_then_offline(quick_demo, tmp_path):
     """First through the client from a stand-in Hub on 127.0.0.1 (the client lays out its
     own cache in HF_HOME); then, with the Hub gone and HF_HUB_OFFLINE=1, from that cache."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (shared / name).write_bytes((quick_demo / "run" / name).read_bytes())
-    hub = subprocess.Popen([sys.executable, str(HERE / "fake_hub.py"), str(shared), "me/demo"],
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        endpoint = hub.stdout.readline().strip()
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint,
-               "NO_PROXY": "127.0.0.1"}
-        env.pop("HF_HUB_OFFLINE", None)
-        env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads it as offline too
-        code = ("from usae import UniversalSAE; s = UniversalSAE.load('hf://me/demo'); "
-                "print(s.models, s.cfg.n)")
+    from tests.conftest import stand_in_hub
+
+    code = ("from usae import UniversalSAE; s = UniversalSAE.load('hf://me/demo'); "
+            "print(s.models, s.cfg.n)")
+    with stand_in_hub(quick_demo / "run", "me/demo", tmp_path) as env:
         online = _python(code, env)
         assert online.returncode == 0, online.stderr
-    finally:
-        hub.kill()
-        hub.wait()
     snapshots = list((tmp_path / "hf" / "hub" / "models--me--demo" / "snapshots").iterdir())
     assert len(snapshots) == 1 and (snapshots[0] / "model.safetensors").exists()
     offline = _python(code, {**env, "HF_HUB_OFFLINE": "1"})

@@ -214,27 +214,15 @@ def test_a_shared_run_and_a_run_without_a_store_record_extend(setup, tmp_path, c
     """An hf:// run (from a stand-in Hub on 127.0.0.1) extends like a local one; a run that
     does not record its store (import-reference's) extends with a warning that its images
     cannot be checked."""
-    from tests.test_hub import HERE
+    from tests.conftest import stand_in_hub
 
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (shared / name).write_bytes((setup / "run" / name).read_bytes())
-    hub = subprocess.Popen([sys.executable, str(HERE / "fake_hub.py"), str(shared), "me/run"],
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1",
-               "HF_ENDPOINT": hub.stdout.readline().strip(), "OMP_NUM_THREADS": "1"}
-        env.pop("HF_HUB_OFFLINE", None)
-        env.pop("TRANSFORMERS_OFFLINE", None)
+    with stand_in_hub(setup / "run", "me/run", tmp_path) as env:
         res = subprocess.run([sys.executable, "-m", "usae", "train", "--extend", "hf://me/run",
                               "--store", str(setup / "store"), "--out", str(tmp_path / "x"),
-                              "--max-steps", "2", "--no-progress"], env=env,
-                             capture_output=True, text=True, timeout=300)
+                              "--max-steps", "2", "--no-progress"],
+                             env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
-    finally:
-        hub.kill()
-        hub.wait()
     old = load_file(setup / "run" / "model.safetensors")
     new = load_file(tmp_path / "x" / "model.safetensors")
     assert all(torch.equal(new[k], v) for k, v in old.items())
