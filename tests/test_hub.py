@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from usae.cli import main
 from usae.errors import UsaeError
 from usae.hub import model_card, parse_hub_run, push
 
-HERE = Path(__file__).resolve().parent
 
 
 def test_model_card_from_a_real_eval_report(quick_demo):
