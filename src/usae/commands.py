@@ -138,6 +138,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsaeError("give either --store (a cached store) or --images with --models "
                         "(activations computed on the fly)")
     image_options = given_args(StreamOptions, args)
+    if image_options and not args.images:
+        flags = ", ".join("--" + k.replace("_", "-") for k in image_options)
+        raise UsaeError(f"{flags}: image options apply with --images; a store was cached "
+                        "with its own")
     if args.extend:
         from usae.sae.extend import extend_run
 
@@ -151,10 +155,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.store:
         from usae.sae.training import train_from_store
 
-        if image_options:
-            flags = ", ".join("--" + k.replace("_", "-") for k in image_options)
-            raise UsaeError(f"{flags}: image options apply with --images; a store was cached "
-                            "with its own")
         summary = train_from_store(args.store, args.out, independent=args.independent,
                                    **common)
     else:

@@ -94,6 +94,9 @@ def test_refusals_are_one_line(setup, tmp_path, capsys):
     assert main(["train", "--extend", str(setup / "run"), "--images", "x", "--models", "y",
                  "--out", str(tmp_path / "z")]) == 2
     assert "--extend needs --store" in capsys.readouterr().err
+    assert main(["train", "--extend", str(setup / "run"), "--store", str(setup / "store"),
+                 "--keep-cls", "--out", str(tmp_path / "z")]) == 2
+    assert "--keep-cls: image options apply with --images" in capsys.readouterr().err
 
 
 def test_kill_9_during_extend_then_resume_ends_where_the_whole_run_ends(setup, tmp_path):
