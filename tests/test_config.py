@@ -68,3 +68,15 @@ def test_sae_config_validation():
         SAEConfig(models=("a", "a"), dims=(1, 1))
     with pytest.raises(UsaeError, match="dims"):
         SAEConfig(models=("a",), dims=(1, 2))
+
+
+def test_a_run_trained_on_cuda_reads_its_config_on_a_cpu_machine(monkeypatch):
+    """The device in a run's config is where it was trained: reading it (eval, encode on a
+    CPU machine) must not require CUDA; the trainer checks CUDA when it starts."""
+    import torch
+
+    from usae.config import RunConfig, resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = resolve(("a",), (4,), "paper", {"device": "cuda"})
+    assert RunConfig.from_json(cfg.to_json()).train.device == "cuda"

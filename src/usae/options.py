@@ -67,8 +67,8 @@ def validate(obj: Any) -> None:
             raise UsaeError(f"{flag} must be at most {meta['max']}, got {value}")
         if meta.get("below") is not None and value >= meta["below"]:
             raise UsaeError(f"{flag} must be less than {meta['below']}, got {value}")
-    if hasattr(obj, "device"):
-        check_device(obj.device)
+    if hasattr(obj, "device") and not keys:  # (a run's config names the device it was
+        check_device(obj.device)             # trained on: it must load on any machine)
 
 
 AUTOMATIC_WORKERS = -1  # "from the machine and the device" (``default_workers``)
