@@ -131,3 +131,37 @@ def test_store_model_is_the_manifest_entry_typed(together):
         assert entry.as_manifest() == raw and "d" not in entry.info
     with pytest.raises(UsaeError, match="no model 'zzz'"):
         store.model("zzz")
+
+
+def test_an_image_changed_since_the_cache_is_refused_every_time(images, tmp_path):
+    """A file the store read that is broken now: the staged model would skip it, so the
+    join is refused, and a re-run is refused again (the finished staging store is never
+    joined unchecked)."""
+    import shutil
+
+    shutil.copytree(images, tmp_path / "imgs")
+    cache(OLD, tmp_path / "imgs", tmp_path / "s", **KW)
+    victim = next(p for p in sorted((tmp_path / "imgs").rglob("*.jpg")))
+    victim.write_bytes(b"not a jpeg any more")
+    for _ in range(2):
+        with pytest.raises(UsaeError, match="was read when the store was cached"):
+            store_add.add_models(tmp_path / "s", NEW, batch_size=4, workers=0, progress=False)
+    assert list(read_manifest(tmp_path / "s")["models"]) == ["a"]
+    assert not (tmp_path / "s" / "acts_b.bin").exists()
+
+
+def test_a_pending_join_is_finished_before_another_model_is_added(images, tmp_path,
+                                                                    monkeypatch):
+    """A stop inside the join of model b, then a command adding model c: b is joined first,
+    then c is added (neither is lost)."""
+    cache(OLD, images, tmp_path / "s", **KW)
+    monkeypatch.setattr(store_add, "atomic_write_json",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        store_add.add_models(tmp_path / "s", NEW, batch_size=4, workers=0, progress=False)
+    monkeypatch.undo()
+    third = "effnet:lite2?img_size=64&name=c"
+    manifest = store_add.add_models(tmp_path / "s", third, batch_size=4, workers=0,
+                                    progress=False)
+    assert list(manifest["models"]) == ["a", "b", "c"] and Store(tmp_path / "s").verify()
+    assert [h["added"] for h in manifest["history"]] == [["b"], ["c"]]

@@ -59,9 +59,12 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     manifest = read_manifest(path)
     if manifest.get("state") != "final":
         raise UsaeError(f"{path} is not a finished store — finish its `usae cache` first")
+    joined: list[str] = []
     pending = _pending_join(path)
-    if pending is not None:  # a kill during the join: finish it first
-        return _join(path, pending) if dist.is_main else read_manifest(path)
+    if pending is not None:  # a stop during an earlier join: finish it first
+        joined = [m for m in read_manifest(pending)["models"] if m not in manifest["models"]]
+        if dist.is_main:
+            manifest = _join(path, pending)
     store = Store(path)
     keep_cls = bool(manifest["models"][store.models[0]].get("keep_cls"))
     o = merged(CacheOptions, o, {"dtype": manifest["dtype"], "keep_cls": keep_cls,
@@ -70,7 +73,9 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     target = tuple(store.grid())
     backbones = _backbones_for_grid(specs, target, o.align, pretrained)
     names = [b.name for b in backbones]
-    taken = [m for m in names if m in manifest["models"]]
+    if joined and set(names) <= set(joined):  # this command's own join, finished now
+        return manifest if dist.is_main else read_manifest(path)
+    taken = [m for m in names if m in manifest["models"] or m in joined]
     if taken or len(set(names)) != len(names):
         raise UsaeError(f"the store already has model(s) {taken or names} — give the new "
                         "model another name (SPEC?name=NEW)")
@@ -79,10 +84,7 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     staging = path / (STAGING_PREFIX + "+".join(names))
     extra = {"source": manifest.get("source"), "align": o.align, "adding_to": path.name}
     staged = build_store(staging, entries, backbones, target, o, extra, progress, None, dist)
-    if not dist.is_main:
-        return read_manifest(path)
-    _check_same_skips(manifest, staged, names)
-    return _join(path, staging)
+    return _join(path, staging) if dist.is_main else read_manifest(path)
 
 
 def _backbones_for_grid(specs: list[str], target: tuple[int, ...], align: str,
@@ -103,8 +105,8 @@ def _backbones_for_grid(specs: list[str], target: tuple[int, ...], align: str,
     return out
 
 
-def _check_same_skips(manifest: dict[str, Any], staged: dict[str, Any],
-                      names: list[str]) -> None:
+def _check_same_skips(manifest: dict[str, Any], staged: dict[str, Any], names: list[str],
+                      staging: Path) -> None:
     """The new models must skip exactly the images the store skipped (same files)."""
     was = {i for i, e in enumerate(manifest["images"]) if e.get("skipped")}
     now = {i for i, e in enumerate(staged["images"]) if e.get("skipped")}
@@ -113,7 +115,8 @@ def _check_same_skips(manifest: dict[str, Any], staged: dict[str, Any],
         raise UsaeError(f"image {manifest['images'][i]['path']} was "
                         f"{'skipped' if i in was else 'read'} when the store was cached but "
                         f"is {'read' if i in was else 'skipped'} now — its file changed; "
-                        f"models {names} cannot be added for the same images")
+                        f"models {names} cannot be added for the same images (remove "
+                        f"{staging} to start again)")
 
 
 def _pending_join(path: Path) -> Path | None:
@@ -128,6 +131,8 @@ def _join(path: Path, staging: Path) -> dict[str, Any]:
     """Rename the staged arrays into the store, then replace its manifest (atomic)."""
     staged, manifest = read_manifest(staging), read_manifest(path)
     names = [m for m in staged["models"] if m not in manifest["models"]]
+    if names:
+        _check_same_skips(manifest, staged, names, staging)  # (before anything moves)
     for m in names:
         if acts_file(staging, m).exists():
             os.replace(acts_file(staging, m), acts_file(path, m))
