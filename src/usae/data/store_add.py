@@ -83,7 +83,7 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
                for image in manifest["images"]]
     staging = path / (STAGING_PREFIX + "+".join(names))
     extra = {"source": manifest.get("source"), "align": o.align, "adding_to": path.name}
-    staged = build_store(staging, entries, backbones, target, o, extra, progress, None, dist)
+    build_store(staging, entries, backbones, target, o, extra, progress, None, dist)
     return _join(path, staging) if dist.is_main else read_manifest(path)
 
 
