@@ -8,10 +8,10 @@ as few times as possible. Tests check them against plain autograd. The sparse st
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
+
+from usae.sae.objectives.topk import Selection, as_selection
 
 
 def reference_aux_codes_(rest_nc: Tensor) -> Tensor:
@@ -109,7 +109,7 @@ class _TopKReferenceAuxDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre_nc: Tensor, cat: Tensor, select: Any, widths: list[int],  # type: ignore
+    def forward(ctx, pre_nc: Tensor, cat: Tensor, select: Selection, widths: list[int],  # type: ignore
                 trainable: list[bool]):
         aux_nc = pre_nc.detach().clamp_min(0)
         values_nk, indices_nk = select(aux_nc)
@@ -137,11 +137,11 @@ class _TopKReferenceAuxDecode(torch.autograd.Function):
         return grad_pre, grad_cat, None, None, None
 
 
-def topk_reference_aux_decode(pre_nc: Tensor, cat: Tensor, k: int | Any, widths: list[int],
+def topk_reference_aux_decode(pre_nc: Tensor, cat: Tensor, k: int | Selection, widths: list[int],
                               trainable: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """``(values_nk, indices_nk, aux_hat)`` with ``aux_hat = aux_codes @ cat`` (N, sum d_j).
     ``k``: TopK's k, or a sparsity rule's selection ``post_nc -> (values_nk, indices_nk)``."""
-    select = k if callable(k) else (lambda post_nc: torch.topk(post_nc, k, dim=1, sorted=False))
+    select = as_selection(k)
     return _TopKReferenceAuxDecode.apply(pre_nc, cat, select, widths, trainable)
 
 

@@ -11,17 +11,10 @@ autograd in float64.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-Selection = Callable[[Tensor], tuple[Tensor, Tensor]]  # post_nc -> (values_nk, indices_nk)
-
-
-def topk_selection(k: int) -> Selection:
-    """TopK's selection as a ``Selection``."""
-    return lambda post_nc: torch.topk(post_nc, k, dim=1, sorted=False)
+from usae.sae.objectives.topk import Selection, as_selection
 
 
 def _concept_sorted(rows: Tensor, cols: Tensor, grads: Tensor, n: int
@@ -176,7 +169,7 @@ def sparse_linear_topk(x_nd: Tensor, weight_nd: Tensor, bias_n: Tensor, k: int |
     codes (and AuxK among ``dead_concepts``, sorted concept indices; empty (N, 0) when there
     are none or ``dead_concepts`` is None). ``k``: TopK's k, or the sparsity rule's selection
     ``post_nc -> (values_nk, indices_nk)`` (``UniversalSAE.select``)."""
-    select = k if callable(k) else topk_selection(k)
+    select = as_selection(k)
     return _SparseLinearTopK.apply(x_nd, weight_nd, bias_n, select, dead_concepts, aux_k)
 
 

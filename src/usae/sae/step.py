@@ -35,7 +35,8 @@ from usae.sae.model import (
     sparse_decode,
 )
 from usae.sae.objectives import criterion as make_criterion
-from usae.sae.sparse import ConceptOrder, Selection, sparse_decode_train, sparse_linear_topk
+from usae.sae.objectives.topk import Selection
+from usae.sae.sparse import ConceptOrder, sparse_decode_train, sparse_linear_topk
 
 # sparse codes (values_nk, indices_nk) -> one dictionary's decode (n, d) -> (N, d)
 Decoder = Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]

@@ -189,10 +189,9 @@ class Trainer:
                                          torch.from_numpy(std_d).float())
         if self.initial_state is not None:
             missing, _ = self.sae.load_state_dict(self.initial_state, strict=False)
-            kept = [k for k in self.initial_state]
-            if not kept or any(k.startswith(("encoders.", "dictionaries.")) and
-                               k.split(".")[1] in self.cfg.train.frozen_models
-                               for k in missing):
+            frozen = set(self.cfg.train.frozen_models)
+            if any(k.split(".")[1] in frozen for k in missing
+                   if k.startswith(("encoders.", "dictionaries."))):
                 raise UsaeError("internal: the frozen models' weights were not all given")
 
     def _check_source(self, source: DataSource) -> int:
