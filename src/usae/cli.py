@@ -185,7 +185,8 @@ def _add_analysis(sub) -> None:
     s.add_argument("--store", required=True, help="the store the run was trained on")
     s.add_argument("--concept", default=None, help="K[,K...]: these concepts")
     s.add_argument("--top", type=int, default=None, help="the N most energetic universal "
-                   "concepts (from --eval, or ranked now)")
+                   "concepts (from --eval; without it, from one eval of the run on every "
+                   "image, kept in OUT/ranking-eval and reused)")
     s.add_argument("--eval", default=None, help="an eval folder of this run (ranking and top "
                    "natural images)")
     s.add_argument("--out", default=None, help="output folder (default: RUN/cam)")
