@@ -74,6 +74,12 @@ def test_every_training_key_is_a_flag_with_its_default_and_reaches_the_config(tm
     assert main(["train", "--store", str(store), "--out", str(tmp_path / "q"), "--set", "k=3",
                  "--k", "4", "--max-steps", "2"]) == 2
     assert "given twice" in capsys.readouterr().err
+    # the same value spelled two ways is one value
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "p"), "--set",
+                 "lr=2e-3", "--lr", "0.002", "--k", "3", "--n-concepts", "24", "--batch-images",
+                 "4", "--max-steps",
+                 "2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["train"]["lr"] == 0.002
     # image options belong to --images
     assert main(["train", "--store", str(store), "--out", str(tmp_path / "q"), "--keep-cls",
                  "--max-steps", "2"]) == 2

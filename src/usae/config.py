@@ -283,6 +283,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                         ) from None
 
 
+def key_value(key: str, value: Any) -> Any:
+    """A training key's value as its field's type (``"3e-3"`` -> 0.003 for ``lr``)."""
+    for cls in (SAEConfig, TrainConfig):
+        hints = get_type_hints(cls)
+        if key in hints:
+            return _coerce(key, value, hints[key])
+    return value
+
+
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route flat ``key=value`` overrides to the SAE or the training config."""
     sae_keys = {f.name for f in fields(SAEConfig)}

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from usae.config import RunConfig, load_config_file, parse_set, resolve
+from usae.config import RunConfig, key_value, load_config_file, parse_set, resolve
 from usae.data.sources import DataSource, ModelSubset, StoreSource, n_batches
 from usae.distributed import Dist
 from usae.errors import ConfigMismatch, UsaeError
@@ -47,7 +47,7 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
         overrides.update(load_config_file(config_file))
     given = parse_set(sets or [])
     for key, value in (keys or {}).items():
-        if key in given and str(given[key]) != str(value):
+        if key in given and key_value(key, given[key]) != key_value(key, value):
             raise UsaeError(f"{key} was given twice, as --set {key}={given[key]} and as "
                             f"--{key.replace('_', '-')} {value} — give it once")
         given[key] = value
