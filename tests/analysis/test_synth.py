@@ -163,17 +163,17 @@ def test_a_short_run_recovers_the_shared_features_as_single_concepts(tmp_path, c
     synth(tmp_path / "s", o)
     assert main(["train", "--store", str(tmp_path / "s" / "store"), "--out",
                  str(tmp_path / "run"), "--preset", "fast", "--no-progress",
-                 "--set", "epochs=25", "--set", "n_concepts=64", "--set", "k=4",
-                 "--set", "batch_images=8"]) == 0
+                 "--n-concepts", "64", "--k", "4", "--batch-images", "8"]) == 0
     assert main(["eval", str(tmp_path / "run"), "--store", str(tmp_path / "s" / "store"),
                  "--out", str(tmp_path / "ev"), "--no-plots", "--truth",
                  str(tmp_path / "s")]) == 0
     assert "against the truth" in capsys.readouterr().out
     t = json.loads((tmp_path / "ev" / "report.json").read_text())["truth"]
-    # measured 0.90-0.96 recovery and 0.70 shared as one (2026-11-29); the scalar
-    # standardization of the old `fast` gave 0.52 and 0.0 here
-    assert min(t["recovery"].values()) >= 0.85, t
-    assert t["shared_as_one"] >= 0.5, t
+    # `fast` as it is (energy rule, its 2500 steps): measured 0.93-0.97 recovery and 0.80
+    # shared as one (2026-11-29); TopK at 25 epochs gave 0.90-0.97 and 0.50, and the scalar
+    # standardization of the first `fast` 0.52 and 0.0
+    assert min(t["recovery"].values()) >= 0.88, t
+    assert t["shared_as_one"] >= 0.6, t
 
 
 def test_ball_dictionary_rows_are_at_most_unit_and_short_rows_are_kept():

@@ -79,6 +79,60 @@ def test_batch_topk_equals_a_full_sort_on_random_batches(seed):
     torch.testing.assert_close(_dense(sae, torch.relu(pre)), naive_batch_topk_codes(pre, 3))
 
 
+def _energy(k: int, fraction: float, n: int = 4) -> UniversalSAE:
+    cfg = resolve(("a",), (2,), "paper", {"n_concepts": n, "k": k, "sparsity": "energy",
+                                          "energy_fraction": fraction})
+    return UniversalSAE(cfg.sae)
+
+
+def test_energy_keeps_the_fewest_of_the_k_largest_whose_squares_reach_the_fraction_by_hand():
+    post = torch.tensor([[3.0, 0.0, 4.0, 1.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 1.0, 0.5]])
+    # row 0, k=3: squares 16, 9, 1 (sum 26); 0.9 x 26 = 23.4: 16 falls short, 16 + 9 reaches
+    # it. Row 2: squares 4, 4, 1 (sum 9); 8.1 needs all three
+    want = torch.tensor([[3.0, 0, 4.0, 0], [0, 0, 0, 0], [2.0, 2.0, 1.0, 0]])
+    for mode in ("train", "eval"):  # no state: training and inference agree
+        sae = getattr(_energy(3, 0.9), mode)()
+        assert torch.equal(_dense(sae, post), want)
+    # 0.5 x 26 = 13: the largest alone carries 16; row 2 (squares 4, 4, 1; goal 4.5) needs two
+    assert torch.equal(_dense(_energy(3, 0.5), post),
+                       torch.tensor([[0, 0, 4.0, 0], [0, 0, 0, 0], [2.0, 2.0, 0, 0]]))
+    # fraction 1 is TopK: every positive entry of the k largest
+    assert torch.equal(_dense(_energy(3, 1.0), post),
+                       torch.tensor([[3.0, 0, 4.0, 1.0], [0, 0, 0, 0], [2.0, 2.0, 1.0, 0]]))
+    assert torch.equal(_dense(_energy(3, 0.9), post[:1]), want[:1]), "a token needs no batch"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_energy_equals_the_walk_down_each_token_on_random_batches(seed, fraction):
+    from usae.sae.oracles import naive_energy_codes
+
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(17, 40, generator=g, dtype=torch.float64) * \
+        torch.rand(17, 1, generator=g, dtype=torch.float64) * 5
+    sae = _energy(6, fraction, n=40).double()
+    got = _dense(sae, torch.relu(pre))
+    torch.testing.assert_close(got, naive_energy_codes(pre, 6, fraction))
+    assert int((got > 0).sum(1).max()) <= 6 and int((got > 0).sum(1).min()) >= 1
+
+
+def test_energy_fraction_is_checked():
+    for bad in (0.0, -0.1):
+        with pytest.raises(UsaeError, match="energy_fraction must be above 0"):
+            _energy(2, bad)
+    with pytest.raises(UsaeError, match="energy_fraction"):
+        _energy(2, 1.5)
+
+
+def test_frozen_models_refuse_a_rule_with_shared_state_and_take_a_stateless_one():
+    models, dims = ("a", "b"), (4, 4)
+    with pytest.raises(UsaeError, match="batchtopk rule keeps state"):
+        resolve(models, dims, "fast", {"sparsity": "batchtopk", "frozen_models": "a"})
+    for rule in ("topk", "energy"):
+        cfg = resolve(models, dims, "fast", {"sparsity": rule, "frozen_models": "a"})
+        assert cfg.train.frozen_models == ("a",)
+
+
 def _step_vs_naive(settings: dict, naive: dict, source: int = 1) -> None:
     torch.manual_seed(0)
     models, dims = ("a", "b", "c"), (24, 12, 16)
@@ -108,7 +162,15 @@ def test_batch_topk_step_matches_the_naive_loss_on_every_kernel(kernel):
                    {"rule": "batchtopk"})
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kernel", [{"aux": "reference"},
+                                    {"aux": "none", "encoder": "linear"},
+                                    {"aux": "none", "encoder": "mlp_ln_1"}])
+def test_energy_step_matches_the_naive_loss_on_every_kernel(kernel):
+    _step_vs_naive({"sparsity": "energy", "energy_fraction": 0.7, "decoder_update": "all",
+                    **kernel}, {"rule": "energy"})
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "energy"])
 @pytest.mark.parametrize("kernel", [{"aux": "reference"}, {"aux": "none", "encoder": "linear"}])
 def test_matryoshka_loss_is_the_sum_of_the_prefix_losses(rule, kernel):
     _step_vs_naive({"sparsity": rule, "matryoshka": "8,32", "decoder_update": "all",
@@ -185,7 +247,8 @@ SETS = ["n_concepts=32", "k=4", "batch_images=4", "log_every=1", "checkpoint_eve
 
 
 @pytest.mark.parametrize("sets", [{"sparsity": "half_topk"}, {"sparsity": "batchtopk"},
-                                  {"matryoshka": "8,16"},
+                                  {"sparsity": "energy", "energy_fraction": 0.6},
+                                  {"sparsity": "topk", "matryoshka": "8,16"},
                                   {"sparsity": "batchtopk", "matryoshka": "8", "aux": "reference",
                                    "encoder": "mlp_bn_1"},
                                   {"active_set": "global", "cross_coef": 0.5,
@@ -208,6 +271,8 @@ def test_each_rule_trains_and_resumes_bit_identically(registered, make_arrays, t
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     if sets.get("sparsity") == "half_topk":
         assert all(r["l0"] <= 2 for r in rows), "the test rule's k/2 ran in training"
+    if sets.get("sparsity") == "energy":
+        assert all(1 <= r["l0"] < 4 for r in rows), "fewer than k, by the token"
     if sets.get("sparsity") == "batchtopk":
         assert float(a[THRESHOLD]) > 0 and int(a[SEEN]) == 10
         assert all(r["l0"] == pytest.approx(4) for r in rows), "k x N kept, k on average"
@@ -240,6 +305,8 @@ GLOBAL_CASES = {
     "layernorm_auxk": {"aux": "gao", "encoder": "mlp_ln_1"},
     "linear_batchtopk": {"aux": "none", "encoder": "linear", "sparsity": "batchtopk"},
     "linear_ball": {"aux": "none", "encoder": "linear", "dictionary_norm": "ball"},
+    "linear_energy": {"aux": "none", "encoder": "linear", "sparsity": "energy",
+                      "energy_fraction": 0.7},
 }
 
 
@@ -252,7 +319,7 @@ def test_global_topk_step_matches_the_naive_loss(case, cross):
 
     torch.manual_seed(0)
     models, dims = ("a", "b", "c"), (24, 12, 16)
-    keys = GLOBAL_CASES[case]
+    keys = {"sparsity": "topk", **GLOBAL_CASES[case]}
     cfg = resolve(models, dims, "fast", {"n_concepts": 64, "k": 5, "active_set": "global",
                                          "cross_coef": cross, "aux_k": 6, **keys})
     base = UniversalSAE(cfg.sae).double().train()
@@ -349,8 +416,9 @@ def test_a_resume_with_another_config_raises_its_own_error_type(make_arrays, tmp
 def test_code_matching_adds_the_distance_to_the_frozen_models_codes():
     """`match_coef` (train --extend): the loss grows by coef x the mean squared distance
     between the new model's codes and the mean of the frozen models' codes, written out with
-    `naive_topk_codes`; it applies only when a new model is the source."""
-    from usae.sae.oracles import naive_topk_codes
+    the rule's codes (the fast preset's energy rule); it applies only when a new model is
+    the source."""
+    from usae.sae.oracles import naive_rule_codes
 
     torch.manual_seed(0)
     models, dims = ("a", "b", "c"), (12, 8, 10)
@@ -360,7 +428,8 @@ def test_code_matching_adds_the_distance_to_the_frozen_models_codes():
     sae = UniversalSAE(plain.sae).double().train()
     xs = {m: torch.randn(20, d, dtype=torch.float64) for m, d in zip(models, dims)}
     with torch.no_grad():
-        codes = {m: naive_topk_codes(sae.encoders[m](xs[m]), 4) for m in models}
+        codes = {m: naive_rule_codes(plain.sae.sparsity, sae.encoders[m](xs[m]), plain.sae)
+                 for m in models}
     want = 0.5 * (codes["c"] - (codes["a"] + codes["b"]) / 2).square().mean()
     base, _, _ = step_loss(copy.deepcopy(sae), xs, 2, plain)
     got, _, _ = step_loss(copy.deepcopy(sae), xs, 2, matched)

@@ -92,6 +92,21 @@ def test_lr_schedule_shape():
     assert lr_at(55, 10, 100, 1.0, 0.0) == pytest.approx(0.5)
 
 
+def test_a_run_takes_min_steps_when_its_epochs_are_fewer_and_max_steps_always_wins(
+        arrays, tmp_path):
+    tc = small_cfg(arrays, max_steps=0, epochs=2, min_steps=10).train
+    assert tc.total_steps(3) == 10  # 2 epochs of 3 batches: 6 steps, raised to 10
+    assert tc.total_steps(7) == 14  # 2 epochs of 7 batches: more than 10
+    assert with_train(small_cfg(arrays), max_steps=5, min_steps=10).train.total_steps(3) == 5
+    # the fixture's 48 images, 4 a batch: an epoch is 12 steps
+    cfg = small_cfg(arrays, max_steps=0, epochs=1, min_steps=17, log_every=1,
+                    checkpoint_every=100)
+    Trainer(cfg, tmp_path / "r", progress=False).fit(ArraySource(arrays))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert steps[-1] == 17 and len(steps) == 17  # the data repeats past its epoch
+
+
 def test_same_seed_same_losses_and_metrics_contract(arrays, tmp_path):
     cfg = small_cfg(arrays)
     Trainer(cfg, tmp_path / "a", progress=False).fit(ArraySource(arrays))

@@ -68,6 +68,34 @@ def naive_batch_topk_codes(pre_nc: Tensor, k: int) -> Tensor:
     return post * ((post >= cut) & (post > 0))
 
 
+def naive_energy_codes(pre_nc: Tensor, k: int, fraction: float) -> Tensor:
+    """The energy rule one token at a time: walk down the token's k largest ReLU'd values
+    and stop once the squares taken reach ``fraction`` of the k squares' sum; densified
+    (N, n)."""
+    post = torch.relu(pre_nc)
+    codes = torch.zeros_like(post)
+    for row in range(post.shape[0]):
+        top = sorted(((float(v), c) for c, v in enumerate(post[row].detach())),
+                     reverse=True)[:k]
+        goal, taken = fraction * sum(v * v for v, _ in top), 0.0
+        for v, c in top:
+            if taken >= goal:
+                break
+            codes[row, c] = post[row, c]
+            taken += v * v
+    return codes
+
+
+def naive_rule_codes(rule: str, pre_nc: Tensor, cfg) -> Tensor:
+    """Dense codes (N, n) of sparsity rule ``rule`` (topk, batchtopk or energy) on
+    ReLU(``pre_nc``), written out, for ``cfg``, the SAE config (k, energy_fraction)."""
+    if rule == "batchtopk":
+        return naive_batch_topk_codes(pre_nc, cfg.k)
+    if rule == "energy":
+        return naive_energy_codes(pre_nc, cfg.k, cfg.energy_fraction)
+    return naive_topk_codes(pre_nc, cfg.k)
+
+
 def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l1",
                     aux: str = "reference", aux_coef: float = 0.1,
                     dead_c: Tensor | None = None, aux_k: int = 0, rule: str = "topk",
@@ -78,13 +106,12 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
     encoder produces the codes. Sum over models j of ``crit(x_j, z D_j)`` plus
     ``aux_coef * crit(x_j - z D_j, a D_j)`` (``aux=reference``: a = top n/2 of relu(pre) - z;
     ``aux=gao``: a = AuxK over dead concepts and the residual is detached; ``none``: no term).
-    ``rule``: topk or batchtopk codes. ``prefixes``: Matryoshka; the reconstruction term
-    is repeated with the codes of the concepts below each prefix size (columns cut off).
+    ``rule``: topk, batchtopk or energy codes. ``prefixes``: Matryoshka; the reconstruction
+    term is repeated with the codes of the concepts below each prefix size (columns cut off).
     """
     src = sae.models[source]
     pre = sae.encoders[src](xs[src])
-    codes = naive_batch_topk_codes(pre, sae.cfg.k) if rule == "batchtopk" else \
-        naive_topk_codes(pre, sae.cfg.k)
+    codes = naive_rule_codes(rule, pre, sae.cfg)
     total = pre.new_zeros(())
     for m in sae.models:
         dict_nd = naive_dictionary(sae, m)
@@ -107,8 +134,9 @@ def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
                            cross_coef: float = 0.0, rule: str = "topk", aux: str = "none",
                            aux_coef: float = 0.1, dead_c: Tensor | None = None,
                            aux_k: int = 0) -> tuple[Tensor, Tensor]:
-    """Global TopK across models, written out: the rule (TopK, or BatchTopK by a full sort)
-    picks one active set per token from the mean of the models' ReLU'd pre-activations;
+    """Global TopK across models, written out: the rule (TopK, BatchTopK by a full sort, or
+    energy) picks one active set per token from the mean of the models' ReLU'd
+    pre-activations;
     model m's code is its own ReLU'd values on that set; sum over m of ``crit(x_m, z_m D_m)``
     (plus m's auxiliary term into its own model: ``reference`` or ``gao``, as
     ``naive_step_loss``) plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for every j != m.
@@ -116,8 +144,7 @@ def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
     pres = {m: sae.encoders[m](xs[m]) for m in sae.models}
     posts = {m: torch.relu(p) for m, p in pres.items()}
     mean = torch.stack([p.detach() for p in posts.values()]).mean(0)
-    chosen = naive_batch_topk_codes(mean, sae.cfg.k) if rule == "batchtopk" else \
-        naive_topk_codes(mean, sae.cfg.k)
+    chosen = naive_rule_codes(rule, mean, sae.cfg)
     mask = chosen > 0
     dicts = {m: naive_dictionary(sae, m) for m in sae.models}
     total = mean.new_zeros(())

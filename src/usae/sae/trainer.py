@@ -218,7 +218,7 @@ class Trainer:
 
     def total_steps(self, source: DataSource) -> int:
         tc = self.cfg.train
-        return tc.max_steps or tc.epochs * n_batches(source, tc.batch_images)
+        return tc.total_steps(n_batches(source, tc.batch_images))
 
     def fit(self, source: DataSource, val_source: DataSource | None = None,
             resume: bool = False, force: bool = False) -> UniversalSAE:

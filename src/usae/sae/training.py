@@ -124,13 +124,14 @@ def warn_if_too_short(cfg: RunConfig, source: DataSource) -> None:
     per_epoch = n_batches(source, tc.batch_images)
     if per_epoch == 0:
         return  # the trainer refuses it with its own message
-    total = tc.max_steps or tc.epochs * per_epoch
+    total = tc.total_steps(per_epoch)
     warmup = tc.warmup_steps or per_epoch
     if total <= warmup or total < SHORT_RUN_STEPS:
         log.warning("warning: this run has only %d steps (%d images a batch, %d batches an "
                     "epoch, learning-rate warmup %d steps): too short to give a useful model — "
-                    "raise --set epochs=N or --max-steps, or lower batch_images (the `demo` "
-                    "preset suits small stores)", total, tc.batch_images, per_epoch, warmup)
+                    "raise --epochs, --min-steps or --max-steps, or lower batch_images (the "
+                    "`demo` preset suits small stores)", total, tc.batch_images, per_epoch,
+                    warmup)
 
 
 def _store_extra(store_manifest: dict[str, Any] | None) -> dict[str, Any]:

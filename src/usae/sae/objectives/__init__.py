@@ -21,7 +21,12 @@ from typing import Any
 SPARSITY: dict[str, Any] = {
     "topk": "usae.sae.objectives.topk:TopK",
     "batchtopk": "usae.sae.objectives.batch_topk:BatchTopK",
+    "energy": "usae.sae.objectives.energy:Energy",
 }
+
+# rules that keep state every model shares (their buffers): a frozen model cannot keep its
+# codes under one (usae train --extend refuses them)
+STATEFUL = {"batchtopk"}
 
 CRITERIA: dict[str, Any] = {
     "l1": "usae.sae.objectives.criteria:L1",
