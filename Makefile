@@ -15,7 +15,7 @@ TORCH_DEMO := torch==2.13.0
 TORCH_DEV  := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test venv install-demo install-dev browser mutation clean
+.PHONY: demo test venv install-demo install-dev browser mutation mutation-changed clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,6 +49,13 @@ test: install-dev browser
 mutation: install-dev
 	$(PIP) install -q -e ".[mutation]"
 	$(VENV)/bin/python scripts/mutation.py
+
+# Before a submission: mutate only the modules changed since scripts/mutation_record.json
+# (or never scored), for at most MUTATION_BUDGET minutes; the record keeps each new score.
+MUTATION_BUDGET ?= 30
+mutation-changed: install-dev
+	$(PIP) install -q -e ".[mutation]"
+	$(VENV)/bin/python scripts/mutation.py --changed --budget $(MUTATION_BUDGET)
 
 clean:
 	rm -rf $(VENV) demo-output mutants-work

@@ -10,14 +10,25 @@ Mutants listed in `scripts/mutation_equivalent.txt` (with the reason each cannot
 behaviour) are counted apart. The script prints a per-module table and writes
 `mutants-work/results.json`: for each module, the mutant names by status.
 
-    python scripts/mutation.py                 # every core module
+Every module of ``src/usae`` can be mutated. A module without an entry in ``SELECTION`` gets
+the test files that import it (``selection``). ``scripts/mutation_record.json`` (checked in)
+keeps each module's last score, its date and the hash of the source it was measured on;
+``--changed`` (``make mutation-changed``) runs only the modules whose source changed since,
+or that have no score yet, within ``--budget`` minutes, and updates the record.
+
+    python scripts/mutation.py                 # the core modules (SELECTION)
     python scripts/mutation.py sae.model store.store   # some modules
     python scripts/mutation.py --rerun sae.model       # only the last run's survivors
+    python scripts/mutation.py --changed --budget 30   # what changed since the record
+    python scripts/mutation.py --table                 # the record as docs/TESTING.md's table
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import datetime
+import hashlib
 import json
 import os
 import re
@@ -31,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants-work"
 EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
+RECORD_FILE = ROOT / "scripts" / "mutation_record.json"
 
 # module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
 SELECTION: dict[str, list[str]] = {
@@ -51,6 +63,21 @@ SELECTION: dict[str, list[str]] = {
     "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
     "sae.extend": ["tests/sae/test_extend.py"],
     "data.store_add": ["tests/data/test_store_add.py"],
+    # modules that no test imports by name: the tests of the commands that run them
+    "analysis.concepts": ["tests/analysis/test_evaluate.py", "tests/explorer/test_explorer.py"],
+    "analysis.eval_folder": ["tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
+                             "tests/explorer/test_explorer.py"],
+    "analysis.plots": ["tests/analysis/test_evaluate.py"],
+    "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
+    "data.splits": ["tests/data/test_cache.py", "tests/data/test_sources.py"],
+    "demo": ["tests/test_cli.py"],
+    "__main__": ["tests/test_cli.py"],
+    "sae.objectives.base": ["tests/sae/test_objectives.py"],
+    "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],
+    "sae.loggers": ["tests/sae/test_train.py"],
+    "sae.objectives.criteria": ["tests/sae/test_objectives.py", "tests/sae/test_step.py"],
+    "sae.objectives.energy": ["tests/sae/test_objectives.py"],
+    "sae.objectives.topk": ["tests/sae/test_objectives.py", "tests/sae/test_step.py"],
 }
 # module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
 # tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
@@ -66,6 +93,88 @@ PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformer
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")
+
+
+def all_modules() -> list[str]:
+    """Every module of ``src/usae`` as a dotted name (``sae.step``; a package's
+    ``__init__`` is the package's name), sorted."""
+    names = []
+    for path in sorted((ROOT / "src" / "usae").rglob("*.py")):
+        parts = path.relative_to(ROOT / "src" / "usae").with_suffix("").parts
+        body = ast.parse(path.read_text()).body
+        if all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+               for node in body):
+            continue  # a docstring alone: nothing to mutate
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def selection(module: str) -> list[str]:
+    """The tests a module's mutants run: ``SELECTION``'s, else every test file that names
+    the module in an import (``usae.<module>``), without the structural and notebook tests."""
+    if module in SELECTION:
+        return SELECTION[module]
+    dotted = "usae." + module
+    pattern = re.compile(rf"(from {re.escape(dotted)} import|import {re.escape(dotted)}\b|"
+                         rf"from usae\.{re.escape(module.rpartition('.')[0] or '')}\s+import\s+"
+                         rf"[^\n]*\b{re.escape(module.rpartition('.')[2])}\b)")
+    skip = {"tests/test_architecture.py", "tests/test_notebook.py"}
+    found = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel not in skip and pattern.search(path.read_text()):
+            found.append(rel)
+    return found
+
+
+def source_hash(module: str, root: Path = ROOT) -> str:
+    """sha256 of the module's source under ``root`` (a recorded score's: its work folder's
+    copy, the source the mutants were made from)."""
+    return hashlib.sha256((root / module_path(module)).read_bytes()).hexdigest()[:16]
+
+
+def read_record() -> dict[str, dict]:
+    return json.loads(RECORD_FILE.read_text()) if RECORD_FILE.exists() else {}
+
+
+def record(module: str, entry: dict) -> None:
+    """Keep a finished full run's score in the record (atomically)."""
+    saved = read_record()
+    c = entry["counts"]
+    saved[module] = {"sha": source_hash(module, WORK / module),
+                     "date": datetime.date.today().isoformat(),
+                     "mutants": sum(c.values()), "killed": c.get("killed", 0) +
+                     c.get("timeout", 0), "equivalent": len(entry["equivalent"]),
+                     "live": len(entry["live_survivors"]), "no_tests": c.get("no tests", 0),
+                     "score": entry["score"], "seconds": entry["seconds"]}
+    tmp = RECORD_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, RECORD_FILE)
+
+
+def changed_modules() -> list[str]:
+    """Modules whose source differs from the recorded run's, then those never recorded;
+    the quickest recorded first."""
+    saved = read_record()
+    stale = [m for m in all_modules() if m in saved and saved[m]["sha"] != source_hash(m)]
+    new = [m for m in all_modules() if m not in saved]
+    return sorted(stale, key=lambda m: saved[m].get("seconds") or 0) + new
+
+
+def table() -> str:
+    """The record as a markdown table (docs/TESTING.md)."""
+    saved = read_record()
+    rows = ["| module | mutants | killed | equivalent | live survivors | score | date |",
+            "|---|---|---|---|---|---|---|"]
+    for m in all_modules():
+        e = saved.get(m)
+        if e is None:
+            rows.append(f"| {m} | | | | | not run | |")
+            continue
+        stale = "" if e["sha"] == source_hash(m) else " (source changed since)"
+        rows.append(f"| {m} | {e['mutants']} | {e['killed']} | {e['equivalent']} | {e['live']} "
+                    f"| **{e['score']:.1%}** | {e['date']}{stale} |")
+    return "\n".join(rows)
 
 
 def equivalent_mutants() -> dict[str, str]:
@@ -103,7 +212,7 @@ def prepare(module: str) -> Path:
         'source_paths = ["src/"]',
         f'only_mutate = ["{module_path(module)}"]',
         f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
-        f"pytest_add_cli_args_test_selection = {_toml_list(SELECTION[module])}",
+        f"pytest_add_cli_args_test_selection = {_toml_list(selection(module))}",
         'also_copy = ["examples/"]',
         "mutate_only_covered_lines = true",
         # fork straight from a process that has run torch deadlocks in the OpenMP pool
@@ -214,21 +323,45 @@ def summarize(status: dict[str, str], equivalent: dict[str, str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected modules and print the per-module table; exit 1 below `--target`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", help=f"some of: {' '.join(SELECTION)} (default: all)")
+    parser.add_argument("modules", nargs="*",
+                        help=f"modules of src/usae, dotted (default: {' '.join(SELECTION)})")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="re-run the last run's survivors")
     parser.add_argument("--collect", action="store_true",
                         help="only read the results already in the work folders")
+    parser.add_argument("--changed", action="store_true",
+                        help="only the modules changed since scripts/mutation_record.json")
+    parser.add_argument("--budget", type=float, default=0,
+                        help="minutes: start no module after this much time (0: no limit)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the record as docs/TESTING.md's table and stop")
     parser.add_argument("--target", type=float, default=0.90)
     args = parser.parse_args(argv)
-    args.modules = args.modules or list(SELECTION)
-    unknown = sorted(set(args.modules) - set(SELECTION))
+    if args.table:
+        print(table())
+        return 0
+    if args.changed:
+        args.modules = changed_modules()
+        print(f"changed since the record: {' '.join(args.modules) or 'nothing'}", flush=True)
+    elif not args.modules:
+        args.modules = list(SELECTION)
+    unknown = sorted(set(args.modules) - set(all_modules()))
     if unknown:
-        parser.error(f"not a core module: {', '.join(unknown)}")
+        parser.error(f"not a module of src/usae: {', '.join(unknown)}")
+    for module in args.modules:
+        if not selection(module):
+            parser.error(f"no test file imports usae.{module}: add it to SELECTION")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     equivalent = equivalent_mutants()
     saved_path = WORK / "results.json"
+    began = time.monotonic()
+    done = []
     for module in args.modules:
+        if args.budget and time.monotonic() - began > args.budget * 60:
+            print(f"budget of {args.budget:g} min spent; not run: "
+                  f"{' '.join(m for m in args.modules if m not in done)}", flush=True)
+            break
+        done.append(module)
         start = time.monotonic()
         if args.collect:
             status = results(WORK / module, mutmut)
@@ -241,15 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         saved[module] = {**summarize(status, equivalent), "seconds": seconds}
         WORK.mkdir(exist_ok=True)
         saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        if status and not args.collect:  # a run's score, on the source it ran on
+            record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
     saved = json.loads(saved_path.read_text())
     print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors | score |")
     print("|---|---|---|---|---|---|---|---|")
-    for module in SELECTION:
-        if module in saved:
+    for module in all_modules():
+        if module in saved and module in done:
             print(_row(module, saved[module]))
-    below = [m for m in args.modules if saved[m]["score"] < args.target]
-    for module in args.modules:
+    below = [m for m in done if saved[m]["score"] < args.target]
+    for module in done:
         for name in saved[module]["live_survivors"]:
             print(f"survived: {name}")
     return 1 if below else 0
