@@ -1,8 +1,8 @@
-"""What each objective costs per training step (issue 24): the `fast` preset's sparse step
-with TopK against BatchTopK, Matryoshka and the global TopK across models, on the same
-weights and batches, in interleaved rounds (each round times every rule once, in turn), so
-that a slow spell of a shared machine hits every rule alike. Reports the median per rule and
-its ratio to TopK. Prints one JSON object as its last line.
+"""What each objective costs per training step (issues 23, 24): the `fast` preset's sparse
+step with TopK against the energy rule, BatchTopK, Matryoshka and the global TopK across
+models, on the same weights and batches, in interleaved rounds (each round times every rule
+once, in turn), so that a slow spell of a shared machine hits every rule alike. Reports the
+median per rule and its ratio to TopK. Prints one JSON object as its last line.
 
     python benchmarks/objectives_step.py [--tokens 2048] [--rounds 7] [--dims 768,384,768]
 """
@@ -23,12 +23,13 @@ from usae.sae.step import step_loss
 from usae.sae.trainer import make_optimizer
 
 RULES: dict[str, dict[str, object]] = {
-    "topk": {},
+    "topk": {"sparsity": "topk"},
+    "energy": {"sparsity": "energy"},  # the fast preset's rule
     "batchtopk": {"sparsity": "batchtopk"},
-    "matryoshka": {"matryoshka": "{m1},{m2}"},
+    "matryoshka": {"sparsity": "topk", "matryoshka": "{m1},{m2}"},
     "batchtopk_matryoshka": {"sparsity": "batchtopk", "matryoshka": "{m1},{m2}"},
-    "global": {"active_set": "global"},
-    "global_cross": {"active_set": "global", "cross_coef": 1.0},
+    "global": {"sparsity": "topk", "active_set": "global"},
+    "global_cross": {"sparsity": "topk", "active_set": "global", "cross_coef": 1.0},
 }
 
 

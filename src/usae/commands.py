@@ -256,23 +256,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = from_args(EvalOptions, args)
     report = evaluate(args.run, args.store, args.out, opts, independent=args.independent,
                       compare=args.compare, force=args.force, truth=args.truth)
-    s = report["summary"]
+    s = report.summary
     cross = "n/a" if s["cross_r2_mean"] is None else f"{s['cross_r2_mean']:.3f}"
     written = "report.json, concepts.csv" + (", plots" if opts.plots else "")
     print(f"wrote {args.out}: {written} — R2 self {s['self_r2_mean']:.3f}, cross {cross}, "
-          f"{report['concept_classes']['universal']} universal concepts, Jaccard of active "
+          f"{report.concept_classes['universal']} universal concepts, Jaccard of active "
           f"sets across models {_fmt(s.get('jaccard_cross_mean'))}")
-    if "faithfulness" in report:
+    if report.faithfulness is not None:
+        from usae.analysis.eval_folder import REPORT_FILE, read_report
         from usae.analysis.faithfulness import format_table
 
-        print(format_table(report["faithfulness"]))
-        for folder in sorted(Path(args.out, "compare").glob("*/report.json")):
-            other = json.loads(folder.read_text())
-            if "faithfulness" in other:
+        print(format_table(report.faithfulness))
+        for folder in sorted(Path(args.out, "compare").glob(f"*/{REPORT_FILE}")):
+            other = read_report(folder.parent).faithfulness
+            if other is not None:
                 print(f"  compared run {folder.parent.name}:")
-                print(format_table(other["faithfulness"]))
-    if "truth" in report:
-        print(_truth_summary(report["truth"]))
+                print(format_table(other))
+    if report.truth is not None:
+        print(_truth_summary(report.truth))
     return 0
 
 

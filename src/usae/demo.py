@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from usae.analysis.eval_folder import REPORT_FILE
 from usae.analysis.evaluate import evaluate
 from usae.cam.maximize import run_cam
 from usae.config import DEMO_DATA, resolve
@@ -169,9 +170,9 @@ def _analysis_stages(out: Path, run: Path, store_dir: Path, progress: bool,
     found: dict[str, Any] = {}
     log.info("[4/6] evaluating on the held-out crops -> %s", out / "eval")
     report = evaluate(run, store_dir, out / "eval", progress=progress)
-    found["report"] = out / "eval" / "report.json"
-    found["r2"] = report["r2"]
-    found["faithfulness"] = report.get("faithfulness")
+    found["report"] = out / "eval" / REPORT_FILE
+    found["r2"] = report.r2
+    found["faithfulness"] = report.faithfulness
     t0 = time.perf_counter()
     cam = DEMO_CAM_QUICK if quick else DEMO_CAM
     log.info("[5/6] coordinated activation maximization, top %d concepts -> %s",

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from usae import __version__
-from usae.analysis.eval_folder import CONCEPTS_FILE, REPORT_FILE, check_eval_of_run, read_report
+from usae.analysis.eval_folder import (
+    CONCEPTS_FILE,
+    REPORT_FILE,
+    EvalReport,
+    check_eval_of_run,
+    read_report,
+)
 from usae.errors import UsaeError
 from usae.files import atomic_write_text, load_safetensors
 from usae.sae import run as run_folder
@@ -145,11 +151,11 @@ def _extension_lines(ext: dict[str, Any] | None) -> list[str]:
             f"{str(ext.get('at', '?'))[:10]}, the earlier models' weights frozen"]
 
 
-def _metrics_section(report: dict[str, Any]) -> list[str]:
-    models = report["models"]
-    r2 = np.asarray(report["r2"])
+def _metrics_section(report: EvalReport) -> list[str]:
+    models = report.models
+    r2 = np.asarray(report.r2)
     out = ["## Evaluation", "",
-           f"On the `{report['split']}` split ({report['n_images']} images, "
+           f"On the `{report.split}` split ({report['n_images']} images, "
            f"{report['n_tokens']:,} tokens). R² with per-dimension means; row = the model whose "
            "activations were encoded, column = the model reconstructed (off-diagonal cells are "
            "cross-model reconstructions through the shared concepts).", "",
@@ -157,14 +163,14 @@ def _metrics_section(report: dict[str, Any]) -> list[str]:
            "|---|" + "---|" * len(models)]
     for i, m in enumerate(models):
         out.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in r2[i]) + " |")
-    classes = report["concept_classes"]
+    classes = report.concept_classes
     specific = ", ".join(f"{m} {n}" for m, n in classes["model_specific"].items())
     out += ["", "| model | L0 (active concepts per token) | dead fraction |", "|---|---|---|"]
-    out += [f"| {m} | {report['l0'][m]:.1f} | {report['dead_fraction'][m]:.3f} |"
+    out += [f"| {m} | {report.l0[m]:.1f} | {report.dead_fraction[m]:.3f} |"
             for m in models]
     out += ["", f"Concept classes (by firing entropy): {classes['universal']} universal, "
             f"model-specific: {specific}, {classes['never_fire']} never fire.", ""]
-    return out + _faithfulness_section(report.get("faithfulness"))
+    return out + _faithfulness_section(report.faithfulness)
 
 
 def _faithfulness_section(f: dict[str, Any] | None) -> list[str]:

@@ -476,3 +476,31 @@ def test_eval_rows_fall_back_only_for_a_missing_val_split(make_arrays, tmp_path,
         rows, split = eval_rows(no_val, "val")
     assert rows.tolist() == list(range(6)) and split == "all"
     assert caplog.messages == ["warning: the store has no 'val' split; evaluating on every image"]
+
+
+def test_the_eval_report_is_read_and_written_in_one_place_with_its_sections_typed(tmp_path):
+    from usae.analysis.eval_folder import REPORT_FILE, EvalReport, read_report, write_report
+
+    data = {"models": ["a", "b"], "n_concepts": 8, "split": "val",
+            "r2": [[1.0, 0.5], [0.4, None]], "l0": {"a": 3.0, "b": 2.0},
+            "dead_fraction": {"a": 0.1, "b": 0.2}, "concept_classes": {"universal": 2},
+            "summary": {"self_r2_mean": 0.95}, "jaccard": [[1.0, 0.2], [0.2, 1.0]],
+            "run": {"path": "r", "step": 4}, "truth": {"recovery": {"a": 1.0}}}
+    write_report(tmp_path, EvalReport(data))
+    assert json.loads((tmp_path / REPORT_FILE).read_text()) == data  # every key, as given
+    r = read_report(tmp_path)
+    assert (r.models, r.n_concepts, r.split, r.r2) == (["a", "b"], 8, "val", data["r2"])
+    assert (r.l0, r.dead_fraction, r.concept_classes, r.summary) == (
+        data["l0"], data["dead_fraction"], data["concept_classes"], data["summary"])
+    assert r.run == {"path": "r", "step": 4} and r.truth == {"recovery": {"a": 1.0}}
+    assert r.faithfulness is None, "a section the eval did not compute is None"
+    assert r["jaccard"] == data["jaccard"] and dict(r) == data and r.to_json() == data
+    changed = r.with_changes(top_images_split="all", run={})
+    assert changed["top_images_split"] == "all" and changed.run == {}
+    assert "top_images_split" not in r and r.run == data["run"], "the original is unchanged"
+    old = EvalReport({k: v for k, v in data.items() if k not in ("n_concepts", "run")})
+    assert old.n_concepts is None and old.run is None  # evals written before those keys
+    assert EvalReport({**data, "run": "?"}).run is None
+    (tmp_path / REPORT_FILE).write_text("[1, 2]")
+    with pytest.raises(UsaeError, match="is not a usae eval report"):
+        read_report(tmp_path)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from usae.analysis.eval_folder import by_energy, read_concepts
+from usae.analysis.eval_folder import TOP_IMAGES_FILE, by_energy, read_concepts, read_report
 from usae.errors import UsaeError
-from usae.files import load_safetensors, read_json
+from usae.files import load_safetensors
 from usae.store.store import read_manifest
 
 
@@ -22,9 +22,9 @@ def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: 
     paths (or store rows) of its top ``images`` images by mean activation. ``models``: the
     run's models, which the eval must have been computed for."""
     eval_dir = Path(eval_dir)
-    report = read_json(eval_dir / "report.json", "eval report")
-    if models is not None and report["models"] != list(models):
-        raise UsaeError(f"{eval_dir} is an eval of models {report['models']}, not of this run's "
+    report = read_report(eval_dir)
+    if models is not None and report.models != list(models):
+        raise UsaeError(f"{eval_dir} is an eval of models {report.models}, not of this run's "
                         f"{list(models)}")
     rows = read_concepts(eval_dir)
     n = len(rows)
@@ -35,7 +35,7 @@ def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: 
         chosen = [rows[k] for k in concepts]
     else:
         chosen = by_energy(rows, universal_only)[:top]
-    top_rows = load_safetensors(eval_dir / "top_images.safetensors")["rows.mean"]
+    top_rows = load_safetensors(eval_dir / TOP_IMAGES_FILE)["rows.mean"]
     paths = [i["path"] for i in read_manifest(store)["images"]] if store else None
     out = []
     for r in chosen:
@@ -44,7 +44,7 @@ def concept_table(eval_dir: str | Path, concepts: list[int] | None = None, top: 
         out.append({"concept": k, "class": r["class"], "energy": float(r["energy"]),
                     "firing_entropy": None if r["firing_entropy"] == "" else
                     float(r["firing_entropy"]),
-                    "fires": {m: int(r[f"fires_{m}"]) for m in report["models"]},
+                    "fires": {m: int(r[f"fires_{m}"]) for m in report.models},
                     "top_images": [paths[i] if paths else f"row {i}" for i in best]})
     return out
 

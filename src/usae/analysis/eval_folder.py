@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from usae.errors import UsaeError
-from usae.files import read_json
+from usae.files import atomic_write_json, read_json
 from usae.sae import run as run_folder
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,99 @@ def run_identity(run: str | Path) -> dict[str, Any]:
             "weights_sha256": weights_digest(run)}
 
 
-def read_report(eval_dir: str | Path) -> dict[str, Any]:
+class EvalReport(Mapping[str, Any]):
+    """``report.json``, typed for the commands that read an eval (its keys: CONTRACT.md).
+
+    The attributes are the sections readers use; as a mapping it is the whole report as
+    written (``report["jaccard"]``), so a key added to the report needs no change here.
+    Read with ``read_report``, written with ``write_report``: nowhere else."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_json(self) -> dict[str, Any]:
+        """A copy of the report as a plain dict (JSON-ready)."""
+        return dict(self._data)
+
+    def with_changes(self, **keys: Any) -> "EvalReport":
+        """A copy with ``keys`` set (e.g. the explorer's ``top_images_split``)."""
+        return EvalReport({**self._data, **keys})
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._data["models"])
+
+    @property
+    def n_concepts(self) -> int | None:
+        """Concepts of the evaluated run (None in evals written before it was recorded)."""
+        n = self._data.get("n_concepts")
+        return None if n is None else int(n)
+
+    @property
+    def split(self) -> str | None:
+        return self._data.get("split")
+
+    @property
+    def r2(self) -> list[list[float | None]]:
+        """(M, M): row = the model whose code, column = the model reconstructed."""
+        return self._data["r2"]
+
+    @property
+    def l0(self) -> dict[str, float]:
+        return self._data["l0"]
+
+    @property
+    def dead_fraction(self) -> dict[str, float]:
+        return self._data["dead_fraction"]
+
+    @property
+    def concept_classes(self) -> dict[str, Any]:
+        return self._data["concept_classes"]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self._data["summary"]
+
+    @property
+    def run(self) -> dict[str, Any] | None:
+        """Which run and step were evaluated (path, step, state, weights_sha256)."""
+        run = self._data.get("run")
+        return run if isinstance(run, dict) else None
+
+    @property
+    def faithfulness(self) -> dict[str, Any] | None:
+        return self._data.get("faithfulness")
+
+    @property
+    def truth(self) -> dict[str, Any] | None:
+        return self._data.get("truth")
+
+
+def write_report(eval_dir: str | Path, report: Mapping[str, Any]) -> None:
+    """``EVAL/report.json``, atomically."""
+    data = report.to_json() if isinstance(report, EvalReport) else dict(report)
+    atomic_write_json(Path(eval_dir) / REPORT_FILE, data)
+
+
+def read_report(eval_dir: str | Path) -> EvalReport:
     """``EVAL/report.json`` (a clear error when it is missing or corrupt)."""
     report = read_json(Path(eval_dir) / REPORT_FILE, "eval report")
     if not isinstance(report, dict) or "models" not in report:
         raise UsaeError(f"{Path(eval_dir) / REPORT_FILE} is not a usae eval report")
-    return report
+    return EvalReport(report)
 
 
 def check_eval_of_run(eval_dir: str | Path, run: str | Path, models: list[str],
-                      n_concepts: int, need: tuple[str, ...] = EVAL_FILES) -> dict[str, Any]:
+                      n_concepts: int, need: tuple[str, ...] = EVAL_FILES) -> EvalReport:
     """The report of ``eval_dir``, once it is known to be an eval of ``run``: its files are
     there, and its recorded weights digest is the run's (or, for evals written before the
     record existed, its models and concept count are the run's, with a warning)."""
@@ -70,13 +154,13 @@ def check_eval_of_run(eval_dir: str | Path, run: str | Path, models: list[str],
                             f"eval {run} --store STORE --out {eval_dir}")
     report = read_report(eval_dir)
     again = f" — make an eval of this run with: usae eval {run} --store STORE --out DIR"
-    if report["models"] != list(models) or int(report.get("n_concepts", n_concepts)) != \
-            int(n_concepts):
-        raise UsaeError(f"{eval_dir} is an eval of another run (models {report['models']}, "
-                        f"{report.get('n_concepts')} concepts; this run: {list(models)}, "
+    recorded_n = report.n_concepts if report.n_concepts is not None else n_concepts
+    if report.models != list(models) or recorded_n != int(n_concepts):
+        raise UsaeError(f"{eval_dir} is an eval of another run (models {report.models}, "
+                        f"{report.n_concepts} concepts; this run: {list(models)}, "
                         f"{n_concepts}){again}")
-    recorded = report.get("run")
-    if not isinstance(recorded, dict) or "weights_sha256" not in recorded:
+    recorded = report.run
+    if recorded is None or "weights_sha256" not in recorded:
         log.warning("warning: %s does not record which run it evaluated (an older eval); its "
                     "models and concept count match %s", eval_dir, run)
         return report

@@ -25,13 +25,12 @@ import torch
 from torch import Tensor
 
 from usae.analysis.controls import independent_consistency
-from usae.analysis.eval_folder import run_identity
+from usae.analysis.eval_folder import REPORT_FILE, EvalReport, run_identity, write_report
 from usae.analysis.metrics import JaccardAccumulator, R2Accumulator, cross_model_update
 from usae.analysis.plots import make_plots
 from usae.errors import UsaeError
 from usae.files import (
     atomic_save_safetensors,
-    atomic_write_json,
     atomic_write_text,
     replace_folder,
 )
@@ -131,7 +130,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
              options: EvalOptions | None = None, *, progress: bool = True,
              independent: str | Path | None = None, compare: list[str | Path] | None = None,
              force: bool = False, truth: str | Path | None = None,
-             **changes: Any) -> dict[str, Any]:
+             **changes: Any) -> EvalReport:
     """Evaluate a run on a store split; write report.json, concepts.csv, top images, plots.
 
     ``options`` (or keyword ``changes`` such as ``split="all"``): see ``EvalOptions``. The
@@ -151,7 +150,7 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
         from usae.analysis.truth import load_truth
 
         truth = load_truth(truth)  # read once; a wrong --truth fails before the eval's work
-    with replace_folder(out, "report.json", force, what="eval") as tmp:
+    with replace_folder(out, REPORT_FILE, force, what="eval") as tmp:
         stats = _stream(sae, store, rows, o, progress)
         report, concept_rows = _report(sae, stats, o.threshold, split_used, rows)
         # the run's folder name (or hf:// id), never this machine's path: reports get shared
@@ -174,10 +173,11 @@ def evaluate(run: str | Path, store_path: str | Path, out: str | Path,
         if compare:
             report["comparison"] = compare_runs(report, run, compare, store_path, tmp / "compare",
                                                 replace(o, split=split_used, plots=False))
-        _write(tmp, report, concept_rows, stats, sae.models)
+        typed = EvalReport(report)
+        _write(tmp, typed, concept_rows, stats, sae.models)
         if o.plots:
-            make_plots(tmp, report, concept_rows)
-    return report
+            make_plots(tmp, typed, concept_rows)
+    return typed
 
 
 def compare_runs(report: dict[str, Any], run: Path, others: list[str | Path],
@@ -326,10 +326,10 @@ def _round(a: np.ndarray) -> list[list[float]]:
     return np.round(np.asarray(a, dtype=np.float64), 6).tolist()
 
 
-def _write(out: Path, report: dict[str, Any], concept_rows: list[dict[str, Any]],
+def _write(out: Path, report: EvalReport, concept_rows: list[dict[str, Any]],
            stats: dict[str, Any], models: tuple[str, ...]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
+    write_report(out, report)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(concept_rows[0]))
     writer.writeheader()

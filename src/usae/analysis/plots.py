@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from usae.analysis.eval_folder import EvalReport
 
-def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]) -> list[Path]:
+
+def make_plots(out: Path, report: EvalReport, concepts: list[dict[str, Any]]) -> list[Path]:
     """Write the eval's PNG plots into ``out``; none when matplotlib is missing."""
     try:
         import matplotlib
@@ -30,9 +33,9 @@ def make_plots(out: Path, report: dict[str, Any], concepts: list[dict[str, Any]]
     return paths
 
 
-def _r2_matrix(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
-    models = report["models"]
-    r2 = np.asarray(report["r2"])
+def _r2_matrix(plt, report: EvalReport, concepts: list[dict[str, Any]]):
+    models = report.models
+    r2 = np.asarray(report.r2)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(models), 1.2 + 1.0 * len(models)))
     im = ax.imshow(r2, vmin=min(0.0, r2.min()), vmax=1.0, cmap="viridis")
     for i in range(len(models)):
@@ -43,12 +46,12 @@ def _r2_matrix(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
     ax.set_yticks(range(len(models)), models)
     ax.set_xlabel("decoded into")
     ax.set_ylabel("encoded from")
-    ax.set_title(f"R² on {report['split']} ({report['n_tokens']:,} tokens)")
+    ax.set_title(f"R² on {report.split} ({report['n_tokens']:,} tokens)")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
 
 
-def _firing_entropy(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+def _firing_entropy(plt, report: EvalReport, concepts: list[dict[str, Any]]):
     fe = np.array([float(c["firing_entropy"]) for c in concepts if c["firing_entropy"] != ""])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.hist(fe, bins=np.linspace(0, 1, 26), color="#4477aa", edgecolor="white")
@@ -61,7 +64,7 @@ def _firing_entropy(plt, report: dict[str, Any], concepts: list[dict[str, Any]])
     return fig
 
 
-def _cofires_vs_energy(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+def _cofires_vs_energy(plt, report: EvalReport, concepts: list[dict[str, Any]]):
     energy = np.array([float(c["energy"]) for c in concepts])
     cof = np.array([float(c["cofires"]) for c in concepts])
     ok = (energy > 0) & (cof > 0)
@@ -85,11 +88,11 @@ def _cofires_vs_energy(plt, report: dict[str, Any], concepts: list[dict[str, Any
     return fig
 
 
-def _cofire_proportion(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
+def _cofire_proportion(plt, report: EvalReport, concepts: list[dict[str, Any]]):
     energy = np.array([float(c["energy"]) for c in concepts])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     order = np.argsort(-energy)
-    for m in report["models"]:
+    for m in report.models:
         vals = np.array([float(concepts[k][f"cofire_proportion_{m}"] or "nan") for k in order])
         ax.plot(np.arange(1, len(vals) + 1), vals, lw=1, label=m)
     ax.set_xscale("log")
@@ -100,15 +103,15 @@ def _cofire_proportion(plt, report: dict[str, Any], concepts: list[dict[str, Any
     return fig
 
 
-def _dead_and_l0(plt, report: dict[str, Any], concepts: list[dict[str, Any]]):
-    models = report["models"]
+def _dead_and_l0(plt, report: EvalReport, concepts: list[dict[str, Any]]):
+    models = report.models
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
     colors = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377"]
     colors = [colors[i % len(colors)] for i in range(len(models))]
-    axes[0].bar(models, [report["dead_fraction"][m] for m in models], color=colors)
+    axes[0].bar(models, [report.dead_fraction[m] for m in models], color=colors)
     axes[0].set_title("dead fraction")
     axes[0].set_ylim(0, 1)
-    axes[1].bar(models, [report["l0"][m] for m in models], color=colors)
+    axes[1].bar(models, [report.l0[m] for m in models], color=colors)
     axes[1].set_title("L0 (active concepts / token)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)

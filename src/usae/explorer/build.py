@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from usae.analysis.eval_folder import TOP_IMAGES_FILE, check_eval_of_run, read_concepts
+from usae.analysis.eval_folder import (
+    TOP_IMAGES_FILE,
+    EvalReport,
+    check_eval_of_run,
+    read_concepts,
+)
 from usae.analysis.evaluate import evaluate
 from usae.data.images import load_rgb
 from usae.errors import UsaeError
@@ -121,7 +126,7 @@ def build_explorer(run: str | Path, store_path: str | Path, out: str | Path,
 
 def _eval_inputs(run: Path, store_path: str | Path, sae: UniversalSAE,
                  eval_dir: str | Path | None, tmp: Path, o: ExploreOptions, progress: bool
-                 ) -> tuple[dict[str, Any], list[dict[str, str]], dict[str, torch.Tensor]]:
+                 ) -> tuple[EvalReport, list[dict[str, str]], dict[str, torch.Tensor]]:
     """The eval's report and concepts, and top images ranked on ``o.split``."""
     ranks = EvalOptions(split=o.split, top_images=max(o.top, 16))
     if eval_dir is None:
@@ -130,19 +135,18 @@ def _eval_inputs(run: Path, store_path: str | Path, sae: UniversalSAE,
     eval_dir = Path(eval_dir)
     report = check_eval_of_run(eval_dir, run, list(sae.models), sae.cfg.n)
     concepts = read_concepts(eval_dir)
-    if report.get("split") == o.split:
+    if report.split == o.split:
         return report, concepts, load_safetensors(eval_dir / "top_images.safetensors")
     # metrics stay those of the given eval (e.g. held-out); top images come from `split`,
     # ranked by an eval of that split kept in the site (OUT/eval-<split>/)
     ranked = tmp / f"eval-{o.split}"
     log.info("the eval is of split %r: ranking the top images on split %r into %s",
-             report.get("split"), o.split, ranked.name)
+             report.split, o.split, ranked.name)
     evaluate(run, store_path, ranked, merged(EvalOptions, ranks, {"plots": False,
                                                                   "faithfulness": False}),
              progress=progress)
     top_images = load_safetensors(ranked / TOP_IMAGES_FILE)
-    report["top_images_split"] = o.split
-    return report, concepts, top_images
+    return report.with_changes(top_images_split=o.split), concepts, top_images
 
 
 def _write_site(out: Path, run: Path, store: Store, sae: UniversalSAE,
@@ -248,7 +252,7 @@ def _cam_entry(out: Path, cam_dir: Path, models: list[str], k: int) -> dict[str,
 
 
 def _write_overview(out: Path, run: Path, store: Store, sae: UniversalSAE,
-                    report: dict[str, Any], concepts: list[dict[str, str]], union: list[int],
+                    report: EvalReport, concepts: list[dict[str, str]], union: list[int],
                     thumbs: dict[int, str], o: ExploreOptions) -> None:
     models = list(sae.models)
     images = store.manifest["images"]
@@ -257,10 +261,10 @@ def _write_overview(out: Path, run: Path, store: Store, sae: UniversalSAE,
         return [None if c[name] == "" else cast(c[name]) for c in concepts]
 
     # the run's name only: a shared site must not show the building machine's paths
-    report = {**report, "run": {k: v for k, v in (report.get("run") or {}).items()
-                                if k != "path"}}
+    shown = report.with_changes(run={k: v for k, v in (report.run or {}).items()
+                                     if k != "path"}).to_json()
     overview = {
-        "run": run.resolve().name, "models": models, "report": report,
+        "run": run.resolve().name, "models": models, "report": shown,
         "grid": store.grid(), "chunk": CHUNK, "n_concepts": sae.cfg.n, "top": o.top,
         "plots": sorted(p.name for p in (out / "plots").glob("*.png")),
         "table": {"energy": col("energy"), "firing_entropy": col("firing_entropy"),
