@@ -65,7 +65,8 @@ SELECTION: dict[str, list[str]] = {
     "data.store_add": ["tests/data/test_store_add.py"],
     # modules that no test imports by name: the tests of the commands that run them
     "analysis.concepts": ["tests/analysis/test_evaluate.py", "tests/explorer/test_explorer.py"],
-    "analysis.eval_folder": ["tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
+    "analysis.eval_folder": ["tests/analysis/test_eval_folder.py",
+                             "tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
                              "tests/explorer/test_explorer.py"],
     "analysis.plots": ["tests/analysis/test_evaluate.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
@@ -77,7 +78,8 @@ SELECTION: dict[str, list[str]] = {
     "sae.loggers": ["tests/sae/test_train.py"],
     "sae.objectives.criteria": ["tests/sae/test_objectives.py", "tests/sae/test_step.py"],
     "sae.objectives.energy": ["tests/sae/test_objectives.py"],
-    "sae.objectives.topk": ["tests/sae/test_objectives.py", "tests/sae/test_step.py"],
+    "sae.objectives.topk": ["tests/sae/test_objectives.py", "tests/sae/test_step.py",
+                            "tests/sae/test_sparse.py", "tests/sae/test_fused.py"],
 }
 # module -> a test that builds the shared test artifacts (tests/conftest.py `prebuilt`) its
 # tests copy instead of rebuilding per mutant. Only for a module whose code the artifacts
@@ -193,8 +195,10 @@ def _toml_list(items: list[str]) -> str:
 
 
 def module_path(module: str) -> Path:
-    """``step`` -> src/usae/sae/step.py; ``objectives.batch_topk`` -> src/usae/sae/objectives/..."""
-    return Path("src") / "usae" / (module.replace(".", "/") + ".py")
+    """``sae.step`` -> src/usae/sae/step.py; a package (``sae.objectives``) -> its
+    ``__init__.py``."""
+    base = Path("src") / "usae" / module.replace(".", "/")
+    return base / "__init__.py" if (ROOT / base).is_dir() else base.with_suffix(".py")
 
 
 def prepare(module: str) -> Path:

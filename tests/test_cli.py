@@ -219,3 +219,100 @@ def test_entry_ends_at_once_after_a_lost_peer(monkeypatch):
     with pytest.raises(Ended) as ended:
         cli.entry()
     assert ended.value.args == (2,)
+
+
+class _Reached(Exception):
+    """Raised by a stand-in library function once it has seen its arguments."""
+
+
+def _other_value(f, hint):
+    """A valid value of option field ``f`` other than its default (an oracle: the field's own
+    type, choices and limits), or None where no such value can be given on this machine."""
+    meta, d = f.metadata, f.default
+    if f.name == "device":
+        return None  # cuda is refused without a GPU
+    if hint is bool:
+        return not d
+    if meta.get("choices"):
+        return next(c for c in meta["choices"] if c != d)
+    if hint is str:
+        return {"split": "train", "dims": "8,9", "shard_dir": "shards"}[f.name]
+    step = 1 if hint is int else 0.25
+    for v in (d + step, d - step, d / 2):
+        v = hint(v)
+        if v != d and (meta.get("min") is None or v >= meta["min"]) and \
+                (meta.get("max") is None or v <= meta["max"]) and \
+                (meta.get("below") is None or v < meta["below"]):
+            return v
+    raise AssertionError(f"no other value for {f.name}")
+
+
+def _flags(cls, skip=()):
+    """argv giving every option of ``cls`` (but ``skip``) a value other than its default, and
+    the values expected in the options object the library receives."""
+    import dataclasses
+    import typing
+
+    hints, argv, want = typing.get_type_hints(cls), [], {}
+    for f in dataclasses.fields(cls):
+        value = None if f.name in skip else _other_value(f, hints[f.name])
+        if value is None:
+            continue
+        dashed = f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            argv.append(f"--{dashed}" if value else f"--no-{dashed}")
+        else:
+            argv += [f"--{dashed}", str(value)]
+        want[f.name] = value
+    return argv, want
+
+
+@pytest.mark.parametrize("command", ["cache", "store add-model", "train --images", "eval",
+                                     "explore", "cam", "synth"])
+def test_every_option_flag_reaches_the_library_as_the_field_it_names(command, monkeypatch,
+                                                                     tmp_path):
+    import importlib
+
+    from usae.analysis.synth import SynthOptions
+    from usae.cli import main
+    from usae.options import (
+        STORE_KEEPS,
+        CacheOptions,
+        CamOptions,
+        EvalOptions,
+        ExploreOptions,
+        StreamOptions,
+    )
+
+    t = str(tmp_path)
+    table = {  # command -> (options class, library function, argv before the options, skip)
+        "cache": (CacheOptions, "usae.data.cache:cache",
+                  ["cache", "--images", t, "--models", "m", "--out", t + "/o"], ()),
+        "store add-model": (CacheOptions, "usae.data.store_add:add_models",
+                            ["store", "add-model", t, "--models", "m"], STORE_KEEPS),
+        "train --images": (StreamOptions, "usae.data.streaming:train_from_images",
+                           ["train", "--images", t, "--models", "m", "--out", t + "/o"], ()),
+        "eval": (EvalOptions, "usae.analysis.evaluate:evaluate",
+                 ["eval", t + "/run", "--store", t, "--out", t + "/o"], ()),
+        "explore": (ExploreOptions, "usae.explorer.build:build_explorer",
+                    ["explore", t + "/run", "--store", t, "--out", t + "/o"], ()),
+        "cam": (CamOptions, "usae.cam.maximize:run_cam",
+                ["cam", t + "/run", "--store", t, "--concept", "1", "--out", t + "/o"], ()),
+        "synth": (SynthOptions, "usae.analysis.synth:synth", ["synth", "--out", t + "/o"], ()),
+    }
+    cls, target, argv, skip = table[command]
+    module, name = target.split(":")
+    seen = []
+
+    def stand_in(*args, **kwargs):
+        seen.extend([*args, *kwargs.values()])
+        raise _Reached
+
+    monkeypatch.setattr(importlib.import_module(module), name, stand_in)
+    flags, want = _flags(cls, skip)
+    assert len(want) >= 2, "the test gives this command's options"
+    with pytest.raises(_Reached):
+        main([*argv, *flags])
+    options = next(a for a in seen if isinstance(a, cls))
+    for key, value in want.items():
+        assert getattr(options, key) == value, (command, key)

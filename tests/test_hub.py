@@ -96,3 +96,56 @@ def test_an_uncached_hf_run_offline_is_one_clear_line(tmp_path):
     assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set and it is not in the local Hub " \
         "cache" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def _card_table(card: str, header: str) -> list[list[str]]:
+    """The body rows of the card's markdown table whose header line starts with ``header``."""
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its |---| line
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_model_cards_tables_equal_the_report_and_config_cell_by_cell(quick_demo):
+    import re
+
+    card = model_card(quick_demo / "run", quick_demo / "eval", "me/usae-demo")
+    report = json.loads((quick_demo / "eval" / "report.json").read_text())
+    cfg = json.loads((quick_demo / "run" / "config.json").read_text())
+    models = report["models"]
+    r2 = _card_table(card, "| encoded \\ decoded |")
+    assert [row[0] for row in r2] == models
+    for i, row in enumerate(r2):  # row = encoded from, column = decoded into, as the report
+        assert [float(c) for c in row[1:]] == pytest.approx(report["r2"][i], abs=5e-4)
+    per_model = _card_table(card, "| model | L0")
+    assert [row[0] for row in per_model] == models
+    for row, m in zip(per_model, models):
+        assert float(row[1]) == pytest.approx(report["l0"][m], abs=0.05)
+        assert float(row[2]) == pytest.approx(report["dead_fraction"][m], abs=5e-4)
+    f = report["faithfulness"]
+    faith = _card_table(card, "| source \\ target |")
+    assert [row[0] for row in faith] == f["models"]
+    for i, row in enumerate(faith):
+        for j, cell in enumerate(row[1:]):
+            agree, recovered = re.fullmatch(r"([\d.]+) % / ([-\d.]+)", cell).groups()
+            assert float(agree) == pytest.approx(100 * f["top1_agreement"][i][j], abs=0.05)
+            assert float(recovered) == pytest.approx(f["kl_recovered"][i][j], abs=5e-4)
+    assert (f"On the `{report['split']}` split ({report['n_images']} images, "
+            f"{report['n_tokens']:,} tokens)") in card
+    classes = report["concept_classes"]
+    said = re.search(r"Concept classes \(by firing entropy\): (\d+) universal, model-specific: "
+                     r"(.*), (\d+) never fire\.", card)
+    assert int(said.group(1)) == classes["universal"]
+    assert int(said.group(3)) == classes["never_fire"]
+    assert dict(p.rsplit(" ", 1) for p in said.group(2).split(", ")) == {
+        m: str(n) for m, n in classes["model_specific"].items()}
+    sae, train = cfg["sae"], cfg["train"]
+    n = sae["n_concepts"] or 8 * max(sae["dims"])
+    assert (f"n = {n} concepts, k = {sae['k']} active per token (sparsity rule "
+            f"`{sae['sparsity']}`), encoder `{sae['encoder']}`") in card
+    assert f"lr {train['lr']}, batch {train['batch_images']} images" in card
+    assert f"trained {cfg['status']['step']} steps" in card

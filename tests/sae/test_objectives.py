@@ -100,6 +100,23 @@ def test_energy_keeps_the_fewest_of_the_k_largest_whose_squares_reach_the_fracti
     assert torch.equal(_dense(_energy(3, 1.0), post),
                        torch.tensor([[3.0, 0, 4.0, 1.0], [0, 0, 0, 0], [2.0, 2.0, 1.0, 0]]))
     assert torch.equal(_dense(_energy(3, 0.9), post[:1]), want[:1]), "a token needs no batch"
+    # reaching the fraction exactly is enough: squares 4, 4 (sum 8), 0.5 x 8 = 4 = the first
+    tie = _dense(_energy(3, 0.5), torch.tensor([[2.0, 2.0, 0.0, 0.0]]))
+    assert int((tie > 0).sum()) == 1 and float(tie.sum()) == 2.0
+
+
+def test_a_kernels_k_is_topk_of_that_k_or_a_rules_selection_as_given():
+    from usae.sae.objectives.topk import as_selection, topk_codes
+
+    post = torch.tensor([[0.1, 3.0, 2.0, 0.5], [1.0, 0.0, 4.0, 2.0]])
+    values_nk, indices_nk = as_selection(2)(post)
+    assert torch.equal(densify(values_nk, indices_nk, 4),
+                       torch.tensor([[0, 3.0, 2.0, 0], [0, 0, 4.0, 2.0]]))
+
+    def rule(post_nc):
+        return topk_codes(post_nc, 1)
+
+    assert as_selection(rule) is rule
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -411,6 +428,13 @@ def test_a_resume_with_another_config_raises_its_own_error_type(make_arrays, tmp
     with pytest.raises(ConfigMismatch, match="preset"):
         resolve_run_config(
             cfg.sae.models, cfg.sae.dims, tmp_path / "r", preset="paper", resume=True)
+    # the command line's path checks the keys when it reads the checkpoint, before any work
+    with pytest.raises(ConfigMismatch, match=r"lr: 0.003 -> 0.1"):
+        resolve_run_config(cfg.sae.models, cfg.sae.dims, tmp_path / "r", sets=["lr=0.1"],
+                           resume=True)
+    again = resolve_run_config(cfg.sae.models, cfg.sae.dims, tmp_path / "r", resume=True,
+                               sets=["log_every=3"])  # a resumable key may change
+    assert again.train.log_every == 3 and again.sae == cfg.sae
 
 
 def test_code_matching_adds_the_distance_to_the_frozen_models_codes():

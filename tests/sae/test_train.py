@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -497,3 +498,36 @@ def test_a_non_finite_loss_stops_before_the_optimizer_step(arrays, tmp_path, mon
     assert str(err.value).startswith("the loss became inf at step 1 (source model ")
     assert str(err.value).endswith(") — lower lr")
     assert all(torch.equal(v, before[k]) for k, v in tr.sae.named_parameters())
+
+
+def test_an_independent_run_stopped_between_models_resumes_to_the_same_weights(arrays,
+                                                                               tmp_path):
+    """`train --independent --resume` reads the first model's checkpoint (its runs live in
+    RUN/<model>/), checks the config before any work, and starts the models the stopped run
+    never reached."""
+    from safetensors.torch import load_file
+
+    from usae.errors import ConfigMismatch
+    from usae.sae.training import train_from_store
+
+    store = store_from_arrays(tmp_path / "store", arrays, dtype="float32").path
+    sets = ["n_concepts=16", "k=3", "batch_images=8", "checkpoint_every=2"]
+    for name in ("whole", "part"):
+        train_from_store(store, tmp_path / name, sets=sets, max_steps=6, independent=True,
+                         progress=False)
+    last = list(arrays)[-1]
+    shutil.rmtree(tmp_path / "part" / last)  # stopped before the last model began
+    (tmp_path / "part" / "independent.json").unlink()
+    kept = (tmp_path / "part" / list(arrays)[0] / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigMismatch, match="lr"):
+        train_from_store(store, tmp_path / "part", sets=[*sets, "lr=0.1"], max_steps=6,
+                         independent=True, progress=False, resume=True)
+    assert not (tmp_path / "part" / last).exists(), "refused before any work"
+    train_from_store(store, tmp_path / "part", sets=sets, max_steps=6, independent=True,
+                     progress=False, resume=True)
+    assert (tmp_path / "part" / "independent.json").exists()
+    assert (tmp_path / "part" / list(arrays)[0] / "model.safetensors").read_bytes() == kept
+    for m in arrays:
+        a = load_file(tmp_path / "whole" / m / "model.safetensors")
+        b = load_file(tmp_path / "part" / m / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), m

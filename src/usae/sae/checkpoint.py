@@ -9,6 +9,7 @@ any moment leaves either the previous checkpoint or the new one, never half of o
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,8 +17,13 @@ import torch
 from torch import Tensor
 
 from usae.config import RunConfig
-from usae.errors import UsaeError
+from usae.errors import ConfigMismatch, UsaeError
 from usae.files import atomic_save_safetensors, load_safetensors
+
+# Keys that may change between a run and its resume without changing its maths.
+RESUMABLE_KEYS = {"log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
+                  "eval_batches", "device", "tensorboard", "wandb", "keep_freed_memory",
+                  "fused_optimizer"}  # the same update: only its rounding differs
 
 
 class Checkpoint(NamedTuple):
@@ -57,6 +63,20 @@ def save_checkpoint(path: Path, tensors: dict[str, Tensor], position: dict[str, 
     """Write the checkpoint atomically."""
     meta = {"position": json.dumps(position), "config": json.dumps(cfg.to_json())}
     atomic_save_safetensors(path, tensors, metadata=meta)
+
+
+def check_resumable(saved: RunConfig, now: RunConfig) -> None:
+    """The one rule for a resume: ``now`` may differ from the checkpoint's ``saved`` config
+    only in ``RESUMABLE_KEYS``; anything else raises ``ConfigMismatch`` naming each key."""
+    now_sae, old_sae = asdict(now.sae), asdict(saved.sae)
+    now_t, old_t = asdict(now.train), asdict(saved.train)
+    diffs = [f"{key}: {old_sae.get(key)!r} -> {now_sae[key]!r}"
+             for key in now_sae if now_sae[key] != old_sae.get(key)]
+    diffs += [f"{key}: {old_t.get(key)!r} -> {now_t[key]!r}" for key in now_t
+              if key not in RESUMABLE_KEYS and now_t[key] != old_t.get(key)]
+    if diffs:
+        raise ConfigMismatch("cannot resume with a different config (" + "; ".join(diffs) +
+                             ") — drop those options, or train into a new folder")
 
 
 def read_checkpoint_config(path: Path) -> RunConfig:

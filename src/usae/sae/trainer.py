@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -31,12 +30,13 @@ from usae.analysis.metrics import r2_matrix
 from usae.config import RunConfig, TrainConfig
 from usae.data.sources import DataSource, n_batches, shard_slice
 from usae.distributed import Dist, sync_batch_norms
-from usae.errors import ConfigMismatch, UsaeError
+from usae.errors import UsaeError
 from usae.files import json_text
 from usae.malloc import keep_freed_memory
 from usae.progress import bar as progress_bar
 from usae.sae import run as run_folder
 from usae.sae.checkpoint import (
+    check_resumable,
     load_checkpoint,
     load_optimizer,
     optimizer_tensors,
@@ -49,10 +49,6 @@ from usae.sae.model import UniversalSAE
 from usae.sae.step import StepOut, step_loss
 
 log = logging.getLogger(__name__)
-# Keys that may change between a run and its resume without changing its maths.
-RESUMABLE_KEYS = {"log_every", "checkpoint_every", "checkpoint_minutes", "eval_every",
-                  "eval_batches", "device", "tensorboard", "wandb", "keep_freed_memory",
-                  "fused_optimizer"}  # the same update: only its rounding differs
 
 
 def make_optimizer(params: Iterable[nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
@@ -146,7 +142,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         """Restore every piece of state from the run's checkpoint."""
         ckpt = load_checkpoint(self.out / run_folder.CHECKPOINT_FILE)
-        self._check_same_config(ckpt.config)
+        check_resumable(ckpt.config, self.cfg)  # (a library caller's config is unchecked)
         tensors = ckpt.tensors
         self.sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
                                   if k.startswith("model.")})
@@ -166,17 +162,6 @@ class Trainer:
             torch.set_num_threads(int(ckpt.position["threads"]))
         if self.dist.is_main:
             run_folder.truncate_metrics(self.out, self.step)
-
-    def _check_same_config(self, saved: RunConfig) -> None:
-        now_sae, old_sae = asdict(self.cfg.sae), asdict(saved.sae)
-        now_t, old_t = asdict(self.cfg.train), asdict(saved.train)
-        diffs = [f"{key}: {old_sae.get(key)!r} -> {now_sae[key]!r}"
-                 for key in now_sae if now_sae[key] != old_sae.get(key)]
-        diffs += [f"{key}: {old_t.get(key)!r} -> {now_t[key]!r}" for key in now_t
-                  if key not in RESUMABLE_KEYS and now_t[key] != old_t.get(key)]
-        if diffs:
-            raise ConfigMismatch("cannot resume with a different config (" + "; ".join(diffs) +
-                            ") — drop those options, or train into a new folder")
 
     # -- training -----------------------------------------------------------------------
     def _set_standardization(self, source: DataSource) -> None:

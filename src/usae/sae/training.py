@@ -17,26 +17,35 @@ from usae.distributed import Dist
 from usae.errors import ConfigMismatch, UsaeError
 from usae.files import atomic_write_json
 from usae.sae import run as run_folder
-from usae.sae.checkpoint import read_checkpoint_config
+from usae.sae.checkpoint import check_resumable, read_checkpoint_config
 from usae.sae.trainer import Trainer
 from usae.store.store import Store, split_counts
 
 log = logging.getLogger(__name__)
 
 
+def resume_checkpoint(out: str | Path, models: tuple[str, ...], independent: bool) -> Path:
+    """Where a run's checkpoint is: ``RUN/`` or, for ``--independent`` runs (one SAE per
+    model, each in ``RUN/<model>/``), the first model's folder (their configs differ only in
+    the model)."""
+    return Path(out) / (models[0] if independent else "") / run_folder.CHECKPOINT_FILE
+
+
 def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str | Path,
                        preset: str | None = None, config_file: str | None = None,
                        sets: list[str] | None = None, max_steps: int | None = None,
                        device: str | None = None, resume: bool = False,
-                       keys: dict[str, Any] | None = None) -> RunConfig:
+                       keys: dict[str, Any] | None = None,
+                       independent: bool = False) -> RunConfig:
     """Preset (default ``paper``), then ``--config``, then ``--set`` and the training-key
     flags (``keys``: ``{key: value}``; a key given both ways must agree). With ``resume`` the
-    run's own config (from its checkpoint) is the base, so only the keys given again are
-    compared with it; a preset given again must be the run's own."""
+    run's own config (its checkpoint's, read here once) is the base, so only the keys given
+    again are compared with it (``checkpoint.check_resumable``, before any work starts); a
+    preset given again must be the run's own."""
     overrides: dict[str, Any] = {}
     old = None
     if resume:
-        old = read_checkpoint_config(Path(out) / run_folder.CHECKPOINT_FILE)
+        old = read_checkpoint_config(resume_checkpoint(out, models, independent))
         if preset is not None and preset != old.preset:
             raise ConfigMismatch(f"cannot resume with --preset {preset}: {out} was trained with "
                             f"preset {old.preset!r} — drop --preset, or train into a new folder")
@@ -57,7 +66,18 @@ def resolve_run_config(models: tuple[str, ...], dims: tuple[int, ...], out: str 
     if device:
         overrides["device"] = device
     cfg = resolve(tuple(models), tuple(dims), preset or "paper", overrides)
-    return replace(cfg, preset=old.preset) if old is not None else cfg
+    if old is None:
+        return cfg
+    cfg = replace(cfg, preset=old.preset)
+    check_resumable(old, cfg if not independent else _independent_part(cfg, 0))
+    return cfg
+
+
+def _independent_part(cfg: RunConfig, index: int) -> RunConfig:
+    """The config of ``--independent``'s SAE for model ``index``: that model alone, with the
+    whole run's concept count."""
+    m, d = cfg.sae.models[index], cfg.sae.dims[index]
+    return replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,), n_concepts=cfg.sae.n))
 
 
 def train_from_store(store_path: str | Path, out: str | Path, *, preset: str | None = None,
@@ -73,7 +93,7 @@ def train_from_store(store_path: str | Path, out: str | Path, *, preset: str | N
     each reads its slice of every batch and rank 0 writes the run."""
     store = Store(store_path)
     cfg = resolve_run_config(store.models, store.dims, out, preset, config_file, sets,
-                             max_steps, device, resume, keys)
+                             max_steps, device, resume, keys, independent)
     source = StoreSource(store, split=split)
     val = None
     if cfg.train.eval_every:
@@ -187,14 +207,17 @@ def _train_run(cfg: RunConfig, source: DataSource, out: Path, val_source: DataSo
         run_folder.prepare_folder(out, resume=False, force=force)
         (out / run_folder.INDEPENDENT_FILE).unlink(missing_ok=True)
     summaries = {}
-    for m, d in zip(cfg.sae.models, cfg.sae.dims):
-        sub_cfg = replace(cfg, sae=replace(cfg.sae, models=(m,), dims=(d,),
-                                           n_concepts=cfg.sae.n))
+    for i, m in enumerate(cfg.sae.models):
+        sub_cfg = _independent_part(cfg, i)
         log.info("independent SAE for %s", m)
+        # a resume continues each model from its checkpoint; a model the interrupted run had
+        # not checkpointed yet starts over (its folder holds no weights to keep)
+        fresh = not any((out / m / name).exists()
+                        for name in (run_folder.CHECKPOINT_FILE, run_folder.WEIGHTS_FILE))
         trainer = Trainer(sub_cfg, out / m, progress=progress, extra_config=extra, dist=dist)
         trainer.fit(ModelSubset(source, (m,)),
-                    ModelSubset(val_source, (m,)) if val_source else None, resume=resume,
-                    force=force)
+                    ModelSubset(val_source, (m,)) if val_source else None,
+                    resume=resume and not fresh, force=force or (resume and fresh))
         summaries[m] = trainer.summary()
     if dist.is_main:
         atomic_write_json(out / run_folder.INDEPENDENT_FILE,
