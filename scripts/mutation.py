@@ -73,6 +73,9 @@ SELECTION: dict[str, list[str]] = {
     "data.splits": ["tests/data/test_cache.py", "tests/data/test_sources.py"],
     "demo": ["tests/test_cli.py"],
     "__main__": ["tests/test_cli.py"],
+    # the card and hf:// loading (the tests that import hub for a run's loading are slow)
+    "hub": ["tests/test_hub.py"],
+    "__init__": ["tests/test_cli.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
     "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],
     "sae.loggers": ["tests/sae/test_train.py"],
@@ -86,7 +89,8 @@ SELECTION: dict[str, list[str]] = {
 # never run: evaluate's `trained` run is made by the store writer and the trainer alone, so a
 # mutant of evaluate cannot change it. The artifacts are built once, unmutated, before mutmut.
 PREBUILT: dict[str, str] = {
-    "analysis.evaluate": "tests/analysis/test_evaluate.py::test_report_and_csv_match_naive_formulas",
+    "analysis.evaluate":
+        "tests/analysis/test_evaluate.py::test_report_and_csv_match_naive_formulas",
 }
 # module -> packages its tests import lazily, imported once by mutmut's fork server instead
 # of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
@@ -107,6 +111,9 @@ def all_modules() -> list[str]:
         if all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                for node in body):
             continue  # a docstring alone: nothing to mutate
+        if parts == ("__init__",):
+            names.append("__init__")  # the package's own: its version
+            continue
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
 
@@ -209,6 +216,13 @@ def prepare(module: str) -> Path:
     for name in ("src", "tests", "examples"):
         shutil.copytree(ROOT / name, work / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_config(work, module)
+    return work
+
+
+def write_config(work: Path, module: str) -> None:
+    """The work folder's pyproject.toml: the project's, with a one-module mutmut table and
+    the module's current test selection."""
     text = (ROOT / "pyproject.toml").read_text()
     head = re.split(r"^\[tool\.mutmut\]", text, flags=re.M)[0]  # a table of its own is replaced
     config = "\n".join([
@@ -228,7 +242,6 @@ def prepare(module: str) -> Path:
 
     written = tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]
     assert written["only_mutate"] == [str(module_path(module))], written  # one module only
-    return work
 
 
 def refresh_tests(module: str) -> Path:
@@ -248,6 +261,7 @@ def refresh_tests(module: str) -> Path:
             rel = path.relative_to(ROOT)
             if rel != mutated and (folder / rel).parent.exists():
                 shutil.copy2(path, folder / rel)
+    write_config(work, module)  # (a selection that grew since the run applies)
     return work
 
 
@@ -300,7 +314,8 @@ def run_module(module: str, mutmut: str, max_children: int, rerun: bool) -> dict
         if names:
             subprocess.run([mutmut, "run", "--max-children", str(max_children), *names],
                            cwd=work, env=_env(module), check=False, stdout=subprocess.DEVNULL)
-        return {**previous, **results(work, mutmut)}
+        rerun = results(work, mutmut)  # (mutants not re-run may read "not checked" now)
+        return {**previous, **{n: rerun[n] for n in names if n in rerun}}
     work = prepare(module)
     prebuild(module)
     subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work,
@@ -382,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
     saved = json.loads(saved_path.read_text())
-    print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors | score |")
+    print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors "
+          "| score |")
     print("|---|---|---|---|---|---|---|---|")
     for module in all_modules():
         if module in saved and module in done:
