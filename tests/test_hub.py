@@ -17,7 +17,6 @@ from usae.errors import UsaeError
 from usae.hub import model_card, parse_hub_run, push
 
 
-
 def test_model_card_from_a_real_eval_report(quick_demo):
     card = model_card(quick_demo / "run", quick_demo / "eval", "me/usae-demo")
     report = json.loads((quick_demo / "eval" / "report.json").read_text())
@@ -145,7 +144,25 @@ def test_the_model_cards_tables_equal_the_report_and_config_cell_by_cell(quick_d
         m: str(n) for m, n in classes["model_specific"].items()}
     sae, train = cfg["sae"], cfg["train"]
     n = sae["n_concepts"] or 8 * max(sae["dims"])
-    assert (f"n = {n} concepts, k = {sae['k']} active per token (sparsity rule "
-            f"`{sae['sparsity']}`), encoder `{sae['encoder']}`") in card
+    assert sae["sparsity"] == "energy"  # the demo's `fast`: k is a ceiling, and says so
+    assert (f"n = {n} concepts, at most k = {sae['k']} active per token (sparsity rule "
+            f"`energy`: the fewest of the k largest carrying "
+            f"{round(100 * sae['energy_fraction'])}% of their squared sum), encoder "
+            f"`{sae['encoder']}`") in card
     assert f"lr {train['lr']}, batch {train['batch_images']} images" in card
     assert f"trained {cfg['status']['step']} steps" in card
+
+
+def test_the_card_says_how_many_concepts_each_sparsity_rule_keeps():
+    from usae.config import SAEConfig
+    from usae.hub import _sparsity_words
+
+    def words(**keys):
+        return _sparsity_words(SAEConfig(models=("a",), dims=(4,), k=8, **keys))
+
+    assert words() == "k = 8 active per token (sparsity rule `topk`)"
+    assert words(sparsity="batchtopk") == ("k = 8 active per token on average (sparsity rule "
+                                           "`batchtopk`)")
+    assert words(sparsity="energy", energy_fraction=0.75).startswith(
+        "at most k = 8 active per token (sparsity rule `energy`: the fewest of the k largest "
+        "carrying 75% of")

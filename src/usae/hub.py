@@ -127,8 +127,8 @@ def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
     t, s = cfg.train, cfg.sae
     status = cfg_json.get("status", {})
     return ["## Configuration", "",
-            f"- preset `{cfg.preset}`; n = {s.n} concepts, k = {s.k} active per token "
-            f"(sparsity rule `{s.sparsity}`), encoder `{s.encoder}`, standardization "
+            f"- preset `{cfg.preset}`; n = {s.n} concepts, {_sparsity_words(s)}, encoder "
+            f"`{s.encoder}`, standardization "
             f"`{s.standardize}`, dictionary rows `{s.dictionary_norm}`",
             *([f"- Matryoshka prefixes {', '.join(map(str, t.matryoshka))}"]
               if t.matryoshka else []),
@@ -137,6 +137,16 @@ def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
             f"{t.batch_images} images",
             *_extension_lines(cfg_json.get("extended_from")),
             f"- trained {status.get('step', '?')} steps ({status.get('state', 'final')})", ""]
+
+
+def _sparsity_words(s) -> str:
+    """How many concepts a token's code keeps, as the card says it."""
+    if s.sparsity == "energy":
+        return (f"at most k = {s.k} active per token (sparsity rule `energy`: the fewest of "
+                f"the k largest carrying {s.energy_fraction:.0%} of their squared sum)")
+    if s.sparsity == "batchtopk":
+        return f"k = {s.k} active per token on average (sparsity rule `batchtopk`)"
+    return f"k = {s.k} active per token (sparsity rule `{s.sparsity}`)"
 
 
 def _extension_lines(ext: dict[str, Any] | None) -> list[str]:
