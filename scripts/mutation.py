@@ -64,7 +64,7 @@ SELECTION: dict[str, list[str]] = {
     "sae.extend": ["tests/sae/test_extend.py"],
     "data.store_add": ["tests/data/test_store_add.py"],
     # modules that no test imports by name: the tests of the commands that run them
-    "analysis.concepts": ["tests/analysis/test_evaluate.py", "tests/explorer/test_explorer.py"],
+    "analysis.concepts": ["tests/test_sweep.py", "tests/test_reliability.py"],
     "analysis.eval_folder": ["tests/analysis/test_eval_folder.py",
                              "tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
                              "tests/explorer/test_explorer.py"],

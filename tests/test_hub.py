@@ -166,3 +166,56 @@ def test_the_card_says_how_many_concepts_each_sparsity_rule_keeps():
     assert words(sparsity="energy", energy_fraction=0.75).startswith(
         "at most k = 8 active per token (sparsity rule `energy`: the fewest of the k largest "
         "carrying 75% of")
+
+
+def test_the_card_is_a_hub_card_whose_sections_read_in_order_and_whose_code_runs(quick_demo,
+                                                                                 monkeypatch):
+    """Oracles outside the card's code: YAML for the Hub metadata, a Markdown parser for the
+    sections and the code block, and the block itself executed against the run (its shape
+    comments are checked against what it returns)."""
+    import re
+
+    import torch
+    import yaml
+    from markdown_it import MarkdownIt
+
+    import usae
+    from usae.sae.model import UniversalSAE
+
+    card = model_card(quick_demo / "run", quick_demo / "eval", "me/usae-demo")
+    cfg = json.loads((quick_demo / "run" / "config.json").read_text())
+    models, dims = cfg["sae"]["models"], cfg["sae"]["dims"]
+    n = cfg["sae"]["n_concepts"] or 8 * max(dims)
+    head, front, body = card.split("---\n", 2)
+    assert head == "" and yaml.safe_load(front) == {
+        "library_name": "usae",
+        "tags": ["sparse-autoencoder", "interpretability", "universal-sparse-autoencoder"]}
+    tokens = MarkdownIt().enable("table").parse(body)
+    headings = [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens)
+                if t.type == "heading_open"]
+    assert headings == [("h1", "Universal sparse autoencoder: " + ", ".join(models)),
+                        ("h2", "Models and data"), ("h2", "Configuration"),
+                        ("h2", "Evaluation"),
+                        ("h3", "Faithfulness through each model's own head"),
+                        ("h2", "How to load it")]
+    assert sum(t.type == "table_open" for t in tokens) == 4  # models, R², per model, faith
+    code = [t for t in tokens if t.type == "fence"]
+    assert len(code) == 1 and code[0].info == "python"
+    loaded, real_load = [], UniversalSAE.load
+
+    def load_the_run(path):
+        loaded.append(path)
+        return real_load(quick_demo / "run")
+
+    monkeypatch.setattr(usae.UniversalSAE, "load", staticmethod(load_the_run))
+    scope = {"acts": torch.randn(5, dims[0])}
+    exec(compile(code[0].content, "card", "exec"), scope)
+    assert loaded == ["hf://me/usae-demo"]
+    assert tuple(scope["codes"].shape) == (5, n) and tuple(scope["x"].shape) == (5, dims[-1])
+    said = re.search(r'encode\("(\w+)", acts\)\s+# \(N, (\d+)\) raw activations -> \(N, '
+                     r'(\d+)\) codes', code[0].content)
+    assert said.groups() == (models[0], str(dims[0]), str(n))
+    said = re.search(r'decode\("(\w+)", codes\)\s+# -> \(N, (\d+)\)', code[0].content)
+    assert said.groups() == (models[-1], str(dims[-1]))
+    assert f"Written by usae {usae.__version__}." in card
+    assert "usae eval hf://me/usae-demo --store STORE --out EVAL" in card

@@ -34,8 +34,8 @@ class SAEConfig:
     models: tuple[str, ...] = opt("Model names, in matrix order.", ())
     dims: tuple[int, ...] = opt("Activation width d_m of each model, same order.", ())
     n_concepts: int = opt("Concepts n; 0 means 8 x max(d_m), as in the paper.", 0)
-    k: int = opt("Active concepts per token (with batchtopk: on average over a batch).",
-                 32)
+    k: int = opt("Active concepts per token (with batchtopk: on average over a batch; with "
+                 "energy: at most).", 32)
     sparsity: str = opt("Sparsity rule (usae.sae.objectives): topk (paper: the k largest per "
                         "token), batchtopk (the k x N largest over a batch of N tokens; "
                         "a threshold learnt in training at inference) or energy (of the k "

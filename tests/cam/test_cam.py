@@ -219,3 +219,74 @@ def test_top_without_an_eval_ranks_by_one_kept_eval_of_the_run(trained, tmp_path
     with pytest.raises(UsaeError, match="--top needs an eval"):
         cam_select.pick_concepts(sae, trained / "run", trained / "store", None, 3, None)
 
+
+
+def test_picking_concepts_checks_ids_at_both_ends_and_ranks_by_one_kept_eval(tmp_path,
+                                                                             monkeypatch,
+                                                                             caplog):
+    """``cam.select.pick_concepts`` by hand: ids 0..n-1 pass and their neighbours do not; --top
+    needs N >= 1 and an eval; without one the run is evaluated once, on every image, without
+    plots or faithfulness, into the kept folder (a stand-in evaluate records the call)."""
+    import logging
+
+    from usae.cam import select
+    from usae.config import resolve
+    from usae.sae.model import UniversalSAE
+
+    sae = UniversalSAE(resolve(("a",), (4,), "paper", {"n_concepts": 8, "k": 2}).sae)
+    run = tmp_path / "run"
+    assert select.pick_concepts(sae, run, "S", [0, 7], None, None) == [0, 7]
+    for bad in ([8], [-1], [3, 9]):
+        with pytest.raises(UsaeError, match=rf"concept\(s\) \[{bad[-1]}\] do not exist; this "
+                                            r"run has concepts 0\.\.7"):
+            select.pick_concepts(sae, run, "S", bad, None, None)
+    with pytest.raises(UsaeError, match=r"concept\(s\) \[\] do not exist"):
+        select.pick_concepts(sae, run, "S", [], None, None)
+    for top in (0, -1, None):
+        with pytest.raises(UsaeError, match=r"give --concept K\[,K\.\.\.\] or --top N"):
+            select.pick_concepts(sae, run, "S", None, top, None)
+    with pytest.raises(UsaeError, match="--top needs an eval to rank concepts: pass --eval"):
+        select.pick_concepts(sae, run, "S", None, 1, None)
+    calls = []
+
+    def stand_in(run_, store_, out, options, progress, force):
+        calls.append((run_, store_, out, options, progress, force))
+        out.mkdir(parents=True)
+        (out / "concepts.csv").write_text("concept,class,energy\n0,mixed,1.0\n1,universal,0.5\n"
+                                          "2,universal,2.0\n")
+
+    monkeypatch.setattr(select, "evaluate", stand_in)
+    monkeypatch.setattr(select, "_is_eval_of", lambda d, r, s: (d / "concepts.csv").exists())
+    kept = tmp_path / "ranking-eval"
+    with caplog.at_level(logging.INFO, logger="usae.cam.select"):
+        assert select.pick_concepts(sae, run, "S", None, 1, None, progress=False,
+                                    ranking_dir=kept) == [2]
+    assert f"evaluating the run once on every image into {kept}" in caplog.text
+    (_, store_, out, options, progress, force), = calls
+    assert (store_, out, progress, force) == ("S", kept, False, True)
+    assert (options.split, options.plots, options.faithfulness) == ("all", False, False)
+    assert select.pick_concepts(sae, run, "S", None, 3, None, ranking_dir=kept) == [2, 1, 0]
+    assert len(calls) == 1, "the kept eval is reused"
+
+
+def test_a_kept_ranking_eval_needs_its_report_and_concepts_of_this_run_only(tmp_path):
+    import hashlib
+
+    from usae.cam.select import _is_eval_of
+    from usae.config import resolve
+    from usae.sae.model import UniversalSAE
+
+    sae = UniversalSAE(resolve(("a",), (4,), "paper", {"n_concepts": 8, "k": 2}).sae)
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    run.mkdir()
+    ev.mkdir()
+    (run / "model.safetensors").write_bytes(b"w")
+    digest = hashlib.sha256(b"w").hexdigest()
+    assert not _is_eval_of(ev, run, sae)
+    (ev / "concepts.csv").write_text("concept,class,energy\n")
+    (ev / "report.json").write_text(json.dumps({"models": ["a"], "n_concepts": 8,
+                                                "run": {"weights_sha256": digest}}))
+    assert _is_eval_of(ev, run, sae), "no top images needed to rank"
+    (ev / "report.json").write_text(json.dumps({"models": ["a"], "n_concepts": 8,
+                                                "run": {"weights_sha256": "0" * 64}}))
+    assert not _is_eval_of(ev, run, sae), "an eval of other weights"
