@@ -46,7 +46,8 @@ RECORD_FILE = ROOT / "scripts" / "mutation_record.json"
 
 # module -> the tests that pin it down (fast unit tests; no browser, slow or structural tests)
 SELECTION: dict[str, list[str]] = {
-    "sae.model": ["tests/sae/test_sae.py", "tests/sae/test_step.py"],
+    "sae.model": ["tests/sae/test_sae.py", "tests/sae/test_step.py",
+                  "tests/sae/test_objectives.py", "tests/analysis/test_synth.py"],
     "sae.step": ["tests/sae/test_step.py", "tests/sae/test_fused.py", "tests/sae/test_sparse.py",
              "tests/sae/test_objectives.py"],
     "sae.fused": ["tests/sae/test_fused.py", "tests/sae/test_step.py"],

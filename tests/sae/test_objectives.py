@@ -463,3 +463,24 @@ def test_code_matching_adds_the_distance_to_the_frozen_models_codes():
     assert got0.item() == base0.item(), "a frozen source is not pulled anywhere"
     with pytest.raises(UsaeError, match="match_coef pulls new models"):
         resolve(models, dims, "fast", {"n_concepts": 32, "match_coef": 0.5})
+
+
+def test_a_rules_state_is_sized_by_the_concept_count_and_sees_its_sae(monkeypatch):
+    """A rule's buffers are made for n concepts (e.g. one threshold per concept) and its
+    select receives the SAE that owns them."""
+    seen = []
+
+    class PerConcept:
+        def buffers(self, n_concepts):
+            return {"per_concept_threshold": torch.full((n_concepts,), 0.5)}
+
+        def select(self, post_nc, k, owner):
+            seen.append(owner)
+            keep = post_nc >= owner.per_concept_threshold
+            return torch.topk(post_nc * keep, k, dim=1)
+
+    monkeypatch.setitem(objectives.SPARSITY, "per_concept", PerConcept)
+    sae = _sae("per_concept", k=2, n=5)
+    assert sae.per_concept_threshold.shape == (5,)
+    got = _dense(sae, torch.tensor([[0.4, 0.9, 0.6, 0.0, 0.2]]))
+    assert torch.equal(got, torch.tensor([[0.0, 0.9, 0.6, 0.0, 0.0]])) and seen == [sae]
