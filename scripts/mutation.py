@@ -126,10 +126,10 @@ def selection(module: str) -> list[str]:
     the module in an import (``usae.<module>``), without the structural and notebook tests."""
     if module in SELECTION:
         return SELECTION[module]
-    dotted = "usae." + module
-    pattern = re.compile(rf"(from {re.escape(dotted)} import|import {re.escape(dotted)}\b|"
-                         rf"from usae\.{re.escape(module.rpartition('.')[0] or '')}\s+import\s+"
-                         rf"[^\n]*\b{re.escape(module.rpartition('.')[2])}\b)")
+    parent, _, leaf = ("usae." + module).rpartition(".")
+    # `from usae.sae.step import x`, `import usae.sae.step`, `from usae.sae import step`
+    pattern = re.compile(rf"(from|import) {re.escape('usae.' + module)}\b|"
+                         rf"from {re.escape(parent)} import [^\n]*\b{re.escape(leaf)}\b")
     skip = {"tests/test_architecture.py", "tests/test_notebook.py"}
     found = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):

@@ -130,8 +130,7 @@ class EvalReport(Mapping[str, Any]):
 
 def write_report(eval_dir: str | Path, report: Mapping[str, Any]) -> None:
     """``EVAL/report.json``, atomically."""
-    data = report.to_json() if isinstance(report, EvalReport) else dict(report)
-    atomic_write_json(Path(eval_dir) / REPORT_FILE, data)
+    atomic_write_json(Path(eval_dir) / REPORT_FILE, dict(report))  # (an EvalReport or a dict)
 
 
 def read_report(eval_dir: str | Path) -> EvalReport:
