@@ -76,6 +76,7 @@ SELECTION: dict[str, list[str]] = {
     "__main__": ["tests/test_cli.py"],
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],
+    "options": ["tests/test_options.py", "tests/test_config.py"],
     "__init__": ["tests/test_cli.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
     "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],

@@ -219,3 +219,226 @@ def test_the_card_is_a_hub_card_whose_sections_read_in_order_and_whose_code_runs
     assert said.groups() == (models[-1], str(dims[-1]))
     assert f"Written by usae {usae.__version__}." in card
     assert "usae eval hf://me/usae-demo --store STORE --out EVAL" in card
+
+
+# ---- a card and a push on runs made here -------------------------------------------------
+def _tiny_run(root, edit=None, **overrides):
+    """A finished run of three models of different widths (4, 6, 8), 16 concepts, whose
+    config.json ``edit`` may change; no store record, as for an imported run."""
+    from usae.config import resolve
+    from usae.sae.model import UniversalSAE
+
+    cfg = resolve(("a", "b", "c"), (4, 6, 8), "paper", {"n_concepts": 16, "k": 2, **overrides})
+    run = root / "run"
+    UniversalSAE(cfg.sae).save(run, cfg)
+    if edit is not None:
+        obj = json.loads((run / "config.json").read_text())
+        edit(obj)
+        (run / "config.json").write_text(json.dumps(obj))
+    return run
+
+
+def test_a_card_without_records_says_what_is_missing(tmp_path):
+    from markdown_it import MarkdownIt
+
+    run = _tiny_run(tmp_path, edit=lambda c: c.pop("status"))
+    card = model_card(run)
+    assert _card_table(card, "| model | d |") == [
+        ["a", "4", "`?`", "`?`", "?"], ["b", "6", "`?`", "`?`", "?"],
+        ["c", "8", "`?`", "`?`", "?"]]
+    assert "Training images: not recorded. Store content hash: `not recorded`." in card
+    assert "\n## Evaluation\n\nNo evaluation was shared with this run.\n\n## How" in card
+    assert "- trained ? steps (final)\n" in card  # a run without a status is a final run
+    code = [t for t in MarkdownIt().parse(card) if t.type == "fence"][0].content
+    assert 'UniversalSAE.load("hf://OWNER/NAME")' in code  # the default repo id
+    assert 'encode("a", acts)   # (N, 4) raw activations -> (N, 16) codes' in code
+    assert 'decode("c", codes)     # -> (N, 8) in that model' in code
+    assert card.endswith("Written by usae " + __import__("usae").__version__ + ".\n")
+    headings = [t.tag for t in MarkdownIt().parse(card) if t.type == "heading_open"]
+    assert headings == ["h1", "h2", "h2", "h2", "h2"]  # no faithfulness without an eval
+
+
+def test_the_card_says_a_partial_runs_step_and_state(tmp_path):
+    run = _tiny_run(tmp_path, edit=lambda c: c.update(status={"state": "partial", "step": 7}))
+    assert "- trained 7 steps (partial)\n" in model_card(run)
+
+
+def test_the_card_records_store_fields_where_the_store_has_them(tmp_path):
+    store = {"source_description": "12 images from 'x'", "content_hash": "abc",
+             "models": {"b": {"spec": "timm:vit", "layer": "blocks.3",
+                              "aligned_grid": [2, 3]}}}
+    card = model_card(_tiny_run(tmp_path, edit=lambda c: c.update(store=store)))
+    rows = _card_table(card, "| model | d |")
+    assert rows[1] == ["b", "6", "`timm:vit`", "`blocks.3`", "2x3"]
+    assert rows[0] == ["a", "4", "`?`", "`?`", "?"]  # a model the store did not record
+    assert "Training images: 12 images from 'x'. Store content hash: `abc`." in card
+
+
+def test_the_card_lists_matryoshka_prefixes_and_where_an_extended_run_came_from(tmp_path):
+    import re
+
+    ext = {"run": "old-run", "step": 40, "added": ["b", "c"], "at": "2026-11-02T10:00:00"}
+    card = model_card(_tiny_run(tmp_path, edit=lambda c: c.update(extended_from=ext),
+                                matryoshka=(4, 8)))
+    config = card.split("## Configuration\n\n")[1].split("\n\n")[0].splitlines()
+    assert config[1] == "- Matryoshka prefixes 4, 8"
+    said = re.fullmatch(r"- extended from `(.*)` \(step (\d+)\): added (.*) on (\S+), the "
+                        r"earlier models' weights frozen", config[3])
+    assert said.groups() == ("old-run", "40", "`b`, `c`", "2026-11-02")
+    finetuned = {**ext, "finetune": True}
+    card = model_card(_tiny_run(tmp_path / "f", edit=lambda c: c.update(
+        extended_from=finetuned)))
+    config = card.split("## Configuration\n\n")[1].split("\n\n")[0].splitlines()
+    assert "Matryoshka" not in card and len(config) == 4
+    said = re.fullmatch(r"- fine-tuned from `(.*)` \(step (\d+)\) on (\S+): every model "
+                        r"trained \(concept_drift.json\)", config[2])
+    assert said.groups() == ("old-run", "40", "2026-11-02")
+
+
+def test_a_faithfulness_cell_without_a_value_reads_n_a(quick_demo, tmp_path):
+    import shutil
+
+    shutil.copytree(quick_demo / "eval", tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    f = report["faithfulness"]
+    f["top1_agreement"][0][1] = None
+    f["kl_recovered"][1][0] = None
+    f["top1_agreement"][2][2], f["kl_recovered"][2][2] = 0.5, 0.25
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
+    rows = _card_table(model_card(quick_demo / "run", tmp_path / "eval"),
+                       "| source \\ target |")
+    assert rows[0][2] == "n/a" and rows[1][1] == "n/a"
+    assert rows[2][3] == "50.0 % / 0.250"
+    assert sum(cell == "n/a" for row in rows for cell in row) == 2
+    del report["faithfulness"]
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
+    card = model_card(quick_demo / "run", tmp_path / "eval")
+    assert "Faithfulness" not in card and "| source \\ target |" not in card
+    assert "never fire.\n\n## How to load it" in card
+
+
+class _FakeHubApi:
+    """Stands in for ``huggingface_hub.HfApi``: records what would reach the Hub."""
+
+    calls: list = []
+    fail: str | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_file(self, **kwargs):
+        self.calls.append(("upload_file", kwargs))
+
+
+@pytest.fixture
+def shared_run(quick_demo, tmp_path, monkeypatch):
+    """A copy of the quick demo's run and eval, and the Hub client replaced by a recorder."""
+    import shutil
+
+    import huggingface_hub
+
+    shutil.copytree(quick_demo / "run", tmp_path / "run")
+    shutil.copytree(quick_demo / "eval", tmp_path / "eval")
+    (tmp_path / "run" / "README.md").unlink(missing_ok=True)
+    monkeypatch.setattr(_FakeHubApi, "calls", [])
+    monkeypatch.setattr(_FakeHubApi, "fail", None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHubApi)
+    return tmp_path
+
+
+def test_push_uploads_exactly_the_planned_files_under_their_names(shared_run):
+    from usae.hub import describe_plan
+
+    run, ev = shared_run / "run", shared_run / "eval"
+    plan = push(run, "me/x", eval_dir=ev, private=True)
+    expected = {"config.json": run / "config.json",
+                "model.safetensors": run / "model.safetensors",
+                "eval/report.json": ev / "report.json", "eval/concepts.csv": ev / "concepts.csv",
+                "README.md": run / "README.md"}
+    assert plan == {"repo_id": "me/x", "private": True, "card": str(run / "README.md"),
+                    "files": {k: str(v) for k, v in expected.items()},
+                    "url": "https://huggingface.co/me/x"}
+    calls = _FakeHubApi.calls
+    assert calls[0] == ("create_repo", "me/x", {"private": True, "exist_ok": True})
+    uploads = {c[1]["path_in_repo"]: c[1] for c in calls[1:]}
+    assert len(calls) == 1 + len(expected) and set(uploads) == set(expected)
+    for name, kwargs in uploads.items():
+        assert kwargs == {"path_or_fileobj": str(expected[name]), "path_in_repo": name,
+                          "repo_id": "me/x", "commit_message": f"usae push: {name}"}
+    # the card uploaded is the one for this repo, with the eval's tables in it
+    card = (run / "README.md").read_text()
+    assert 'UniversalSAE.load("hf://me/x")' in card and "| encoded \\ decoded |" in card
+    lines = describe_plan(plan).splitlines()
+    assert lines[0] == "uploaded to me/x (private):"
+    assert lines[1:-2] == [f"  {k}  <-  {v}" for k, v in expected.items()]
+    assert lines[-2] == f"model card: {run / 'README.md'}"
+    assert json.loads(lines[-1]) == {"url": "https://huggingface.co/me/x"}
+
+
+def test_push_defaults_are_public_and_real_and_a_dry_run_never_calls_the_hub(shared_run):
+    from usae.hub import describe_plan
+
+    run = shared_run / "run"
+    plan = push(run, "me/x")
+    assert plan["private"] is False and plan["url"] == "https://huggingface.co/me/x"
+    assert _FakeHubApi.calls[0] == ("create_repo", "me/x", {"private": False, "exist_ok": True})
+    assert set(plan["files"]) == {"config.json", "model.safetensors", "README.md"}
+    _FakeHubApi.calls.clear()
+    plan = push(run, "me/y", dry_run=True)
+    assert _FakeHubApi.calls == [] and "url" not in plan
+    text = describe_plan(plan)
+    assert text.splitlines()[0] == "would upload to me/y:"
+    assert text.splitlines()[-1] == f"model card: {run / 'README.md'}"
+    assert "{" not in text  # no url line before an upload
+
+
+def test_a_failed_upload_is_one_line_that_says_what_to_check(shared_run):
+    _FakeHubApi.fail = "403 Forbidden: no write access\nlong trace"
+    with pytest.raises(UsaeError) as err:
+        push(shared_run / "run", "me/x")
+    assert str(err.value) == ("uploading to me/x failed: 403 Forbidden: no write access — "
+                              "check `huggingface-cli login` and the network")
+
+
+def test_push_replaces_only_a_card_it_wrote_unless_forced(shared_run):
+    from usae.hub import CARD_MARK
+
+    run = shared_run / "run"
+    readme = run / "README.md"
+    readme.write_bytes(b"# my own notes \xff\xfe\n")  # not UTF-8 either
+    with pytest.raises(UsaeError, match="was not written by usae push"):
+        push(run, "me/x", dry_run=True)
+    assert readme.read_bytes() == b"# my own notes \xff\xfe\n"
+    push(run, "me/x", dry_run=True, force=True)
+    assert CARD_MARK in readme.read_text()
+    readme.write_text("old card\n" + CARD_MARK + "\n")  # one usae wrote: rewritten freely
+    push(run, "me/x", dry_run=True)
+    assert readme.read_text().startswith("---\nlibrary_name: usae")
+
+
+def test_push_needs_a_local_run_and_a_whole_eval(shared_run):
+    (shared_run / "eval" / "concepts.csv").unlink()
+    with pytest.raises(UsaeError, match="lacks concepts.csv"):
+        push(shared_run / "run", "me/x", eval_dir=shared_run / "eval", dry_run=True)
+    with pytest.raises(UsaeError, match="is already on the Hub — push takes a local run"):
+        push("hf://me/run", "me/x", dry_run=True)
+    assert _FakeHubApi.calls == []
+
+
+@pytest.mark.parametrize("ref, parsed", [
+    ("hf://me/x", ("me/x", None)), ("hf://me/x@", ("me/x", None)),
+    ("hf://me/x@v1", ("me/x", "v1")), ("hf://me/x@v@w", ("me/x", "v@w")),
+])
+def test_hub_refs_split_at_the_first_at_sign(ref, parsed):
+    from usae.hub import is_hub_run
+
+    assert is_hub_run(ref) and parse_hub_run(ref) == parsed
+
+
+@pytest.mark.parametrize("ref", ["hf://me/", "hf:///x", "hf://a/b/c", "hf://me", "hf://@v"])
+def test_malformed_hub_refs_say_how_to_write_one(ref):
+    with pytest.raises(UsaeError) as err:
+        parse_hub_run(ref)
+    assert str(err.value) == f"{ref!r} is not a Hub run — write hf://OWNER/NAME[@revision]"

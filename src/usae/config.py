@@ -386,9 +386,3 @@ def resolve(models: tuple[str, ...], dims: tuple[int, ...], preset: str = "paper
 
 def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
     return replace(cfg, train=replace(cfg.train, **changes))
-
-
-def fieldopt(cls: type) -> list[tuple[str, Any, str]]:
-    """(name, default, help) for every field, for ``--help`` texts."""
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
-

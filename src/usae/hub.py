@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,18 @@ def local_run(run: str | Path) -> Path:
 
 
 # ---- the model card ---------------------------------------------------------------------
+# The card's wording lives in Markdown templates (src/usae/card/*.md, as huggingface_hub's own
+# cards are templates); the code below only fills in names and numbers.
+CARD_TEMPLATES = Path(__file__).with_name("card")
+
+
+def _fill(template: str, **values: Any) -> str:
+    """``card/<template>.md`` with its ``${field}``s filled (a field left out is an error),
+    without its final newline."""
+    text = (CARD_TEMPLATES / f"{template}.md").read_text(encoding="utf-8")
+    return Template(text).substitute(values).rstrip("\n")
+
+
 def model_card(run: str | Path, eval_dir: str | Path | None = None,
                repo_id: str = "OWNER/NAME") -> str:
     """A README.md a reader understands without the CLI: what the SAE is, its models and
@@ -83,51 +96,34 @@ def model_card(run: str | Path, eval_dir: str | Path | None = None,
     cfg = run_folder.read_config(run)
     report = read_report(eval_dir) if eval_dir else None
     store = cfg_json.get("store") or {}
-    lines = ["---", "library_name: usae", "tags:", "- sparse-autoencoder",
-             "- interpretability", "- universal-sparse-autoencoder", "---", CARD_MARK, "",
-             f"# Universal sparse autoencoder: {', '.join(cfg.sae.models)}", "",
-             "One sparse concept space shared by several vision models (Thasarathan et al., "
-             "*Universal Sparse Autoencoders*, ICML 2025). Each model has its own encoder and "
-             "dictionary; a code produced from any model's activations reconstructs every "
-             "model's activations, so concept *k* means the same thing in each model.", ""]
-    lines += _models_section(cfg, store)
-    lines += _config_section(cfg, cfg_json)
-    lines += _metrics_section(report) if report else [
-        "## Evaluation", "", "No evaluation was shared with this run.", ""]
-    lines += ["## How to load it", "", "```python",
-              "from usae import UniversalSAE", "",
-              f'sae = UniversalSAE.load("hf://{repo_id}")',
-              f'codes = sae.encode("{cfg.sae.models[0]}", acts)   # (N, '
-              f'{cfg.sae.dims[0]}) raw activations -> (N, {cfg.sae.n}) codes',
-              f'x = sae.decode("{cfg.sae.models[-1]}", codes)     # -> (N, '
-              f'{cfg.sae.dims[-1]}) in that model\'s raw space', "```", "",
-              f"or `usae eval hf://{repo_id} --store STORE --out EVAL`. Files: `config.json` "
-              "(architecture, training config, the store it was trained on) and "
-              "`model.safetensors` (weights and standardization); nothing is pickled.", "",
-              f"Written by usae {__version__}.", ""]
-    return "\n".join(lines)
+    s = cfg.sae
+    return _fill("card", card_mark=CARD_MARK, model_list=", ".join(s.models),
+                 model_rows="\n".join(_model_rows(cfg, store)),
+                 source=store.get("source_description") or "not recorded",
+                 content_hash=store.get("content_hash") or "not recorded",
+                 config_lines="\n".join(_config_lines(cfg, cfg_json)),
+                 evaluation=_evaluation(report) if report else _fill("no_evaluation"),
+                 repo_id=repo_id, first_model=s.models[0], first_dim=s.dims[0], n=s.n,
+                 last_model=s.models[-1], last_dim=s.dims[-1], version=__version__) + "\n"
 
 
-def _models_section(cfg, store: dict[str, Any]) -> list[str]:
-    out = ["## Models and data", "", "| model | d | spec | layer | token grid |",
-           "|---|---|---|---|---|"]
+def _model_rows(cfg, store: dict[str, Any]) -> list[str]:
+    """One table row per model: width, backbone spec, layer and token grid ('?' where the
+    store did not record them)."""
     models = store.get("models", {})
+    rows = []
     for m, d in zip(cfg.sae.models, cfg.sae.dims):
         info = models.get(m, {})
         grid = info.get("aligned_grid")
-        out.append(f"| {m} | {d} | `{info.get('spec', '?')}` | `{info.get('layer', '?')}` | "
-                   f"{'x'.join(map(str, grid)) if grid else '?'} |")
-    source = store.get("source_description") or "not recorded"
-    out += ["", f"Training images: {source}. Store content hash: "
-            f"`{store.get('content_hash') or 'not recorded'}`.", ""]
-    return out
+        rows.append(f"| {m} | {d} | `{info.get('spec', '?')}` | `{info.get('layer', '?')}` | "
+                    f"{'x'.join(map(str, grid)) if grid else '?'} |")
+    return rows
 
 
-def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
+def _config_lines(cfg, cfg_json: dict[str, Any]) -> list[str]:
     t, s = cfg.train, cfg.sae
     status = cfg_json.get("status", {})
-    return ["## Configuration", "",
-            f"- preset `{cfg.preset}`; n = {s.n} concepts, {_sparsity_words(s)}, encoder "
+    return [f"- preset `{cfg.preset}`; n = {s.n} concepts, {_sparsity_words(s)}, encoder "
             f"`{s.encoder}`, standardization "
             f"`{s.standardize}`, dictionary rows `{s.dictionary_norm}`",
             *([f"- Matryoshka prefixes {', '.join(map(str, t.matryoshka))}"]
@@ -136,7 +132,7 @@ def _config_section(cfg, cfg_json: dict[str, Any]) -> list[str]:
             f"update `{t.decoder_update}`, schedule `{t.schedule}`, lr {t.lr}, batch "
             f"{t.batch_images} images",
             *_extension_lines(cfg_json.get("extended_from")),
-            f"- trained {status.get('step', '?')} steps ({status.get('state', 'final')})", ""]
+            f"- trained {status.get('step', '?')} steps ({status.get('state', 'final')})"]
 
 
 def _sparsity_words(s) -> str:
@@ -161,48 +157,41 @@ def _extension_lines(ext: dict[str, Any] | None) -> list[str]:
             f"{str(ext.get('at', '?'))[:10]}, the earlier models' weights frozen"]
 
 
-def _metrics_section(report: EvalReport) -> list[str]:
+def _evaluation(report: EvalReport) -> str:
+    """The held-out R² matrix, L0 and dead fractions, concept classes, and faithfulness."""
     models = report.models
     r2 = np.asarray(report.r2)
-    out = ["## Evaluation", "",
-           f"On the `{report.split}` split ({report['n_images']} images, "
-           f"{report['n_tokens']:,} tokens). R² with per-dimension means; row = the model whose "
-           "activations were encoded, column = the model reconstructed (off-diagonal cells are "
-           "cross-model reconstructions through the shared concepts).", "",
-           "| encoded \\ decoded | " + " | ".join(models) + " |",
-           "|---|" + "---|" * len(models)]
-    for i, m in enumerate(models):
-        out.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in r2[i]) + " |")
     classes = report.concept_classes
-    specific = ", ".join(f"{m} {n}" for m, n in classes["model_specific"].items())
-    out += ["", "| model | L0 (active concepts per token) | dead fraction |", "|---|---|---|"]
-    out += [f"| {m} | {report.l0[m]:.1f} | {report.dead_fraction[m]:.3f} |"
-            for m in models]
-    out += ["", f"Concept classes (by firing entropy): {classes['universal']} universal, "
-            f"model-specific: {specific}, {classes['never_fire']} never fire.", ""]
-    return out + _faithfulness_section(report.faithfulness)
+    text = _fill(
+        "evaluation", split=report.split, n_images=report["n_images"],
+        n_tokens=f"{report['n_tokens']:,}", model_header=" | ".join(models),
+        model_rule="---|" * len(models),
+        r2_rows="\n".join(f"| {m} | " + " | ".join(f"{v:.3f}" for v in r2[i]) + " |"
+                          for i, m in enumerate(models)),
+        l0_rows="\n".join(f"| {m} | {report.l0[m]:.1f} | {report.dead_fraction[m]:.3f} |"
+                          for m in models),
+        universal=classes["universal"], never_fire=classes["never_fire"],
+        specific=", ".join(f"{m} {n}" for m, n in classes["model_specific"].items()))
+    faithfulness = _faithfulness(report.faithfulness)
+    return text + ("\n\n" + faithfulness if faithfulness else "")
 
 
-def _faithfulness_section(f: dict[str, Any] | None) -> list[str]:
+def _faithfulness(f: dict[str, Any] | None) -> str:
     """Each cell: top-1 agreement and fraction of KL recovered over the mean ablation, when a
-    source model's code is decoded into the target model and run through its own head."""
+    source model's code is decoded into the target model and run through its own head ('' when
+    the report has none)."""
     if not f or "top1_agreement" not in f:
-        return []
+        return ""
     models = f["models"]
 
     def cell(i: int, j: int) -> str:
         a, r = f["top1_agreement"][i][j], f["kl_recovered"][i][j]
         return "n/a" if a is None or r is None else f"{100 * a:.1f} % / {r:.3f}"
 
-    out = ["### Faithfulness through each model's own head", "",
-           f"On {f['n_images']} images: the reconstruction is spliced in at the cached layer "
-           "and the rest of the target model runs to its ImageNet logits. Each cell: top-1 "
-           "agreement with the unspliced model / fraction of KL recovered "
-           "(1 − KL / KL of the mean ablation). Row = source code, column = target model.", "",
-           "| source \\ target | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    out += [f"| {m} | " + " | ".join(cell(i, j) for j in range(len(models))) + " |"
+    rows = [f"| {m} | " + " | ".join(cell(i, j) for j in range(len(models))) + " |"
             for i, m in enumerate(models)]
-    return out + [""]
+    return _fill("faithfulness", n_images=f["n_images"], model_header=" | ".join(models),
+                 model_rule="---|" * len(models), rows="\n".join(rows))
 
 
 # ---- push ---------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class CamOptions:
 
     steps: int = opt("Optimization steps per concept and model.", 1000, minimum=1)
     size: int = opt("Side of the optimized image in pixels.", 224, minimum=32)
-    crops: int = opt("Random crops per step (25-100%% of the area).", 6, minimum=1)
+    crops: int = opt("Random crops per step (25-100% of the area).", 6, minimum=1)
     lr: float = opt("NAdam learning rate on the Fourier phase.", 0.15, minimum=1e-6,
                     maximum=100.0)
     noise: float = opt("Std of the Gaussian noise added to each crop.", 0.02, minimum=0.0)
@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
         if f.name in skip:
             continue
         flag, dashed = "--" + f.name.replace("_", "-"), f.name.replace("_", "-")
-        text = f.metadata.get("help", "")
+        text = f.metadata.get("help", "").replace("%", "%%")  # (argparse formats help with %)
         hint = hints[f.name]
         if unset:
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -208,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
                                 type=None if hint is bool else
                                 (str if getattr(hint, "__origin__", None) is tuple else hint),
                                 metavar=None if hint is bool else f.name.upper(),
-                                help=f"{text} [default: {shown!s}]".replace("%", "%%"))
+                                help=f"{text} [default: {str(shown).replace('%', '%%')}]")
             continue
         if hint is bool:
             if f.default is True:
