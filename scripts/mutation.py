@@ -77,6 +77,10 @@ SELECTION: dict[str, list[str]] = {
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],
     "options": ["tests/test_options.py", "tests/test_config.py"],
+    # (browser tests are left out of every selection; app.js has its own mutator, below)
+    "cam.maximize": ["tests/cam/test_cam.py"],
+    "cam.spectrum": ["tests/cam/test_cam.py"],
+    "explorer.build": ["tests/explorer/test_explorer.py"],
     "__init__": ["tests/test_cli.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
     "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],
@@ -91,6 +95,11 @@ SELECTION: dict[str, list[str]] = {
 # never run: evaluate's `trained` run is made by the store writer and the trainer alone, so a
 # mutant of evaluate cannot change it. The artifacts are built once, unmutated, before mutmut.
 PREBUILT: dict[str, str] = {
+    # (the cam tests' store and run: cache and train only; the explorer's inputs: cache,
+    # train, eval and one CAM, all before the site is built)
+    "cam.maximize": "tests/cam/test_cam.py::test_the_spectrum_is_cached_per_size",
+    "cam.spectrum": "tests/cam/test_cam.py::test_the_spectrum_is_cached_per_size",
+    "explorer.build": "tests/explorer/test_explorer.py::test_site_files",
     # (the quick demo's eval resolves its run through hub.local_run; the hf:// tests run it)
     "hub": "tests/test_hub.py::test_model_card_from_a_real_eval_report",
     "analysis.evaluate":

@@ -48,13 +48,15 @@ def prebuilt(name: str, dest: Path, build: Callable[[Path], None]) -> None:
         build(dest)
         return
     shared = Path(folder) / name
-    if not shared.exists():
+    complete = Path(folder) / f"{name}.complete"
+    if not complete.exists():
         if not os.environ.get(ARTIFACTS_WRITE_ENV):
             build(dest)  # never share what a mutant built
             return
-        tmp = Path(folder) / f".{name}.{os.getpid()}"
-        build(tmp)
-        tmp.rename(shared)
+        # built in place, not renamed into place: a store records its images' absolute paths
+        shutil.rmtree(shared, ignore_errors=True)
+        build(shared)
+        complete.touch()
     shutil.copytree(shared, dest, dirs_exist_ok=True)
 
 

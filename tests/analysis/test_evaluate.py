@@ -139,6 +139,8 @@ def test_report_and_csv_match_naive_formulas(trained, tmp_path):
                 assert per_image[m][r, k].item() == pytest.approx(best, rel=1e-5)
     # top images: the paper's ranking (mean activation over tokens, averaged over models)
     top = load_safetensors(tmp_path / "top_images.safetensors")
+    # rows are store row ids (int64, -1 = no image), exact at any store size
+    assert all(v.dtype == torch.int64 for key, v in top.items() if key.startswith("rows."))
     mean_scores = torch.stack([per_image[m] for m in sae.models]).mean(0)  # (images, n)
     for k in range(24):
         best = mean_scores[:, k].max().item()
@@ -504,3 +506,23 @@ def test_the_eval_report_is_read_and_written_in_one_place_with_its_sections_type
     (tmp_path / REPORT_FILE).write_text("[1, 2]")
     with pytest.raises(UsaeError, match="is not a usae eval report"):
         read_report(tmp_path)
+
+
+def test_the_faithfulness_summary_is_the_mean_of_defined_cells_by_hand():
+    """Self = the defined diagonal cells, cross = the defined off-diagonal cells (a cell is
+    None where a model has no head); None where no cell is defined."""
+    from usae.analysis.evaluate import faithfulness_summary
+
+    kl = [[0.9, None, 0.2], [0.4, 0.7, None], [0.1, 0.3, None]]
+    top1 = [[1.0, 0.5, 0.0], [0.25, None, 0.75], [0.5, 0.5, 0.5]]
+    got = faithfulness_summary({"models": ["a", "b", "c"], "kl_recovered": kl,
+                                "top1_agreement": top1})
+    assert got == pytest.approx({
+        "kl_recovered_self": (0.9 + 0.7) / 2, "kl_recovered_cross": (0.2 + 0.4 + 0.1 + 0.3) / 4,
+        "top1_agreement_self": (1.0 + 0.5) / 2,
+        "top1_agreement_cross": (0.5 + 0.0 + 0.25 + 0.75 + 0.5 + 0.5) / 6})
+    one = faithfulness_summary({"kl_recovered": [[0.5]], "top1_agreement": [[None]]})
+    assert one == {"kl_recovered_self": 0.5, "kl_recovered_cross": None,
+                   "top1_agreement_self": None, "top1_agreement_cross": None}
+    for nothing in (None, {}, {"models": ["a"], "skipped": "no head"}):
+        assert faithfulness_summary(nothing) == {}

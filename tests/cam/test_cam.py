@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import cache_and_train
+from tests.conftest import cache_and_train, prebuilt
 from usae.cam.maximize import build_cam_models, optimize, run_cam
 from usae.cam.spectrum import analytic_spectrum, estimate_spectrum, fit_alpha, radial_frequency
 from usae.cli import main
@@ -48,17 +48,24 @@ def test_spectrum_estimation_recovers_a_known_power_law(alpha):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A store of 16 photos-like images through EfficientNet-Lite0 and a ViT, and a run
+    trained on it (prebuilt once under mutation testing: CAM's code never runs here)."""
     root = tmp_path_factory.mktemp("cam")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        base = rng.integers(0, 255, (1, 1, 3))
-        grad = np.linspace(0, 1, 80)[None, :, None] * rng.integers(0, 255, (1, 1, 3))
-        arr = np.clip(base * 0.5 + grad + rng.normal(0, 25, (80, 80, 3)), 0, 255)
-        path = root / "imgs" / f"c{i % 2}" / f"{i:02d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr.astype(np.uint8)).save(path)
-    return cache_and_train(root, SPECS, "demo", {"n_concepts": 32, "k": 4, "batch_images": 4,
-                                                  "max_steps": 30})
+
+    def build(dest):
+        rng = np.random.default_rng(0)
+        for i in range(16):
+            base = rng.integers(0, 255, (1, 1, 3))
+            grad = np.linspace(0, 1, 80)[None, :, None] * rng.integers(0, 255, (1, 1, 3))
+            arr = np.clip(base * 0.5 + grad + rng.normal(0, 25, (80, 80, 3)), 0, 255)
+            path = dest / "imgs" / f"c{i % 2}" / f"{i:02d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr.astype(np.uint8)).save(path)
+        cache_and_train(dest, SPECS, "demo", {"n_concepts": 32, "k": 4, "batch_images": 4,
+                                              "max_steps": 30})
+
+    prebuilt("cam-trained", root, build)
+    return root
 
 
 def test_objective_rises_and_the_same_seed_gives_the_same_image(trained):

@@ -2,6 +2,7 @@
 through ``usae serve``."""
 
 import json
+import os
 import shutil
 import threading
 import urllib.error
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import prebuilt
 from usae.analysis.evaluate import evaluate
 from usae.cam.maximize import run_cam
 from usae.config import resolve
@@ -26,29 +28,39 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "explorer"
 XSS = "<img src=x onerror=window.pwned=1>"
 CAM_CONCEPT = 7
+# Playwright waits up to 30 s for a selector; scripts/mutation_js.py, whose mutants often
+# break the page, sets less (the site loads in well under a second here)
+WAIT_MS = int(os.environ.get("USAE_TEST_BROWSER_WAIT_MS", "30000"))
 
 
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory):
+    """Images (one class label with markup), a store, a run, its eval and one concept's CAM
+    (prebuilt once under mutation testing: none of it runs the explorer's code), then the
+    site built from them."""
     root = tmp_path_factory.mktemp("explorer")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        label = XSS if i % 3 == 0 else f"class{i % 3}"
-        path = root / "imgs" / label / f"img{i:02d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 255, (1, 1, 3))
-        grad = np.linspace(0, 1, 96)[None, :, None] * rng.integers(0, 255, (1, 1, 3))
-        arr = np.clip(base * 0.5 + grad + rng.normal(0, 20, (96, 96, 3)), 0, 255)
-        Image.fromarray(arr.astype(np.uint8)).save(path)
-    cache("effnet:lite0?img_size=128&name=lite0,effnet:lite1?img_size=128&name=lite1",
-          root / "imgs", root / "store", workers=0, progress=False)
-    store = Store(root / "store")
-    cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 96, "k": 4,
-                                                     "batch_images": 4, "max_steps": 60})
-    train_run(cfg, StoreSource(store, "train"), root / "run", progress=False)
-    evaluate(root / "run", root / "store", root / "eval", split="all", progress=False)
-    run_cam(root / "run", root / "store", [CAM_CONCEPT], eval_dir=root / "eval", steps=3,
-            size=48, crops=1, progress=False)
+
+    def build(dest):
+        rng = np.random.default_rng(0)
+        for i in range(24):
+            label = XSS if i % 3 == 0 else f"class{i % 3}"
+            path = dest / "imgs" / label / f"img{i:02d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 255, (1, 1, 3))
+            grad = np.linspace(0, 1, 96)[None, :, None] * rng.integers(0, 255, (1, 1, 3))
+            arr = np.clip(base * 0.5 + grad + rng.normal(0, 20, (96, 96, 3)), 0, 255)
+            Image.fromarray(arr.astype(np.uint8)).save(path)
+        cache("effnet:lite0?img_size=128&name=lite0,effnet:lite1?img_size=128&name=lite1",
+              dest / "imgs", dest / "store", workers=0, progress=False)
+        store = Store(dest / "store")
+        cfg = resolve(store.models, store.dims, "demo", {"n_concepts": 96, "k": 4,
+                                                         "batch_images": 4, "max_steps": 60})
+        train_run(cfg, StoreSource(store, "train"), dest / "run", progress=False)
+        evaluate(dest / "run", dest / "store", dest / "eval", split="all", progress=False)
+        run_cam(dest / "run", dest / "store", [CAM_CONCEPT], eval_dir=dest / "eval", steps=3,
+                size=48, crops=1, progress=False)
+
+    prebuilt("explorer-inputs", root, build)
     build_explorer(root / "run", root / "store", root / "site", eval_dir=root / "eval",
                    progress=False)
     return root
@@ -120,6 +132,7 @@ def test_explorer_from_file_and_from_serve(explorer, tmp_path):
     try:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        ctx.set_default_timeout(WAIT_MS)
         page = ctx.new_page()
         _check_site(page, (explorer / "site" / "index.html").as_uri(), "file")
         server = make_server(explorer / "site", 0)
@@ -154,6 +167,7 @@ def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer):
     try:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(WAIT_MS)
         page.goto((explorer / "site" / "index.html").as_uri())
         page.wait_for_selector("table.faithfulness td")
         cells = page.eval_on_selector_all("table.faithfulness td",
@@ -173,6 +187,7 @@ def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
     try:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(WAIT_MS)
         page.goto((explorer / "site" / "index.html").as_uri() + f"#/concept/{CAM_CONCEPT}")
         page.wait_for_selector(".cams .tile.cam img")
         page.wait_for_function("[...document.querySelectorAll('.cams img')].every(i => "
@@ -182,11 +197,21 @@ def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
         assert page.eval_on_selector_all(".cams img.alpha", "els => els.length") == 2
         doc = json.loads((explorer / "run" / "cam" / str(CAM_CONCEPT) / "cam.json").read_text())
         cells = page.eval_on_selector_all(".camchecks td", "tds => tds.map(t => t.textContent)")
-        assert cells == [f"{m} {doc['self_ratio'][m]:.2f}" for m in ("lite0", "lite1")]
+        assert cells == [f"{m} {_f(doc['self_ratio'][m], 2)}" for m in ("lite0", "lite1")]
         transfer = page.eval_on_selector_all(
             "table.transfer[data-kind=transfer] td", "tds => tds.map(t => t.textContent)")
-        assert transfer == [f"{v:.2f}" for row in doc["transfer"] for v in row]
+        assert transfer == [_f(v, 2) for row in doc["transfer"] for v in row]
         assert page.locator("table.transfer").count() == 2  # the matrix and its control
+        control = page.eval_on_selector_all(
+            f"table.transfer[data-kind='control (concept {doc['control_concept']})'] td",
+            "tds => tds.map(t => t.textContent)")
+        assert control == [_f(v, 2) for row in doc["transfer_control"] for v in row]
+        assert page.eval_on_selector_all(".cams img:not(.alpha)", "is => is.map(i => i.alt)") \
+            == [f"{m}: image optimized for this concept" for m in ("lite0", "lite1")]
+        assert page.text_content(".camnote >> nth=1") == (
+            f"mean off-diagonal transfer {_f(doc['transfer_offdiag_mean'], 2)} against "
+            f"{_f(doc['transfer_control_offdiag_mean'], 2)} for the frequency-matched control "
+            "concept's images")
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "concept_cam.png"), full_page=True)
         browser.close()
@@ -320,3 +345,170 @@ def test_the_servers_own_guard_refuses_paths_and_symlinks_outside(tmp_path):
     assert handler.translate_path("/link.txt") == outside  # a symlink out is refused
     assert handler.translate_path("/inner.txt?x=1#y") == str((site / "inner.txt").resolve())
     assert handler.translate_path("/") == str(site.resolve())
+
+
+def _styled_classes() -> set[str]:
+    """Every class a selector of the app's stylesheet names."""
+    import re
+
+    from usae.explorer.build import STATIC
+
+    css = re.sub(r"/\*.*?\*/", "", (STATIC / "style.css").read_text(), flags=re.S)
+    return set(re.findall(r"\.([A-Za-z][\w-]*)", css))
+
+
+# classes that no rule styles but that these tests select by (table.faithfulness, .camchecks)
+TEST_HOOKS = {"faithfulness", "camchecks"}
+
+
+def _f(v, digits=3):
+    """The app's number format (fmt, JavaScript's toFixed: halves of the exact binary value
+    round away from zero, where Python's format rounds them to even); a dash when missing."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    if v is None:
+        return "—"
+    return str(Decimal(v).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def _page_facts(page) -> dict:
+    """Structure the page must keep whatever its data: unknown (misspelt) elements, and
+    classes that neither the stylesheet nor a test hook names."""
+    return page.evaluate("""() => {
+        const all = [...document.querySelectorAll('*')];
+        return {unknown: all.filter(e => e instanceof HTMLUnknownElement).map(e => e.tagName),
+                classes: [...new Set(all.flatMap(e => [...e.classList]))]};
+    }""")
+
+
+@pytest.mark.browser
+def test_every_view_shows_the_data_it_is_given(explorer):
+    """The overview, the concept table (sorting, filtering), concept pages (metrics, nav,
+    rankings, tiles, a dead concept, a missing one), the keys and the search box, each checked
+    against the site's own data files and report.json, read here with json; and every page is
+    made of known HTML elements whose classes the stylesheet (or a test) names."""
+    site = explorer / "site"
+    ov = _load_js(site / "data" / "overview.js")
+    report, table, models, n = ov["report"], ov["table"], ov["models"], ov["n_concepts"]
+    chunk = _load_js(site / "data" / "concepts_0.js")["concepts"]
+    styled = _styled_classes() | TEST_HOOKS
+    pw = _browser()
+    p, args = _launch(pw)
+    try:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(WAIT_MS)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((site / "index.html").as_uri())
+        page.wait_for_selector("#concepts tr[data-concept]")
+        texts = lambda sel: page.eval_on_selector_all(sel, "es => es.map(e => e.textContent)")  # noqa: E731
+        facts = _page_facts(page)
+        assert facts["unknown"] == [] and set(facts["classes"]) <= styled, facts
+        assert page.text_content("#runinfo") == ov["run"]
+        # overview: the title, the cards and the R² matrix, from report.json
+        assert page.text_content("h1") == f"{n} concepts in one space shared by " \
+            + ", ".join(models)
+        s, cc = report["summary"], report["concept_classes"]
+        assert texts(".card .v") == [
+            _f(s["self_r2_mean"]), _f(s["cross_r2_mean"]), str(cc["universal"]),
+            str(sum(cc["model_specific"].values())), str(cc["never_fire"]),
+            f"{report['n_tokens']:,}", _f(s["jaccard_cross_mean"])]
+        assert texts(".card .k")[2:6] == [
+            f"universal (firing entropy ≥ {cc['thresholds']['universal_fe_at_least']})",
+            f"model-specific (FE ≤ {cc['thresholds']['model_specific_fe_at_most']})",
+            "never fire on this split", f"tokens evaluated ({report['split']})"]
+        matrix = page.eval_on_selector_all(
+            "table.matrix:not(.faithfulness) tr",
+            "rs => rs.map(r => [...r.children].map(c => c.textContent))")
+        assert matrix == [["", *models]] + [[m, *[_f(v) for v in row]]
+                                            for m, row in zip(models, report["r2"])]
+        assert page.eval_on_selector_all(".plots img", "is => is.map(i => i.getAttribute("
+                                         "'src'))") == [f"plots/{x}" for x in ov["plots"]]
+        # the concept table: by energy, highest first, ties by id; a second click ascends
+        energy = [(-1e300 if v is None else v) for v in table["energy"]]
+        shown = lambda: [int(x) for x in page.eval_on_selector_all(  # noqa: E731
+            "#concepts tr[data-concept]", "rs => rs.map(r => r.dataset.concept)")]
+        assert shown() == sorted(range(n), key=lambda k: (-energy[k], k))
+        k0 = shown()[0]
+        row = page.eval_on_selector_all(f"#concepts tr[data-concept='{k0}'] td",
+                                        "tds => tds.map(t => t.textContent)")
+        kind = table["class"][k0]
+        assert row == [f"#{k0}", _f(table["energy"][k0]), _f(table["firing_entropy"][k0]),
+                       str(table["cofires"][k0]), *[str(table[f"fires_{m}"][k0]) for m in models],
+                       *[_f(table[f"cfp_{m}"][k0]) for m in models],
+                       f"only {kind[9:]}" if kind.startswith("specific:") else kind]
+        assert page.text_content(".pager span") == f"page 1 of 1 · {n} concepts"
+        assert page.is_disabled(".pager button >> nth=0")
+        page.click("th[data-key=energy]")
+        assert shown() == sorted(range(n), key=lambda k: (energy[k], k))
+        assert page.get_attribute("th[data-key=energy]", "class") == "sorted asc"
+        page.click("th[data-key=cofires]")
+        assert shown() == sorted(range(n), key=lambda k: (-table["cofires"][k], k))
+        for kind in ("universal", "specific", "dead", "mixed", "all"):
+            page.select_option("#filter", kind)
+            want = [k for k in range(n) if kind == "all" or table["class"][k].split(":")[0] == kind]
+            assert sorted(shown()) == want
+            assert page.text_content(".pager span") == f"page 1 of 1 · {len(want)} concepts"
+        # a concept page: its metrics, nav, rankings and tiles, from its data chunk
+        k = next(int(c) for c, e in chunk.items() if e["rankings"]["mean"]
+                 and e["rankings"]["lite0"] != e["rankings"]["mean"])
+        entry = chunk[str(k)]
+        page.goto((site / "index.html").as_uri() + f"#/concept/{k}")
+        page.wait_for_selector(".row[data-model] .tile")
+        facts = _page_facts(page)
+        assert facts["unknown"] == [] and set(facts["classes"]) <= styled, facts
+        assert page.text_content("#concept-title").startswith(f"Concept #{k} ")
+        assert texts(".metrics:not(.camchecks) td") == [
+            _f(table["energy"][k], 4), _f(table["firing_entropy"][k]), str(table["cofires"][k]),
+            *[f"{table[f'fires_{m}'][k]} (CFP {_f(table[f'cfp_{m}'][k], 2)})" for m in models]]
+        assert page.eval_on_selector_all(".nav a", "as => as.map(a => a.getAttribute('href'))") \
+            == ["#/", f"#/concept/{max(0, k - 1)}", f"#/concept/{min(n - 1, k + 1)}"]
+        assert texts(".toolbar button") == ["mean over models (paper)", *models]
+        assert texts(".toolbar span")[-1] == f"{_f(entry['scale'])} (shared by every row)"
+
+        def tiles(ranking):
+            images = ov["images"]
+            return [[f"{images[str(r)]['label']} · {images[str(r)]['name']}"
+                     for r in ranking]] * len(models)
+
+        caps = lambda: page.eval_on_selector_all(  # noqa: E731
+            ".row[data-model]", "rs => rs.map(r => [...r.querySelectorAll('.cap')].map("
+            "c => c.textContent))")
+        assert caps() == tiles(entry["rankings"]["mean"])
+        assert page.get_attribute(".toolbar button >> nth=0", "aria-pressed") == "true"
+        page.click(".toolbar button >> nth=1")
+        page.wait_for_function("document.querySelector('.toolbar button[aria-pressed=true]')"
+                               ".textContent === 'lite0'")
+        assert caps() == tiles(entry["rankings"]["lite0"])
+        name = ov["images"][str(entry["rankings"]["lite0"][0])]["name"]
+        assert page.get_attribute(".row[data-model=lite1] canvas", "aria-label") == \
+            f"lite1 heatmap on {name}"
+        # the keys and the search box move between concepts
+        for key, want in (("ArrowRight", k + 1), ("k", k), ("j", k + 1), ("ArrowLeft", k)):
+            page.keyboard.press(key)
+            page.wait_for_function(f"location.hash === '#/concept/{want}'")
+        page.keyboard.press("u")
+        page.wait_for_function("location.hash === '#/'")
+        page.fill("#goto", str(n - 1))
+        page.press("#goto", "Enter")
+        page.wait_for_function(f"location.hash === '#/concept/{n - 1}'")
+        page.wait_for_selector(".nav a")
+        assert page.eval_on_selector_all(".nav a", "as => as.map(a => a.getAttribute('href'))") \
+            == ["#/", f"#/concept/{n - 2}", f"#/concept/{n - 1}"]
+        page.keyboard.press("ArrowRight")  # the last concept has no next
+        page.wait_for_timeout(100)
+        assert page.evaluate("location.hash") == f"#/concept/{n - 1}"
+        # a dead concept says so; a concept that does not exist says so
+        dead = [int(c) for c, e in chunk.items() if not e["rankings"]["mean"]]
+        if dead:
+            page.goto((site / "index.html").as_uri() + f"#/concept/{dead[0]}")
+            page.wait_for_selector("p.empty")
+            assert page.text_content("p.empty").startswith("This concept never fires")
+        page.goto((site / "index.html").as_uri() + f"#/concept/{n}")
+        page.wait_for_selector("p.empty")
+        assert page.text_content("p.empty") == f"There is no concept {n}."
+        assert not errors, errors
+        browser.close()
+    finally:
+        p.stop()
