@@ -15,7 +15,7 @@ TORCH_DEMO := torch==2.13.0
 TORCH_DEV  := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test venv install-demo install-dev browser mutation mutation-changed clean
+.PHONY: demo test venv install-demo install-dev browser mutation mutation-changed mutation-js clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -53,9 +53,15 @@ mutation: install-dev
 # Before a submission: mutate only the modules changed since scripts/mutation_record.json
 # (or never scored), for at most MUTATION_BUDGET minutes; the record keeps each new score.
 MUTATION_BUDGET ?= 30
-mutation-changed: install-dev
+mutation-changed: install-dev browser
 	$(PIP) install -q -e ".[mutation]"
 	$(VENV)/bin/python scripts/mutation.py --changed --budget $(MUTATION_BUDGET)
+	$(VENV)/bin/python scripts/mutation_js.py --changed
+
+# The explorer's JavaScript: scripts/mutation_js.py's mutants of app.js against the real
+# browser tests (about 30 min on 2 cores).
+mutation-js: install-dev browser
+	$(VENV)/bin/python scripts/mutation_js.py
 
 clean:
 	rm -rf $(VENV) demo-output mutants-work

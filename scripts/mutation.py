@@ -109,6 +109,8 @@ PREBUILT: dict[str, str] = {
 # of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
 PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformers",
                            "sae.extend": "timm", "data.store_add": "timm"}
+# files mutated by scripts/mutation_js.py (recorded under these names)
+JS_FILES = {"explorer/static/app.js": "src/usae/explorer/static/app.js"}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
 STATUS_WORDS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped",
                 "segfault", "not checked", "caught by type check")
@@ -188,15 +190,22 @@ def table() -> str:
     saved = read_record()
     rows = ["| module | mutants | killed | equivalent | live survivors | score | date |",
             "|---|---|---|---|---|---|---|"]
-    for m in all_modules():
+    for m in [*all_modules(), *JS_FILES]:
         e = saved.get(m)
         if e is None:
             rows.append(f"| {m} | | | | | not run | |")
             continue
-        stale = "" if e["sha"] == source_hash(m) else " (source changed since)"
+        stale = "" if e["sha"] == _hash_of(m) else " (source changed since)"
         rows.append(f"| {m} | {e['mutants']} | {e['killed']} | {e['equivalent']} | {e['live']} "
                     f"| **{e['score']:.1%}** | {e['date']}{stale} |")
     return "\n".join(rows)
+
+
+def _hash_of(name: str) -> str:
+    """A recorded name's source hash: a module's, or a JavaScript file's (JS_FILES)."""
+    if name in JS_FILES:
+        return hashlib.sha256((ROOT / JS_FILES[name]).read_bytes()).hexdigest()[:16]
+    return source_hash(name)
 
 
 def equivalent_mutants() -> dict[str, str]:

@@ -311,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sha() -> str:
-    import hashlib
-
-    return hashlib.sha256(APP.read_bytes()).hexdigest()[:16]
+    return mutation._hash_of(KEY)
 
 
 def record(entry: dict) -> None:

@@ -252,8 +252,22 @@ def test_picking_concepts_checks_ids_at_both_ends_and_ranks_by_one_kept_eval(tmp
     for top in (0, -1, None):
         with pytest.raises(UsaeError, match=r"give --concept K\[,K\.\.\.\] or --top N"):
             select.pick_concepts(sae, run, "S", None, top, None)
-    with pytest.raises(UsaeError, match="--top needs an eval to rank concepts: pass --eval"):
+    with pytest.raises(UsaeError) as err:
         select.pick_concepts(sae, run, "S", None, 1, None)
+    # the message names `usae cam`'s own flag and a command the CLI parses as an eval
+    import re
+
+    from usae.cli import build_parser
+
+    said = re.fullmatch(r"--top needs an eval to rank concepts: pass (--eval) EVAL \(made by "
+                        r"`usae (.*)`\)", str(err.value))
+    assert said is not None, str(err.value)
+    words = said.group(2).split()
+    args = build_parser().parse_args(words)
+    assert (args.command, args.run, args.store, args.out) == ("eval", "RUN", "STORE", "EVAL")
+    cam = build_parser().parse_args(["cam", "R", "--store", "S", "--top", "1", said.group(1),
+                                     "E"])
+    assert cam.eval == "E"
     calls = []
 
     def stand_in(run_, store_, out, options, progress, force):
@@ -268,12 +282,16 @@ def test_picking_concepts_checks_ids_at_both_ends_and_ranks_by_one_kept_eval(tmp
     with caplog.at_level(logging.INFO, logger="usae.cam.select"):
         assert select.pick_concepts(sae, run, "S", None, 1, None, progress=False,
                                     ranking_dir=kept) == [2]
-    assert f"evaluating the run once on every image into {kept}" in caplog.text
+    assert caplog.messages == [f"no --eval given: evaluating the run once on every image "
+                               f"into {kept} (the next --top reuses it)"]
     (_, store_, out, options, progress, force), = calls
     assert (store_, out, progress, force) == ("S", kept, False, True)
     assert (options.split, options.plots, options.faithfulness) == ("all", False, False)
     assert select.pick_concepts(sae, run, "S", None, 3, None, ranking_dir=kept) == [2, 1, 0]
     assert len(calls) == 1, "the kept eval is reused"
+    (kept / "concepts.csv").unlink()  # gone: evaluated again, with a progress bar by default
+    select.pick_concepts(sae, run, "S", None, 1, None, ranking_dir=kept.parent / "again")
+    assert calls[-1][4] is True
 
 
 def test_a_kept_ranking_eval_needs_its_report_and_concepts_of_this_run_only(tmp_path):
