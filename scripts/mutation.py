@@ -77,6 +77,9 @@ SELECTION: dict[str, list[str]] = {
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],
     "options": ["tests/test_options.py", "tests/test_config.py"],
+    # the CLI: every flag and argument followed into the library, and the commands end to end
+    "cli": ["tests/test_cli.py", "tests/test_options.py"],
+    "commands": ["tests/test_cli.py"],
     # (browser tests are left out of every selection; app.js has its own mutator, below)
     "cam.maximize": ["tests/cam/test_cam.py"],
     "cam.spectrum": ["tests/cam/test_cam.py"],

@@ -316,3 +316,125 @@ def test_every_option_flag_reaches_the_library_as_the_field_it_names(command, mo
     options = next(a for a in seen if isinstance(a, cls))
     for key, value in want.items():
         assert getattr(options, key) == value, (command, key)
+
+
+# command line -> (library function, the arguments it must receive, by the function's own
+# parameter names); every other argument of the call is checked to keep its default
+WIRING = [
+    (["cache", "--images", "I", "--models", "M", "--out", "O"], "usae.data.cache:cache",
+     {"models": "M", "images": "I", "out": "O"}),
+    (["store", "add-model", "S", "--models", "M", "--no-progress"],
+     "usae.data.store_add:add_models", {"store_path": "S", "models": "M", "progress": False}),
+    (["store", "add-model", "S", "--models", "M"], "usae.data.store_add:add_models",
+     {"store_path": "S", "models": "M", "progress": True}),
+    (["store", "merge", "A", "B", "--out", "O", "--force"], "usae.store.merge:merge_shards",
+     {"shards": ["A", "B"], "out": "O", "force": True}),
+    (["store", "import-npz", "SRC", "--out", "O", "--models", "a, b,", "--split", "val",
+      "--dtype", "float32"], "usae.store.npz_import:import_npz",
+     {"src": "SRC", "out": "O", "models": ["a", "b"], "split": "val", "dtype": "float32"}),
+    (["train", "--store", "S", "--out", "O", "--preset", "fast", "--config", "C.json", "--set",
+      "lr=0.1", "--set", "k=3", "--max-steps", "7", "--device", "cpu", "--resume", "--force",
+      "--split", "val", "--no-progress", "--independent", "--n-concepts", "9"],
+     "usae.sae.training:train_from_store",
+     {"store_path": "S", "out": "O", "preset": "fast", "config_file": "C.json",
+      # (--max-steps and --device are training keys too: they reach the config both ways)
+      "sets": ["lr=0.1", "k=3"], "keys": {"n_concepts": 9, "max_steps": 7, "device": "cpu"},
+      "max_steps": 7, "device": "cpu",
+      "resume": True, "force": True, "split": "val", "independent": True, "progress": False}),
+    (["train", "--store", "S", "--out", "O"], "usae.sae.training:train_from_store",
+     {"store_path": "S", "out": "O", "preset": None, "config_file": None, "sets": [],
+      "keys": {}, "max_steps": None, "device": None, "resume": False, "force": False,
+      "split": "train", "independent": False, "progress": True}),
+    (["train", "--images", "I", "--models", "M", "--out", "O", "--resume"],
+     "usae.data.streaming:train_from_images",
+     {"images": "I", "models": "M", "out": "O", "resume": True, "progress": True}),
+    (["train", "--extend", "R", "--store", "S", "--out", "O", "--finetune", "--force"],
+     "usae.sae.extend:extend_run",
+     {"run": "R", "store_path": "S", "out": "O", "finetune": True, "force": True}),
+    (["train", "--extend", "R", "--store", "S", "--out", "O"], "usae.sae.extend:extend_run",
+     {"run": "R", "store_path": "S", "out": "O", "finetune": False, "force": False}),
+    (["eval", "R", "--store", "S", "--out", "O", "--independent", "IND", "--compare", "C1",
+      "C2", "--force", "--truth", "T"], "usae.analysis.evaluate:evaluate",
+     {"run": "R", "store_path": "S", "out": "O", "independent": "IND", "compare": ["C1", "C2"],
+      "force": True, "truth": "T"}),
+    (["eval", "R", "--store", "S", "--out", "O"], "usae.analysis.evaluate:evaluate",
+     {"run": "R", "store_path": "S", "out": "O", "independent": None, "compare": None,
+      "force": False, "truth": None}),
+    (["synth", "--out", "O", "--force"], "usae.analysis.synth:synth",
+     {"out": "O", "force": True}),
+    (["explore", "R", "--store", "S", "--out", "O", "--eval", "E", "--force"],
+     "usae.explorer.build:build_explorer",
+     {"run": "R", "store_path": "S", "out": "O", "eval_dir": "E", "force": True}),
+    (["explore", "R", "--store", "S", "--out", "O"], "usae.explorer.build:build_explorer",
+     {"run": "R", "store_path": "S", "out": "O", "eval_dir": None, "force": False}),
+    (["cam", "R", "--store", "S", "--concept", "3, 5", "--out", "O", "--eval", "E"],
+     "usae.cam.maximize:run_cam",
+     {"run": "R", "store_path": "S", "concepts": [3, 5], "top": None, "out": "O",
+      "eval_dir": "E"}),
+    (["cam", "R", "--store", "S", "--top", "4"], "usae.cam.maximize:run_cam",
+     {"run": "R", "store_path": "S", "concepts": None, "top": 4, "out": None,
+      "eval_dir": None}),
+    (["push", "R", "me/x", "--eval", "E", "--private", "--dry-run", "--force"],
+     "usae.hub:push", {"run": "R", "repo_id": "me/x", "eval_dir": "E", "private": True,
+                       "dry_run": True, "force": True}),
+    (["push", "R", "me/x"], "usae.hub:push", {"run": "R", "repo_id": "me/x", "eval_dir": None,
+                                             "private": False, "dry_run": False,
+                                             "force": False}),
+    (["serve", "D", "--port", "0"], "usae.explorer.serve:serve", {"directory": "D", "port": 0}),
+    (["import-reference", "C.yaml", "--out", "O"], "usae.sae.reference:import_reference",
+     {"yaml_path": "C.yaml", "out_dir": "O"}),
+    (["demo", "--out", "O", "--images", "9", "--steps", "3", "--models", "M", "--quick"],
+     "usae.demo:run_demo",
+     {"out": "O", "n_images": 9, "steps": 3, "models": "M", "quick": True}),
+    (["demo"], "usae.demo:run_demo",
+     {"out": "demo-output", "n_images": 320, "steps": 0, "models": "demo", "quick": False}),
+    (["encode", "R", "--model", "m", "--input", "X", "--out", "O"],
+     "usae.sae.model:UniversalSAE.load", {"run_dir": "R", "device": "cpu"}),
+    (["concepts", "R", "--eval", "E", "--store", "S", "--concept", "1,2", "--top", "4",
+      "--universal", "--images", "0"], "usae.analysis.concepts:concept_table",
+     {"eval_dir": "E", "concepts": [1, 2], "top": 4, "universal_only": True, "store": "S",
+      "images": 0, "models": ["a", "b"]}),
+    (["concepts", "R", "--eval", "E"], "usae.analysis.concepts:concept_table",
+     {"eval_dir": "E", "concepts": None, "top": 10, "universal_only": False, "store": None,
+      "images": 3, "models": ["a", "b"]}),
+]
+
+
+@pytest.mark.parametrize("argv, target, want", WIRING, ids=[" ".join(w[0][:2]) + f" #{i}"
+                                                           for i, w in enumerate(WIRING)])
+def test_every_argument_reaches_the_library_parameter_it_names(argv, target, want, monkeypatch,
+                                                               tmp_path):
+    """The call each command makes, bound to the real function's signature (an oracle outside
+    the CLI: the library's own parameter names), holds each argument where it belongs."""
+    import importlib
+    import inspect
+
+    from usae.cli import main
+    from usae.config import resolve
+
+    monkeypatch.chdir(tmp_path)  # (output folders are locked where they would be written)
+    module_name, _, attr = target.partition(":")
+    owner = importlib.import_module(module_name)
+    cls_name, _, method = attr.rpartition(".")
+    holder = getattr(owner, cls_name) if cls_name else owner
+    real = getattr(holder, method)
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        raise _Reached
+
+    monkeypatch.setattr(holder, method, staticmethod(stand_in) if cls_name else stand_in)
+    if argv[0] == "concepts":  # the run and its eval, as the command reads them first
+        import usae.analysis.eval_folder as eval_folder
+        import usae.sae.run as run_folder
+
+        monkeypatch.setattr(run_folder, "read_config",
+                            lambda run: resolve(("a", "b"), (4, 4), "paper"))
+        monkeypatch.setattr(eval_folder, "check_eval_of_run", lambda *a, **k: None)
+    with pytest.raises(_Reached):
+        main(argv)
+    (bound,) = calls
+    got = {name: bound.get(name, inspect.signature(real).parameters[name].default)
+           for name in want}
+    assert got == want
