@@ -109,6 +109,11 @@ def _card_table(card: str, header: str) -> list[list[str]]:
     return rows
 
 
+def _card_header(card: str, header: str) -> list[str]:
+    line = next(line for line in card.splitlines() if line.startswith(header))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def test_the_model_cards_tables_equal_the_report_and_config_cell_by_cell(quick_demo):
     import re
 
@@ -118,6 +123,11 @@ def test_the_model_cards_tables_equal_the_report_and_config_cell_by_cell(quick_d
     models = report["models"]
     r2 = _card_table(card, "| encoded \\ decoded |")
     assert [row[0] for row in r2] == models
+    assert _card_header(card, "| encoded \\ decoded |") == ["encoded \\ decoded", *models]
+    assert _card_header(card, "| source \\ target |") == ["source \\ target",
+                                                           *report["faithfulness"]["models"]]
+    assert f"On {report['faithfulness']['n_images']} images: the reconstruction is spliced" \
+        in card
     for i, row in enumerate(r2):  # row = encoded from, column = decoded into, as the report
         assert [float(c) for c in row[1:]] == pytest.approx(report["r2"][i], abs=5e-4)
     per_model = _card_table(card, "| model | L0")
@@ -293,6 +303,13 @@ def test_the_card_lists_matryoshka_prefixes_and_where_an_extended_run_came_from(
     said = re.fullmatch(r"- fine-tuned from `(.*)` \(step (\d+)\) on (\S+): every model "
                         r"trained \(concept_drift.json\)", config[2])
     assert said.groups() == ("old-run", "40", "2026-11-02")
+    # an older record without a date or the added models still makes a card
+    from usae.hub import _extension_lines
+
+    assert _extension_lines({"run": "r", "step": 3}) == [
+        "- extended from `r` (step 3): added  on ?, the earlier models' weights frozen"]
+    assert _extension_lines({"run": "r", "step": 3, "finetune": True}) == [
+        "- fine-tuned from `r` (step 3) on ?: every model trained (concept_drift.json)"]
 
 
 def test_a_faithfulness_cell_without_a_value_reads_n_a(quick_demo, tmp_path):
@@ -416,6 +433,30 @@ def test_push_replaces_only_a_card_it_wrote_unless_forced(shared_run):
     readme.write_text("old card\n" + CARD_MARK + "\n")  # one usae wrote: rewritten freely
     push(run, "me/x", dry_run=True)
     assert readme.read_text().startswith("---\nlibrary_name: usae")
+
+
+def test_push_shares_an_eval_without_its_top_images(shared_run):
+    (shared_run / "eval" / "top_images.safetensors").unlink()  # not uploaded, not needed
+    plan = push(shared_run / "run", "me/x", eval_dir=shared_run / "eval", dry_run=True)
+    assert {"eval/report.json", "eval/concepts.csv"} <= set(plan["files"])
+
+
+def test_local_run_downloads_hub_runs_and_leaves_paths_alone(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from usae.hub import SHARED_FILES, local_run
+
+    calls = []
+
+    def download(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert local_run("hf://me/x@v2") == tmp_path / "snapshot"
+    assert calls == [("me/x", "v2", [*SHARED_FILES, "README.md", "eval/*"])]
+    assert local_run(tmp_path / "run") == tmp_path / "run" and len(calls) == 1
+    assert local_run("runs/hf-like") == __import__("pathlib").Path("runs/hf-like")
 
 
 def test_push_needs_a_local_run_and_a_whole_eval(shared_run):
