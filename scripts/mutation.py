@@ -83,7 +83,7 @@ SELECTION: dict[str, list[str]] = {
     # (browser tests are left out of every selection; app.js has its own mutator, below)
     "cam.maximize": ["tests/cam/test_cam.py"],
     "cam.spectrum": ["tests/cam/test_cam.py"],
-    "explorer.build": ["tests/explorer/test_explorer.py"],
+    "explorer.build": ["tests/explorer/test_build.py", "tests/explorer/test_explorer.py"],
     "__init__": ["tests/test_cli.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
     "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],
@@ -306,12 +306,14 @@ def _env(module: str | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # mutants run side by side
     for name in ("PYTHONPATH", "USAE_TEST_ARTIFACTS", "USAE_TEST_ARTIFACTS_WRITE",
-                 "USAE_TEST_ORDER", "USAE_TEST_PRELOAD"):
+                 "USAE_TEST_ORDER", "USAE_TEST_PRELOAD", "USAE_MUTATION_MODULE"):
         env.pop(name, None)
     if module in PREBUILT:
         env["USAE_TEST_ARTIFACTS"] = str(WORK / module / "artifacts")
     if module in PRELOAD:
         env["USAE_TEST_PRELOAD"] = PRELOAD[module]
+    if module:  # fixtures that run the module's code become per-test (conftest)
+        env["USAE_MUTATION_MODULE"] = module
     if module:  # conftest runs a mutant's fastest tests first (it stops at the first failure)
         env["USAE_TEST_ORDER"] = str(WORK / module / "mutants" / "mutmut-stats.json")
     return env

@@ -41,6 +41,16 @@ def pytest_collection_modifyitems(config, items) -> None:
         items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
 
 
+def per_test_under_mutation(*modules: str) -> Callable[..., str]:
+    """A fixture scope: "module", but "function" while ``scripts/mutation.py`` mutates one of
+    ``modules`` (USAE_MUTATION_MODULE) and the fixture runs that module's code. mutmut credits
+    what a module-scoped fixture calls to the first test alone, so the mutants of that code
+    would meet only that test."""
+    def scope(fixture_name: str, config) -> str:
+        return "function" if os.environ.get("USAE_MUTATION_MODULE") in modules else "module"
+    return scope
+
+
 def prebuilt(name: str, dest: Path, build: Callable[[Path], None]) -> None:
     """``build(dest)``, or a copy of the artifact ``name`` built once (see ARTIFACTS_ENV)."""
     folder = os.environ.get(ARTIFACTS_ENV)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import prebuilt
+from tests.conftest import per_test_under_mutation, prebuilt
 from usae.analysis.evaluate import evaluate
 from usae.cam.maximize import run_cam
 from usae.config import resolve
@@ -33,7 +33,7 @@ CAM_CONCEPT = 7
 WAIT_MS = int(os.environ.get("USAE_TEST_BROWSER_WAIT_MS", "30000"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=per_test_under_mutation("explorer.build"))
 def explorer(tmp_path_factory):
     """Images (one class label with markup), a store, a run, its eval and one concept's CAM
     (prebuilt once under mutation testing: none of it runs the explorer's code), then the

@@ -1,0 +1,160 @@
+"""The explorer builder's parts by hand (no browser, no trained run): thumbnails of the region
+the models saw, rankings, data files, CAM entries, and which eval ranks the images."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from usae.explorer import build
+
+
+def _stripes(path, w: int, h: int, box: tuple[int, int, int, int]) -> None:
+    """A red image with a green box (left, top, right, bottom)."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = 255
+    left, top, right, bottom = box
+    arr[top:bottom, left:right] = (0, 255, 0)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.mark.parametrize("w, h, crop_frac, box", [
+    # a wide image, a model input twice as tall as wide: the centre 50 x 100 of the 100 side
+    (200, 100, (1.0, 0.5), (75, 0, 125, 100)),
+    # a tall image, an input twice as wide as tall: the centre 100 x 50 of the 100 side
+    (100, 240, (0.5, 1.0), (0, 95, 100, 145)),
+    # a square input on a wide image: the centre square
+    (160, 100, (1.0, 1.0), (30, 0, 130, 100)),
+])
+def test_a_thumbnail_is_the_centre_region_the_models_saw(tmp_path, w, h, crop_frac, box):
+    """The region is worked out by hand: the shorter side, times the input's aspect, centred;
+    inside it the image is green, outside red, so a thumbnail of the right region is green to
+    its edges, bicubic-resized to 128 px and saved as a JPEG of quality 80."""
+    src, dst = tmp_path / "src.png", tmp_path / "t.jpg"
+    _stripes(src, w, h, box)
+    assert build._thumbnail(str(src), dst, crop_frac) is True
+    thumb = np.asarray(Image.open(dst).convert("RGB"), dtype=np.float64)
+    assert thumb.shape == (128, 128, 3)
+    assert thumb[..., 1].mean() > 240 and thumb[..., 0].mean() < 15  # green, to the edges
+    want = Image.open(src).convert("RGB").crop(box).resize((128, 128), Image.BICUBIC)
+    again = io.BytesIO()
+    want.save(again, format="JPEG", quality=80)
+    assert dst.read_bytes() == again.getvalue()
+
+
+def test_an_unreadable_image_has_no_thumbnail(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    assert build._thumbnail(str(tmp_path / "bad.jpg"), tmp_path / "t.jpg", (1, 1)) is False
+    assert build._thumbnail(str(tmp_path / "gone.jpg"), tmp_path / "t.jpg", (1, 1)) is False
+    assert not (tmp_path / "t.jpg").exists()
+
+
+@pytest.mark.parametrize("crop, box", [([224, 112], (75, 0, 125, 100)), ([100, 100], None),
+                                       (None, None)])
+def test_thumbnails_take_the_crop_of_the_stores_first_model(tmp_path, crop, box):
+    """The input's crop (height, width) from the store's preprocessing gives the region;
+    without one, the centre square."""
+    box = box or (50, 0, 150, 100)
+    _stripes(tmp_path / "a.png", 200, 100, box)
+    preprocess = {"crop": crop} if crop else {}
+    store = SimpleNamespace(
+        manifest={"images": [{"path": str(tmp_path / "gone.png")},
+                             {"path": str(tmp_path / "a.png")}]},
+        models=["m"], model=lambda name: SimpleNamespace(info={"preprocess": preprocess}))
+    (tmp_path / "site" / "thumbs").mkdir(parents=True)
+    thumbs = build._thumbnails(tmp_path / "site", store, [0, 1], progress=False)
+    assert thumbs == {1: "thumbs/1.jpg"}  # the missing image has none
+    thumb = np.asarray(Image.open(tmp_path / "site" / "thumbs" / "1.jpg"), dtype=np.float64)
+    assert thumb[..., 1].mean() > 240 and thumb[..., 0].mean() < 15
+
+
+def test_rankings_keep_real_rows_with_positive_scores_in_order():
+    top = {"rows.mean": torch.tensor([[4, 0, 7, -1], [2, 3, -1, -1]]),
+           "scores.mean": torch.tensor([[0.9, 0.5, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]]),
+           "rows.a": torch.tensor([[0, 4, 1, -1], [1, -1, -1, -1]]),
+           "scores.a": torch.tensor([[3.0, 1.0, -0.5, 0.0], [0.5, 0.0, 0.0, 0.0]])}
+    assert build._rankings(top, ["mean", "a"], 0, 4) == {"mean": [4, 0], "a": [0, 4]}
+    assert build._rankings(top, ["mean", "a"], 0, 1) == {"mean": [4], "a": [0]}
+    assert build._rankings(top, ["mean"], 1, 4) == {"mean": [2, 3]}
+
+
+def test_data_files_are_compact_javascript_calls_or_assignments(tmp_path):
+    obj = {"a": [1, 2], "b": "x"}
+    n = build._js(tmp_path / "c.js", "USAE_CHUNK", obj)
+    text = (tmp_path / "c.js").read_text()
+    assert text == 'USAE_CHUNK({"a":[1,2],"b":"x"});\n' and n == len(text)
+    build._js(tmp_path / "o.js", "USAE_OVERVIEW", obj, assign=True)
+    assert (tmp_path / "o.js").read_text() == 'window.USAE_OVERVIEW = {"a":[1,2],"b":"x"};\n'
+
+
+def test_a_concepts_cam_images_and_checks_are_copied_once_per_model(tmp_path):
+    cam = tmp_path / "run" / "cam" / "5"
+    cam.mkdir(parents=True)
+    for name in ("a.png", "a_alpha.png", "b.png"):
+        (cam / name).write_bytes(name.encode())
+    doc = {"self_ratio": {"a": 1.5}, "transfer": [[1.0]], "transfer_control": [[0.1]],
+           "transfer_offdiag_mean": None, "transfer_control_offdiag_mean": 0.2,
+           "control_concept": 9, "trace": [1, 2], "settings": {}}
+    site = tmp_path / "site"
+    assert build._cam_entry(site, tmp_path / "run" / "cam" / "4", ["a", "b"], 4) == {}
+    assert not (site / "cam").exists()
+    entry = build._cam_entry(site, cam, ["a", "b", "c"], 5)
+    assert entry == {"cam": {"a": "cam/5/a.png", "b": "cam/5/b.png"},
+                     "cam_alpha": {"a": "cam/5/a_alpha.png"}}
+    assert (site / "cam/5/a.png").read_bytes() == b"a.png"
+    assert (site / "cam/5/a_alpha.png").read_bytes() == b"a_alpha.png"
+    assert sorted(p.name for p in (site / "cam/5").iterdir()) == ["a.png", "a_alpha.png",
+                                                                   "b.png"]
+    (cam / "cam.json").write_text(json.dumps(doc))
+    entry = build._cam_entry(site, cam, ["a", "b"], 5)  # again, into the same folder
+    assert entry["cam_checks"] == {k: doc[k] for k in (
+        "self_ratio", "transfer", "transfer_control", "transfer_offdiag_mean",
+        "transfer_control_offdiag_mean", "control_concept")}
+
+
+def _stand_in_eval(monkeypatch, split: str, calls: list) -> None:
+    """evaluate, the eval check and the readers replaced by recorders."""
+    from usae.analysis.eval_folder import EvalReport
+
+    def evaluate(run, store, out, options, progress):
+        calls.append((out.name, options.split, options.top_images, options.plots,
+                      options.faithfulness, progress))
+
+    report = EvalReport({"models": ["a"], "split": split, "r2": [[1.0]]})
+    monkeypatch.setattr(build, "evaluate", evaluate)
+    monkeypatch.setattr(build, "check_eval_of_run", lambda *a, **k: report)
+    monkeypatch.setattr(build, "read_concepts", lambda d: [{"concept": "0"}])
+    monkeypatch.setattr(build, "load_safetensors", lambda p: {"from": p.parent.name})
+
+
+def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monkeypatch):
+    from usae.options import ExploreOptions
+
+    calls: list = []
+    sae = SimpleNamespace(models=("a",), cfg=SimpleNamespace(n=8))
+    _stand_in_eval(monkeypatch, "all", calls)
+    # an eval of the same split: its own top images, nothing evaluated
+    report, concepts, top = build._eval_inputs(tmp_path / "run", "S", sae, tmp_path / "given",
+                                               tmp_path / "site", ExploreOptions(split="all"),
+                                               False)
+    assert calls == [] and top == {"from": "given"} and report.split == "all"
+    assert "top_images_split" not in report
+    # an eval of another split: metrics kept, images ranked by an eval of the explorer's split
+    report, _, top = build._eval_inputs(tmp_path / "run", "S", sae, tmp_path / "given",
+                                        tmp_path / "site", ExploreOptions(split="train", top=20),
+                                        True)
+    assert calls == [("eval-train", "train", 20, False, False, True)]
+    assert top == {"from": "eval-train"} and report["top_images_split"] == "train"
+    assert report.split == "all"
+    # no eval: the run is evaluated into the site, on the explorer's split, 16 images or more
+    calls.clear()
+    _stand_in_eval(monkeypatch, "val", calls)
+    _, _, top = build._eval_inputs(tmp_path / "run", "S", sae, None, tmp_path / "site",
+                                   ExploreOptions(split="val", top=5), False)
+    assert calls == [("eval", "val", 16, True, True, False)] and top == {"from": "eval"}
