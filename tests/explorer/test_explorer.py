@@ -512,3 +512,48 @@ def test_every_view_shows_the_data_it_is_given(explorer):
         browser.close()
     finally:
         p.stop()
+
+
+def test_the_overview_is_the_eval_and_the_store_read_with_csv_and_json(explorer):
+    """overview.js against its sources, read here with csv and json: report.json (without the
+    machine's path), concepts.csv column by column, the store's image names and labels, the
+    eval's plots and the thumbnails written; the concept chunks hold every concept once."""
+    import csv
+
+    site = explorer / "site"
+    ov = _load_js(site / "data" / "overview.js")
+    report = json.loads((explorer / "eval" / "report.json").read_text())
+    report["run"].pop("path")
+    assert ov["report"] == report
+    with open(explorer / "eval" / "concepts.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    models = ["lite0", "lite1"]
+    assert ov["models"] == models and ov["n_concepts"] == len(rows) == 96
+    assert ov["chunk"] == 64 and ov["top"] == 10 and ov["run"] == "run"
+
+    def column(name, cast=float):
+        return [None if r[name] == "" else cast(r[name]) for r in rows]
+
+    want = {"energy": column("energy"), "firing_entropy": column("firing_entropy"),
+            "cofires": column("cofires", int), "class": [r["class"] for r in rows],
+            **{f"fires_{m}": column(f"fires_{m}", int) for m in models},
+            **{f"cfp_{m}": column(f"cofire_proportion_{m}") for m in models}}
+    assert ov["table"] == want
+    assert ov["plots"] == sorted(p.name for p in (explorer / "eval").glob("*.png"))
+    manifest = json.loads((explorer / "store" / "manifest.json").read_text())
+    assert ov["images"], "the shown images"
+    for r, info in ov["images"].items():
+        image = manifest["images"][int(r)]
+        assert info == {"name": Path(image["path"]).name, "label": image.get("label"),
+                        "thumb": f"thumbs/{r}.jpg"}
+        assert (site / info["thumb"]).exists()
+    chunks = [_load_js(site / "data" / f"concepts_{c}.js") for c in (0, 1)]
+    assert [c["chunk"] for c in chunks] == [0, 1]
+    ids = [int(k) for c in chunks for k in c["concepts"]]
+    assert ids == list(range(96)) and not (site / "data" / "concepts_2.js").exists()
+    shown = {r for c in chunks for e in c["concepts"].values() for r in e["images"]}
+    assert shown == {int(r) for r in ov["images"]}
+    cam = chunks[0]["concepts"][str(CAM_CONCEPT)]
+    assert cam["cam"] == {m: f"cam/{CAM_CONCEPT}/{m}.png" for m in models}
+    assert all((site / p).exists() for p in [*cam["cam"].values(), *cam["cam_alpha"].values()])
+    assert "cam" not in chunks[0]["concepts"][str(CAM_CONCEPT + 1)]
