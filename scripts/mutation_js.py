@@ -173,13 +173,20 @@ def _browser_tests(module) -> list:
     return tests
 
 
-def _call(test, root: Path) -> None:
+def _call(test, root: Path, browser) -> None:
+    """A browser test with the fixtures it names: the built site, the worker's Chromium, and
+    a fresh folder for anything else (tmp_path)."""
     import inspect
 
-    kwargs = {}
-    for param in inspect.signature(test).parameters:
-        kwargs[param] = root if param == "explorer" else Path(tempfile.mkdtemp(dir=root))
-    test(**kwargs)
+    given = {"explorer": root, "chromium": browser}
+    test(**{param: given.get(param) or Path(tempfile.mkdtemp(dir=root))
+            for param in inspect.signature(test).parameters})
+
+
+def _launch(module):
+    """Playwright and one Chromium, as the test module's ``chromium`` fixture starts them."""
+    playwright, args = module._launch(module._browser())
+    return playwright, playwright.chromium.launch(executable_path=module.CHROMIUM, args=args)
 
 
 def worker(root: Path, names: list[str], out: Path) -> None:
@@ -197,6 +204,7 @@ def worker(root: Path, names: list[str], out: Path) -> None:
         raise TimeoutError("mutant timed out")
 
     signal.signal(signal.SIGALRM, alarm)
+    playwright, browser = _launch(module)
     with out.open("a") as fh:
         for name in names:
             site_app.write_text(by_name[name].apply(text))
@@ -204,19 +212,26 @@ def worker(root: Path, names: list[str], out: Path) -> None:
             signal.alarm(MUTANT_SECONDS)
             try:
                 for test in tests:
-                    _call(test, root)
+                    _call(test, root, browser)
             except TimeoutError:
                 status = "timeout"
             except BaseException as err:  # noqa: BLE001 - any failure kills the mutant
                 status = "killed" if not isinstance(err, KeyboardInterrupt) else "interrupted"
             finally:
                 signal.alarm(0)
+            if status != "survived" or not browser.is_connected():
+                for context in list(browser.contexts) if browser.is_connected() else []:
+                    context.close()
+                if status == "timeout" or not browser.is_connected():
+                    playwright.stop()  # a fresh Chromium: nothing of a broken page carries on
+                    playwright, browser = _launch(module)
             fh.write(json.dumps({"name": name, "status": status,
                                  "seconds": round(time.monotonic() - began, 1)}) + "\n")
             fh.flush()
             if status == "interrupted":
                 break
     site_app.write_text(text)
+    playwright.stop()
 
 
 def build_site(folder: Path) -> Path:

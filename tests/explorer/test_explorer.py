@@ -119,6 +119,20 @@ def _check_site(page, url, tag):
     assert not errors, errors
 
 
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module's browser tests (each test opens and closes its
+    own contexts in it)."""
+    pw = _browser()
+    p, args = _launch(pw)
+    try:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+    finally:
+        p.stop()
+
+
 def _launch(pw):
     return pw.sync_playwright().start(), [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -126,11 +140,9 @@ def _launch(pw):
 
 
 @pytest.mark.browser
-def test_explorer_from_file_and_from_serve(explorer, tmp_path):
-    pw = _browser()
-    p, args = _launch(pw)
+def test_explorer_from_file_and_from_serve(explorer, chromium, tmp_path):
+    browser = chromium
     try:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         ctx = browser.new_context(viewport={"width": 1280, "height": 900})
         ctx.set_default_timeout(WAIT_MS)
         page = ctx.new_page()
@@ -144,13 +156,13 @@ def test_explorer_from_file_and_from_serve(explorer, tmp_path):
         finally:
             server.shutdown()
             server.server_close()
-        browser.close()
     finally:
-        p.stop()
+        for context in browser.contexts:
+            context.close()
 
 
 @pytest.mark.browser
-def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer):
+def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer, chromium):
     """Each cell, recomputed from report.json here: top-1 agreement in % / KL recovered."""
     report = json.loads((explorer / "eval" / "report.json").read_text())
     f = report["faithfulness"]
@@ -162,10 +174,8 @@ def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer):
             for i in range(2) for j in range(2)]
     want += [cell(f["resample_only"][m]["top1_agreement"], f["resample_only"][m]["kl_recovered"])
              for m in ("lite0", "lite1")]
-    pw = _browser()
-    p, args = _launch(pw)
+    browser = chromium
     try:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(WAIT_MS)
         page.goto((explorer / "site" / "index.html").as_uri())
@@ -173,19 +183,17 @@ def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer):
         cells = page.eval_on_selector_all("table.faithfulness td",
                                           "tds => tds.map(t => t.textContent)")
         assert cells == want
-        browser.close()
     finally:
-        p.stop()
+        for context in browser.contexts:
+            context.close()
     overview = (explorer / "site" / "data" / "overview.js").read_text()
     assert str(explorer) not in overview  # the run's path is not in the shared site
 
 
 @pytest.mark.browser
-def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
-    pw = _browser()
-    p, args = _launch(pw)
+def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer, chromium):
+    browser = chromium
     try:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(WAIT_MS)
         page.goto((explorer / "site" / "index.html").as_uri() + f"#/concept/{CAM_CONCEPT}")
@@ -214,9 +222,9 @@ def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer):
             "concept's images")
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "concept_cam.png"), full_page=True)
-        browser.close()
     finally:
-        p.stop()
+        for context in browser.contexts:
+            context.close()
 
 
 def test_serve_binds_localhost_and_refuses_traversal(explorer, tmp_path):
@@ -382,7 +390,7 @@ def _page_facts(page) -> dict:
 
 
 @pytest.mark.browser
-def test_every_view_shows_the_data_it_is_given(explorer):
+def test_every_view_shows_the_data_it_is_given(explorer, chromium):
     """The overview, the concept table (sorting, filtering), concept pages (metrics, nav,
     rankings, tiles, a dead concept, a missing one), the keys and the search box, each checked
     against the site's own data files and report.json, read here with json; and every page is
@@ -392,10 +400,8 @@ def test_every_view_shows_the_data_it_is_given(explorer):
     report, table, models, n = ov["report"], ov["table"], ov["models"], ov["n_concepts"]
     chunk = _load_js(site / "data" / "concepts_0.js")["concepts"]
     styled = _styled_classes() | TEST_HOOKS
-    pw = _browser()
-    p, args = _launch(pw)
+    browser = chromium
     try:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(WAIT_MS)
         errors = []
@@ -509,9 +515,9 @@ def test_every_view_shows_the_data_it_is_given(explorer):
         page.wait_for_selector("p.empty")
         assert page.text_content("p.empty") == f"There is no concept {n}."
         assert not errors, errors
-        browser.close()
     finally:
-        p.stop()
+        for context in browser.contexts:
+            context.close()
 
 
 def test_the_overview_is_the_eval_and_the_store_read_with_csv_and_json(explorer):
