@@ -199,6 +199,7 @@ def worker(root: Path, names: list[str], out: Path) -> None:
     text = APP.read_text()
     by_name = {m.name: m for m in mutants(text)}
     site_app = root / "site" / "app.js"
+    os.environ["USAE_TEST_APP_JS"] = str(site_app)  # (sites a test writes by hand take it too)
 
     def alarm(*_):
         raise TimeoutError("mutant timed out")

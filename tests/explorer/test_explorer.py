@@ -2,6 +2,7 @@
 through ``usae serve``."""
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -563,3 +564,136 @@ def test_the_overview_is_the_eval_and_the_store_read_with_csv_and_json(explorer)
     assert cam["cam"] == {m: f"cam/{CAM_CONCEPT}/{m}.png" for m in models}
     assert all((site / p).exists() for p in [*cam["cam"].values(), *cam["cam_alpha"].values()])
     assert "cam" not in chunks[0]["concepts"][str(CAM_CONCEPT + 1)]
+
+
+def _hand_site(root: Path, n: int = 450) -> dict:
+    """A site whose data are written here by hand: n concepts of two models, five classes in
+    turn, every 7th energy missing, two data chunks of three, no plots, no faithfulness, a
+    truth section; returns the overview."""
+    from usae.explorer.build import STATIC
+
+    root.mkdir(parents=True)
+    for f in STATIC.iterdir():
+        shutil.copy(f, root / f.name)
+    if os.environ.get("USAE_TEST_APP_JS"):  # scripts/mutation_js.py: the mutant under test
+        shutil.copy(os.environ["USAE_TEST_APP_JS"], root / "app.js")
+    (root / "data").mkdir()
+    kinds = ["universal", "specific:a", "specific:b", "mixed", "dead"]
+    table = {"energy": [None if k % 7 == 3 else round((k * 37 % 101) / 10, 2) for k in range(n)],
+             "firing_entropy": [0.5] * n, "cofires": [k % 5 for k in range(n)],
+             "class": [kinds[k % 5] for k in range(n)],
+             "fires_a": [k % 3 for k in range(n)], "fires_b": [1] * n,
+             "cfp_a": [None] * n, "cfp_b": [0.25] * n}
+    overview = {
+        "run": "hand", "models": ["a", "b"], "grid": [2, 2], "chunk": 64, "n_concepts": n,
+        "top": 2, "plots": [], "table": table, "images": {"5": {"name": "five.jpg",
+                                                                "label": None, "thumb": None}},
+        "report": {"summary": {"self_r2_mean": 0.5, "cross_r2_mean": None,
+                               "jaccard_cross_mean": 0.125},
+                   "concept_classes": {"universal": 90, "model_specific": {"a": 90, "b": 90},
+                                       "never_fire": 90, "thresholds": {
+                                           "universal_fe_at_least": 0.7,
+                                           "model_specific_fe_at_most": 0.2}},
+                   "n_tokens": 1234567, "split": "val", "r2": [[0.5, 0.25], [0.125, 0.5]],
+                   "faithfulness": None,
+                   "truth": {"recovery": {"a": 0.95, "b": 0.5}, "shared_as_one": None,
+                             "specific_detected": 0.5, "mcc_mean": 0.25,
+                             "spurious": {"count": 3, "firing": 40}}}}
+    (root / "data" / "overview.js").write_text(f"window.USAE_OVERVIEW = {json.dumps(overview)};")
+    for c in (0, 2):  # chunk 1 is missing on purpose
+        concepts = {}
+        for k in range(64 * c, 64 * c + 64):
+            full = 255 if k % 2 else 0  # one value on every token: 255 or nothing at all
+            maps = {m: __import__("base64").b64encode(bytes([full] * 4)).decode()
+                    for m in ("a", "b")}
+            concepts[str(k)] = {"images": [5], "rankings": {"mean": [5], "a": [5], "b": []},
+                                "scale": 2.0, "maps": maps}
+        (root / "data" / f"concepts_{c}.js").write_text(
+            f"USAE_CHUNK({json.dumps({'chunk': c, 'concepts': concepts})});")
+    return overview
+
+
+@pytest.mark.browser
+def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_path, chromium):
+    """Behaviour no trained run shows: more concepts than a page, missing values, every class,
+    a truth section, chunks loaded on demand and one that is missing, a tile without a
+    thumbnail, the heatmap's two ends (no activation: the tile's grey shows through; full:
+    red at two thirds opacity), and a site without its overview."""
+    ov = _hand_site(tmp_path / "site")
+    table, n = ov["table"], ov["n_concepts"]
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto((tmp_path / "site" / "index.html").as_uri())
+        page.wait_for_selector("#concepts tr[data-concept]")
+        texts = lambda sel: page.eval_on_selector_all(sel, "es => es.map(e => e.textContent)")  # noqa: E731
+        shown = lambda: [int(x) for x in page.eval_on_selector_all(  # noqa: E731
+            "#concepts tr[data-concept]", "rs => rs.map(r => r.dataset.concept)")]
+        energy = [-math.inf if v is None else v for v in table["energy"]]
+        order = sorted(range(n), key=lambda k: (-energy[k], k))
+        assert texts(".card .v") == ["0.500", "—", "90", "180", "90", "1,234,567", "0.125",
+                                     "0.950", "0.500", "n/a", "50%", "0.250", "3 / 40"]
+        assert texts(".card .k")[7:9] == ["recovery in a (mean best cosine)",
+                                          "recovery in b (mean best cosine)"]
+        assert page.locator("table.faithfulness").count() == 0
+        assert "Plots" not in texts("h2")
+        # pages of 200: 450 concepts make three, the last of 50
+        assert shown() == order[:200]
+        assert page.text_content(".pager span") == "page 1 of 3 · 450 concepts"
+        prev, nxt = page.locator(".pager button >> nth=0"), page.locator(".pager button >> nth=1")
+        assert prev.is_disabled() and not nxt.is_disabled()
+        nxt.click()
+        assert shown() == order[200:400] and not prev.is_disabled()
+        assert page.text_content(".pager span") == "page 2 of 3 · 450 concepts"
+        page.locator(".pager button >> nth=1").click()
+        assert shown() == order[400:]
+        page.locator(".pager button >> nth=1").click()  # no fourth page
+        assert page.text_content(".pager span") == "page 3 of 3 · 450 concepts"
+        page.locator(".pager button >> nth=0").click()
+        assert page.text_content(".pager span") == "page 2 of 3 · 450 concepts"
+        page.click("th[data-key=id]")  # a new sort starts again at page 1, ids ascending
+        assert shown() == list(range(200))
+        assert page.get_attribute("th[data-key=id]", "class") == "sorted asc"
+        page.click("th[data-key=id]")
+        assert shown() == list(range(n - 1, n - 201, -1))
+        assert page.get_attribute("th[data-key=id]", "class") == "sorted"
+        row = texts("#concepts tr[data-concept='449'] td")
+        assert row == ["#449", "—" if table["energy"][449] is None else f"{energy[449]:.3f}",
+                       "0.500", "4", "2", "1", "—", "0.250", "dead"]
+        page.select_option("#filter", "specific")
+        assert sorted(shown()) == [k for k in range(n) if k % 5 in (1, 2)]
+        assert set(texts("td.cls")) == {"only a", "only b"}
+        assert page.text_content(".pager span") == "page 1 of 1 · 180 concepts"
+        # concepts load from their chunk when opened; a missing chunk says which file
+        page.goto((tmp_path / "site" / "index.html").as_uri() + "#/concept/129")
+        page.wait_for_selector(".row[data-model] canvas")
+        assert texts(".tile .cap") == ["five.jpg"] * 2  # no label: the name alone
+        assert page.get_attribute(".row[data-model=a] canvas", "aria-label") == \
+            "a heatmap on five.jpg"
+        pixel = "c => [...c.getContext('2d').getImageData(64, 64, 1, 1).data]"
+        full = page.eval_on_selector(".row[data-model=a] canvas", pixel)
+        grey = (0x9a, 0xa1, 0xad)  # the fill of a tile without a thumbnail
+        red, alpha = (200, 0, 0), 170 / 255
+        assert full[:3] == pytest.approx([g * (1 - alpha) + r * alpha
+                                          for g, r in zip(grey, red)], abs=2)
+        assert page.locator(".row[data-model=b] .tile").count() == 1  # the mean ranking
+        page.goto((tmp_path / "site" / "index.html").as_uri() + "#/concept/128")
+        page.wait_for_selector(".row[data-model] canvas")
+        page.wait_for_timeout(50)
+        none = page.eval_on_selector(".row[data-model=a] canvas", pixel)
+        assert none[:3] == list(grey)  # a token that does not fire leaves the tile as it was
+        page.goto((tmp_path / "site" / "index.html").as_uri() + "#/concept/70")
+        page.wait_for_function("document.querySelector('p.empty') && document.querySelector("
+                               "'p.empty').textContent.startsWith('cannot')")
+        assert page.text_content("p.empty") == "cannot load data/concepts_1.js"
+        # a site without its overview says how to make one
+        (tmp_path / "site" / "data" / "overview.js").unlink()
+        page.goto((tmp_path / "site" / "index.html").as_uri())
+        page.wait_for_selector("p.empty")
+        assert page.text_content("p.empty") == \
+            "data/overview.js is missing: rebuild with usae explore."
+        assert not errors, errors
+    finally:
+        page.context.close()
