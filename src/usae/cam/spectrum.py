@@ -45,7 +45,7 @@ class Spectrum:
                         self.source)
 
     def random_phase(self, gen: torch.Generator) -> Tensor:
-        """Uniform phases in (-pi, pi], shape (3, S, S//2+1), from ``gen``."""
+        """Uniform phases in [-pi, pi), shape (3, S, S//2+1), from ``gen``."""
         return (torch.rand(self.magnitude.shape, generator=gen) * 2 - 1) * math.pi
 
     def image(self, phase: Tensor) -> Tensor:
@@ -78,7 +78,9 @@ def estimate_spectrum(images_n3hw: Tensor, source: str) -> Spectrum:
 
 
 def analytic_spectrum(size: int, alpha: float = FALLBACK_ALPHA) -> Spectrum:
-    """1/f^alpha magnitude (unit variance per channel), grey-ish colour statistics."""
+    """1/f^alpha magnitude (unit variance per channel) and grey-ish colour statistics: a
+    colour basis of 0.12 on the diagonal plus 0.08 everywhere (pixel std 0.23 per channel,
+    channels correlated 0.73), mean 0.45."""
     f = radial_frequency(size).clamp_min(1.0 / size)
     mag = f ** -alpha
     mag[0, 0] = 0.0
