@@ -109,3 +109,15 @@ def test_jaccard_over_ten_thousand_batches_averages_without_drift():
     for _ in range(10_000):
         acc.update(codes)
     assert acc.result() == [[1.0, 0.33333], [0.33333, 1.0]]  # 1/3 to 5 decimals
+
+
+def test_jaccard_counts_stay_exact_past_two_to_the_24_tokens():
+    """At ImageNet scale (1.28 M images x 49 tokens = 63 M tokens) the token counts pass 2^24,
+    where float32 stops counting by ones: one more token must still count as one."""
+    from usae.analysis.metrics import JaccardAccumulator
+
+    acc = JaccardAccumulator(("a", "b"))
+    acc.counts += 2 ** 24  # as after 2^24 tokens
+    one = (torch.tensor([[1.0]]), torch.tensor([[3]]))
+    acc.update({"a": one, "b": one})
+    assert acc.counts[0, 1].item() == 2 ** 24 + 1 and acc.counts[0, 0].item() == 2 ** 24 + 1

@@ -234,3 +234,16 @@ def test_load_puts_the_sae_on_the_device_in_eval_mode(tmp_path):
     sae.save(tmp_path, cfg)
     loaded = UniversalSAE.load(tmp_path, device="meta")
     assert loaded.device_of().type == "meta" and not loaded.training
+
+
+def test_encode_standardized_returns_the_public_pre_activations():
+    """``EncodeOut.pre_nc`` is the encoder output before ReLU, as ``pre_activations`` gives it;
+    the codes are the rule's selection from its ReLU."""
+    cfg = resolve(("a", "b"), (6, 4), "paper", {"n_concepts": 12, "k": 3}).sae
+    torch.manual_seed(0)
+    sae = UniversalSAE(cfg).eval()
+    xs = torch.randn(5, 4)
+    out = sae.encode_standardized("b", xs)
+    assert torch.equal(out.pre_nc, sae.pre_activations("b", xs))
+    top = torch.relu(out.pre_nc).topk(3, dim=1)
+    assert torch.equal(out.values_nk.sort(1).values, top.values.sort(1).values)
