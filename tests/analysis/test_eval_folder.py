@@ -126,3 +126,17 @@ def test_concepts_rank_by_energy_and_the_universal_ones_come_first():
     assert [r["concept"] for r in by_energy(ROWS, universal_only=True)] == ["2", "1"]
     # universal by energy, then every other concept that fires, by energy; silent ones last out
     assert universal_first(ROWS) == [2, 1, 0, 5]
+
+
+def test_report_sections_are_required_or_optional_as_documented():
+    from usae.analysis.eval_folder import EvalReport
+
+    report = EvalReport({"models": ["a"], "r2": [[0.5]], "l0": {"a": 3.0}})
+    assert report.models == ["a"] and report.r2 == [[0.5]] and report.l0 == {"a": 3.0}
+    assert (report.split, report.faithfulness, report.truth, report.run, report.n_concepts) \
+        == (None, None, None, None, None)
+    for required in ("dead_fraction", "concept_classes", "summary"):
+        with pytest.raises(KeyError, match=required):
+            getattr(report, required)
+    assert EvalReport({"split": "val", "truth": {"x": 1}}).truth == {"x": 1}
+    assert isinstance(EvalReport.r2, object) and EvalReport.split.required is False

@@ -18,7 +18,7 @@ import hashlib
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from usae.errors import UsaeError
 from usae.files import atomic_write_json, read_json
@@ -49,6 +49,26 @@ def run_identity(run: str | Path) -> dict[str, Any]:
     status = run_folder.run_status(run)
     return {"path": str(run), "step": status.get("step"), "state": status.get("state"),
             "weights_sha256": weights_digest(run)}
+
+
+T = TypeVar("T")
+
+
+class _Key(Generic[T]):
+    """A report key read as a typed attribute of ``EvalReport`` (the attribute's name is the
+    key): required ones raise KeyError when missing, optional ones read None."""
+
+    def __init__(self, required: bool = True) -> None:
+        self.required = required
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, report: "EvalReport | None", owner: type | None = None) -> T:
+        if report is None:
+            return self  # type: ignore[return-value]  # (read on the class: the key itself)
+        data = report._data
+        return data[self.key] if self.required else data.get(self.key)
 
 
 class EvalReport(Mapping[str, Any]):
@@ -89,43 +109,20 @@ class EvalReport(Mapping[str, Any]):
         return None if n is None else int(n)
 
     @property
-    def split(self) -> str | None:
-        return self._data.get("split")
-
-    @property
-    def r2(self) -> list[list[float | None]]:
-        """(M, M): row = the model whose code, column = the model reconstructed."""
-        return self._data["r2"]
-
-    @property
-    def l0(self) -> dict[str, float]:
-        return self._data["l0"]
-
-    @property
-    def dead_fraction(self) -> dict[str, float]:
-        return self._data["dead_fraction"]
-
-    @property
-    def concept_classes(self) -> dict[str, Any]:
-        return self._data["concept_classes"]
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return self._data["summary"]
-
-    @property
     def run(self) -> dict[str, Any] | None:
         """Which run and step were evaluated (path, step, state, weights_sha256)."""
         run = self._data.get("run")
         return run if isinstance(run, dict) else None
 
-    @property
-    def faithfulness(self) -> dict[str, Any] | None:
-        return self._data.get("faithfulness")
-
-    @property
-    def truth(self) -> dict[str, Any] | None:
-        return self._data.get("truth")
+    # the sections as written (KeyError for a missing required one; None for optional ones)
+    r2: _Key[list[list[float | None]]] = _Key()  # (M, M): row = encoded, column = decoded
+    l0: _Key[dict[str, float]] = _Key()
+    dead_fraction: _Key[dict[str, float]] = _Key()
+    concept_classes: _Key[dict[str, Any]] = _Key()
+    summary: _Key[dict[str, Any]] = _Key()
+    split: _Key[str | None] = _Key(required=False)
+    faithfulness: _Key[dict[str, Any] | None] = _Key(required=False)
+    truth: _Key[dict[str, Any] | None] = _Key(required=False)
 
 
 def write_report(eval_dir: str | Path, report: Mapping[str, Any]) -> None:
