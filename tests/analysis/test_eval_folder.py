@@ -139,4 +139,4 @@ def test_report_sections_are_required_or_optional_as_documented():
         with pytest.raises(KeyError, match=required):
             getattr(report, required)
     assert EvalReport({"split": "val", "truth": {"x": 1}}).truth == {"x": 1}
-    assert isinstance(EvalReport.r2, object) and EvalReport.split.required is False
+    assert EvalReport.r2.required is True and EvalReport.split.required is False
