@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,11 +17,15 @@ from usae.explorer import build
 
 
 def _stripes(path, w: int, h: int, box: tuple[int, int, int, int]) -> None:
-    """A red image with a green box (left, top, right, bottom)."""
+    """A red image with a green box (left, top, right, bottom) whose texture (seeded noise)
+    tells one resampling filter from another."""
     arr = np.zeros((h, w, 3), np.uint8)
     arr[..., 0] = 255
     left, top, right, bottom = box
-    arr[top:bottom, left:right] = (0, 255, 0)
+    rng = np.random.default_rng(w * h)
+    arr[top:bottom, left:right, 0] = rng.integers(0, 8, (bottom - top, right - left))
+    arr[top:bottom, left:right, 1] = rng.integers(248, 256, (bottom - top, right - left))
+    arr[top:bottom, left:right, 2] = 0
     Image.fromarray(arr).save(path)
 
 
@@ -55,23 +60,31 @@ def test_an_unreadable_image_has_no_thumbnail(tmp_path):
     assert not (tmp_path / "t.jpg").exists()
 
 
-@pytest.mark.parametrize("crop, box", [([224, 112], (75, 0, 125, 100)), ([100, 100], None),
-                                       (None, None)])
-def test_thumbnails_take_the_crop_of_the_stores_first_model(tmp_path, crop, box):
-    """The input's crop (height, width) from the store's preprocessing gives the region;
-    without one, the centre square."""
-    box = box or (50, 0, 150, 100)
-    _stripes(tmp_path / "a.png", 200, 100, box)
-    preprocess = {"crop": crop} if crop else {}
+@pytest.mark.parametrize("info, w, h, box", [
+    ({"preprocess": {"crop": [224, 112]}}, 200, 100, (75, 0, 125, 100)),  # tall input
+    ({"preprocess": {"crop": [112, 224]}}, 100, 240, (0, 95, 100, 145)),  # wide input
+    ({"preprocess": {"crop": [100, 100]}}, 200, 100, (50, 0, 150, 100)),
+    ({"preprocess": {}}, 200, 100, (50, 0, 150, 100)),  # no crop recorded: the centre square
+    ({}, 200, 100, (50, 0, 150, 100)),  # no preprocessing recorded
+])
+def test_thumbnails_take_the_crop_of_the_stores_first_model(tmp_path, info, w, h, box, capsys):
+    """The input's crop (height, width) from the store's preprocessing gives the region."""
+    _stripes(tmp_path / "a.png", w, h, box)
     store = SimpleNamespace(
         manifest={"images": [{"path": str(tmp_path / "gone.png")},
                              {"path": str(tmp_path / "a.png")}]},
-        models=["m"], model=lambda name: SimpleNamespace(info={"preprocess": preprocess}))
+        models=["m", "other"],
+        model=lambda name: SimpleNamespace(info=info if name == "m" else {"preprocess": {
+            "crop": [1, 9]}}))
     (tmp_path / "site" / "thumbs").mkdir(parents=True)
     thumbs = build._thumbnails(tmp_path / "site", store, [0, 1], progress=False)
     assert thumbs == {1: "thumbs/1.jpg"}  # the missing image has none
     thumb = np.asarray(Image.open(tmp_path / "site" / "thumbs" / "1.jpg"), dtype=np.float64)
     assert thumb[..., 1].mean() > 240 and thumb[..., 0].mean() < 15
+    assert capsys.readouterr().err == ""  # no progress bar when asked for none
+    build._thumbnails(tmp_path / "site", store, [0, 1], progress=True)
+    err = capsys.readouterr().err
+    assert "thumbnails" in err and "2/2" in err and "img" in err
 
 
 def test_rankings_keep_real_rows_with_positive_scores_in_order():
@@ -158,3 +171,102 @@ def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monk
     _, _, top = build._eval_inputs(tmp_path / "run", "S", sae, None, tmp_path / "site",
                                    ExploreOptions(split="val", top=5), False)
     assert calls == [("eval", "val", 16, True, True, False)] and top == {"from": "eval"}
+
+
+def test_a_concept_entrys_maps_are_its_codes_on_one_scale_by_hand():
+    """Two models, four tokens, images 10 and 20 shown: the COO codes written by hand become
+    uint8 maps scaled by the largest code over both models (0.5 -> 255), row-major per image;
+    a concept that nothing shows has empty maps and scale 0."""
+    import base64
+
+    models, pos = ["a", "b"], {10: 0, 20: 1, 30: 2}
+    # rows: (position in the shown images, token, concept, value), sorted by concept
+    a = np.array([[0, 1, 3, 0.25], [1, 3, 3, 0.5], [2, 0, 3, 0.4], [0, 2, 4, 9.0]])
+    b = np.array([[1, 0, 3, 0.125]])
+    by_concept = {"a": (a, np.searchsorted(a[:, 2], np.arange(7))),  # six concepts
+                  "b": (b, np.searchsorted(b[:, 2], np.arange(7)))}
+    entry = build._concept_entry(Path("/nowhere"), Path("/no-run"), models, 4,
+                                 {"mean": [20, 10], "a": [10], "b": []}, by_concept, pos, 3)
+    assert entry["images"] == [10, 20] and entry["scale"] == 0.5
+    maps = {m: list(base64.b64decode(v)) for m, v in entry["maps"].items()}
+    assert maps == {"a": [0, 128, 0, 0, 0, 0, 0, 255], "b": [0, 0, 0, 0, 64, 0, 0, 0]}
+    assert "cam" not in entry and entry["rankings"] == {"mean": [20, 10], "a": [10], "b": []}
+    empty = build._concept_entry(Path("/nowhere"), Path("/no-run"), models, 4,
+                                 {"mean": [], "a": [], "b": []}, by_concept, pos, 5)
+    assert empty["scale"] == 0.0 and empty["maps"] == {"a": "", "b": ""}
+    assert empty["images"] == []
+
+
+def test_codes_of_no_shown_image_are_empty_for_every_concept():
+    sae = SimpleNamespace(models=("a", "b"), cfg=SimpleNamespace(n=5))
+    by_concept = build._codes_by_concept(sae, None, [])
+    for m in ("a", "b"):
+        codes, bounds = by_concept[m]
+        assert codes.shape == (0, 4) and bounds.tolist() == [0] * 6
+
+
+def _tiny_run(tmp_path, make_arrays):
+    """A store of 12 real small images' activations (arrays) and a run trained on it."""
+    from usae.config import resolve
+    from usae.data.sources import StoreSource
+    from usae.sae.training import train_run
+    from usae.store.writer import store_from_arrays
+
+    paths = []
+    for i in range(12):
+        path = tmp_path / "imgs" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((20, 24, 3), 20 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    store = store_from_arrays(tmp_path / "store", make_arrays(n_images=12),
+                              splits=["train"] * 8 + ["val"] * 4, paths=paths)
+    cfg = resolve(store.models, store.dims, "paper", {"n_concepts": 70, "k": 3,
+                                                      "batch_images": 4, "max_steps": 6})
+    train_run(cfg, StoreSource(store, "train"), tmp_path / "run", progress=False)
+    return tmp_path / "run", tmp_path / "store"
+
+
+def test_without_an_eval_the_site_keeps_its_own_and_replaces_only_a_site(tmp_path, make_arrays,
+                                                                        caplog):
+    """No --eval: the run is evaluated once into the site (its plots shown); the default is
+    to refuse a folder that is not a site, and to replace one that is."""
+    import logging
+
+    from usae.errors import UsaeError
+    from usae.options import ExploreOptions
+
+    run, store = _tiny_run(tmp_path, make_arrays)
+    out = tmp_path / "site"
+    with caplog.at_level(logging.INFO, logger="usae.explorer.build"):
+        index = build.build_explorer(run, store, out, options=ExploreOptions(top=3,
+                                                                             split="all"))
+    assert index == out / "index.html" and index.exists()
+    assert f"explorer: 70 concepts -> {out / 'index.html'}" in caplog.messages
+    text = (out / "data" / "overview.js").read_text()
+    assert text.startswith("window.USAE_OVERVIEW = {") and text.endswith("};\n")
+    ov = json.loads(text[text.index("=") + 1:text.rindex(";")])
+    assert ov["top"] == 3 and ov["n_concepts"] == 70
+    assert (out / "eval" / "report.json").exists()  # the eval it made, kept in the site
+    assert ov["plots"] and ov["plots"] == sorted(p.name for p in (out / "eval").glob("*.png"))
+    assert all((out / "plots" / p).exists() for p in ov["plots"])
+    for name in ("cofires", "fires_m0", "fires_m1"):
+        assert all(v is None or type(v) is int for v in ov["table"][name]), name
+    for c in (0, 1):
+        chunk = (out / "data" / f"concepts_{c}.js").read_text()
+        assert chunk.startswith("USAE_CHUNK({") and chunk.endswith("});\n")
+        assert type(json.loads(chunk[len("USAE_CHUNK("):-3])["chunk"]) is int
+    assert not (out / "data" / "concepts_2.js").exists()
+    import shutil
+
+    ev = shutil.copytree(out / "eval", tmp_path / "eval")
+    (out / "data" / "marker.txt").write_text("an old site: replaced without --force")
+    build.build_explorer(run, store, out, eval_dir=ev, progress=False)
+    assert not (out / "data" / "marker.txt").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(UsaeError, match="is not empty and is not a usae explorer folder"):
+        build.build_explorer(run, store, other, eval_dir=ev, progress=False)
+    assert (other / "mine.txt").read_text() == "x"
+    build.build_explorer(run, store, other, eval_dir=ev, progress=False, force=True)
+    assert (other / "index.html").exists() and not (other / "mine.txt").exists()
