@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only when app.js differs from the recorded run")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="these mutant names only")
+    parser.add_argument("--rerun", action="store_true",
+                        help="re-run the last full run's survivors (after adding tests)")
     parser.add_argument("--worker", nargs=3, metavar=("ROOT", "NAMES", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -305,18 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.changed and saved and saved["sha"] == _sha():
         print(f"{KEY}: unchanged since its recorded run")
         return 0
+    results = WORK / "results.json"
+    previous: dict[str, str] = {}
+    full_seconds = None
+    if args.rerun:
+        saved_run = json.loads(results.read_text()) if results.exists() else None
+        recorded = mutation.read_record().get(KEY)
+        if saved_run is None or recorded is None or recorded["sha"] != _sha():
+            parser.error("no full run of this app.js to re-run: run it in full")
+        previous, full_seconds = saved_run["status"], saved_run.get("seconds")
+        args.only = [n for n, st in previous.items() if st == "survived"]
     names = args.only or [m.name for m in all_mutants]
     unknown = sorted(set(names) - {m.name for m in all_mutants})
     if unknown:
         parser.error(f"not a mutant of app.js: {', '.join(unknown)} (see --list)")
     began = time.monotonic()
-    status = run_all(names, args.jobs)
+    status = {**previous, **run_all(names, args.jobs)}
     equivalent = mutation.equivalent_mutants()
-    entry = {**mutation.summarize(status, equivalent),
+    entry = {**mutation.summarize(status, equivalent), "sha": _sha(),
              "seconds": round(time.monotonic() - began, 1)}
-    results = WORK / "results.json"
-    results.write_text(json.dumps(entry, indent=1, sort_keys=True))
-    if not args.only:
+    if full_seconds is not None:  # (a re-run keeps the time of the full run)
+        entry["seconds"] = full_seconds
+    if args.rerun or not args.only:
+        results.write_text(json.dumps(entry, indent=1, sort_keys=True))
         record(entry)
     c = entry["counts"]
     print(f"| {KEY} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "

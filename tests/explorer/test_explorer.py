@@ -639,6 +639,10 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
                                           "recovery in b (mean best cosine)"]
         assert page.locator("table.faithfulness").count() == 0
         assert "Plots" not in texts("h2")
+        styled = _styled_classes() | TEST_HOOKS
+        facts = _page_facts(page)  # the truth section's elements and classes too
+        assert facts["unknown"] == [] and set(facts["classes"]) <= styled, facts
+        assert page.locator(".cards").count() == 2 and page.locator(".cards .card").count() == 13
         # pages of 200: 450 concepts make three, the last of 50
         assert shown() == order[:200]
         assert page.text_content(".pager span") == "page 1 of 3 · 450 concepts"
@@ -672,18 +676,28 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
         assert texts(".tile .cap") == ["five.jpg"] * 2  # no label: the name alone
         assert page.get_attribute(".row[data-model=a] canvas", "aria-label") == \
             "a heatmap on five.jpg"
-        pixel = "c => [...c.getContext('2d').getImageData(64, 64, 1, 1).data]"
-        full = page.eval_on_selector(".row[data-model=a] canvas", pixel)
+        facts = _page_facts(page)
+        assert facts["unknown"] == [] and set(facts["classes"]) <= styled, facts
+        assert page.eval_on_selector_all(".row[data-model]", "rs => rs.map(r => [r.dataset."
+                                         "model, [...r.querySelectorAll('.tile')].map(t => "
+                                         "t.dataset.model)])") == [["a", ["a"]], ["b", ["b"]]]
+        # the canvas is the tile's 128 px square, the overlay covers it to its corners
+        corners = "c => [[0, 0], [127, 127], [0, 127], [127, 0], [64, 64]].map(([x, y]) => " \
+            "[...c.getContext('2d').getImageData(x, y, 1, 1).data])"
         grey = (0x9a, 0xa1, 0xad)  # the fill of a tile without a thumbnail
         red, alpha = (200, 0, 0), 170 / 255
-        assert full[:3] == pytest.approx([g * (1 - alpha) + r * alpha
-                                          for g, r in zip(grey, red)], abs=2)
+        size = page.eval_on_selector(".row[data-model=a] canvas", "c => [c.width, c.height]")
+        assert size == [128, 128]
+        for full in page.eval_on_selector(".row[data-model=a] canvas", corners):
+            assert full[:3] == pytest.approx([g * (1 - alpha) + r * alpha
+                                              for g, r in zip(grey, red)], abs=2)
+            assert full[3] == 255
         assert page.locator(".row[data-model=b] .tile").count() == 1  # the mean ranking
         page.goto((tmp_path / "site" / "index.html").as_uri() + "#/concept/128")
         page.wait_for_selector(".row[data-model] canvas")
         page.wait_for_timeout(50)
-        none = page.eval_on_selector(".row[data-model=a] canvas", pixel)
-        assert none[:3] == list(grey)  # a token that does not fire leaves the tile as it was
+        for none in page.eval_on_selector(".row[data-model=a] canvas", corners):
+            assert none == [*grey, 255]  # a token that does not fire leaves the tile as it was
         page.goto((tmp_path / "site" / "index.html").as_uri() + "#/concept/70")
         page.wait_for_function("document.querySelector('p.empty') && document.querySelector("
                                "'p.empty').textContent.startsWith('cannot')")
