@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,10 +82,15 @@ def test_thumbnails_take_the_crop_of_the_stores_first_model(tmp_path, info, w, h
     assert thumbs == {1: "thumbs/1.jpg"}  # the missing image has none
     thumb = np.asarray(Image.open(tmp_path / "site" / "thumbs" / "1.jpg"), dtype=np.float64)
     assert thumb[..., 1].mean() > 240 and thumb[..., 0].mean() < 15
+    want = Image.open(tmp_path / "a.png").convert("RGB").crop(box).resize((128, 128),
+                                                                          Image.BICUBIC)
+    again = io.BytesIO()
+    want.save(again, format="JPEG", quality=80)
+    assert (tmp_path / "site" / "thumbs" / "1.jpg").read_bytes() == again.getvalue()
     assert capsys.readouterr().err == ""  # no progress bar when asked for none
     build._thumbnails(tmp_path / "site", store, [0, 1], progress=True)
     err = capsys.readouterr().err
-    assert "thumbnails" in err and "2/2" in err and "img" in err
+    assert re.search(r"(^|\r)thumbnails: ", err) and "2/2" in err and "img/s]" in err
 
 
 def test_rankings_keep_real_rows_with_positive_scores_in_order():
@@ -136,8 +142,8 @@ def _stand_in_eval(monkeypatch, split: str, calls: list) -> None:
     from usae.analysis.eval_folder import EvalReport
 
     def evaluate(run, store, out, options, progress):
-        calls.append((out.name, options.split, options.top_images, options.plots,
-                      options.faithfulness, progress))
+        calls.append((run.name, store, out.name, options.split, options.top_images,
+                      options.plots, options.faithfulness, progress))
 
     report = EvalReport({"models": ["a"], "split": split, "r2": [[1.0]]})
     monkeypatch.setattr(build, "evaluate", evaluate)
@@ -146,7 +152,10 @@ def _stand_in_eval(monkeypatch, split: str, calls: list) -> None:
     monkeypatch.setattr(build, "load_safetensors", lambda p: {"from": p.parent.name})
 
 
-def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monkeypatch):
+def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monkeypatch,
+                                                                   caplog):
+    import logging
+
     from usae.options import ExploreOptions
 
     calls: list = []
@@ -159,10 +168,13 @@ def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monk
     assert calls == [] and top == {"from": "given"} and report.split == "all"
     assert "top_images_split" not in report
     # an eval of another split: metrics kept, images ranked by an eval of the explorer's split
-    report, _, top = build._eval_inputs(tmp_path / "run", "S", sae, tmp_path / "given",
-                                        tmp_path / "site", ExploreOptions(split="train", top=20),
-                                        True)
-    assert calls == [("eval-train", "train", 20, False, False, True)]
+    with caplog.at_level(logging.INFO, logger="usae.explorer.build"):
+        report, _, top = build._eval_inputs(tmp_path / "run", "S", sae, tmp_path / "given",
+                                            tmp_path / "site",
+                                            ExploreOptions(split="train", top=20), True)
+    assert caplog.messages == ["the eval is of split 'all': ranking the top images on split "
+                               "'train' into eval-train"]
+    assert calls == [("run", "S", "eval-train", "train", 20, False, False, True)]
     assert top == {"from": "eval-train"} and report["top_images_split"] == "train"
     assert report.split == "all"
     # no eval: the run is evaluated into the site, on the explorer's split, 16 images or more
@@ -170,7 +182,8 @@ def test_the_eval_that_ranks_the_images_is_of_the_explorers_split(tmp_path, monk
     _stand_in_eval(monkeypatch, "val", calls)
     _, _, top = build._eval_inputs(tmp_path / "run", "S", sae, None, tmp_path / "site",
                                    ExploreOptions(split="val", top=5), False)
-    assert calls == [("eval", "val", 16, True, True, False)] and top == {"from": "eval"}
+    assert calls == [("run", "S", "eval", "val", 16, True, True, False)]
+    assert top == {"from": "eval"}
 
 
 def test_a_concept_entrys_maps_are_its_codes_on_one_scale_by_hand():
@@ -227,7 +240,7 @@ def _tiny_run(tmp_path, make_arrays):
 
 
 def test_without_an_eval_the_site_keeps_its_own_and_replaces_only_a_site(tmp_path, make_arrays,
-                                                                        caplog):
+                                                                        caplog, capsys):
     """No --eval: the run is evaluated once into the site (its plots shown); the default is
     to refuse a folder that is not a site, and to replace one that is."""
     import logging
@@ -237,9 +250,11 @@ def test_without_an_eval_the_site_keeps_its_own_and_replaces_only_a_site(tmp_pat
 
     run, store = _tiny_run(tmp_path, make_arrays)
     out = tmp_path / "site"
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="usae.explorer.build"):
         index = build.build_explorer(run, store, out, options=ExploreOptions(top=3,
                                                                              split="all"))
+    assert re.search(r"(^|\r)thumbnails: ", capsys.readouterr().err)  # bars by default
     assert index == out / "index.html" and index.exists()
     assert f"explorer: 70 concepts -> {out / 'index.html'}" in caplog.messages
     text = (out / "data" / "overview.js").read_text()

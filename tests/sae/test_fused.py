@@ -142,3 +142,19 @@ def test_normalize_rows_fused_equals_the_reference_forward_bit_for_bit_and_its_g
         (ref * g).sum().backward()
         torch.testing.assert_close(w1.grad, w2.grad)
         torch.testing.assert_close(w1.grad[3], g[3] / eps)
+
+
+def test_a_rules_zero_padding_stays_in_the_auxiliary_pool():
+    """The AuxK pool is relu(pre) minus the codes z, kept to its top n/2 (the reference's
+    topk(relu(pre) - z, n // 2)): a slot a rule pads with value 0 removes nothing, so that
+    concept stays in the pool. Worked out by hand for one token of 4 concepts."""
+    pre = torch.tensor([[3.0, 2.0, 1.0, 0.5]])
+
+    def select(post_nc):  # concept 0 kept, concept 1 in a padding slot (value 0)
+        return torch.tensor([[3.0, 0.0]]), torch.tensor([[0, 1]])
+
+    values, indices, aux_hat = topk_reference_aux_decode(pre, torch.eye(4), select, [4],
+                                                         [True])
+    assert values.tolist() == [[3.0, 0.0]] and indices.tolist() == [[0, 1]]
+    # relu(pre) - z = [0, 2, 1, 0.5]; its top n/2 = 2 entries: [0, 2, 1, 0]
+    assert aux_hat.tolist() == [[0.0, 2.0, 1.0, 0.0]]
