@@ -16,9 +16,10 @@ browser tests run against it, in a worker process that built the site once (its 
 eval and CAM are the tests' own fixture, built once by the unmutated code). A mutant is killed
 when a test fails or times out.
 
-    python scripts/mutation_js.py                 # every mutant (about 4 s each, 2 workers)
+    python scripts/mutation_js.py                 # every mutant (35 min on 2 cores)
     python scripts/mutation_js.py --list          # the mutants, without running them
     python scripts/mutation_js.py --changed       # only when app.js changed since the record
+    python scripts/mutation_js.py --rerun         # only the last full run's survivors
 
 Mutant names are ``app.js:LINE:COL:ORIGINAL>MUTATION``; equivalent ones are listed, with the
 reason, in scripts/mutation_equivalent.txt like mutmut's. The score goes into
