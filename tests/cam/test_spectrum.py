@@ -4,7 +4,6 @@ source images, and the cache."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from types import SimpleNamespace
@@ -177,4 +176,3 @@ def test_a_cached_spectrum_is_used_whole_even_when_the_images_are_gone(tmp_path)
               str(tmp_path / "bare.safetensors"))  # a cache without its metadata
     assert load_or_estimate_spectrum(_store(paths), tmp_path / "bare.safetensors", 16,
                                      10).source == "cached"
-    assert json.dumps(first.source)  # (a plain string, kept in the file's metadata)
