@@ -157,7 +157,11 @@ def selection(module: str) -> list[str]:
 def source_hash(module: str, root: Path = ROOT) -> str:
     """sha256 of the module's source under ``root`` (a recorded score's: its work folder's
     copy, the source the mutants were made from)."""
-    return hashlib.sha256((root / module_path(module)).read_bytes()).hexdigest()[:16]
+    return _file_hash(root / module_path(module))
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def read_record() -> dict[str, dict]:
@@ -207,7 +211,7 @@ def table() -> str:
 def _hash_of(name: str) -> str:
     """A recorded name's source hash: a module's, or a JavaScript file's (JS_FILES)."""
     if name in JS_FILES:
-        return hashlib.sha256((ROOT / JS_FILES[name]).read_bytes()).hexdigest()[:16]
+        return _file_hash(ROOT / JS_FILES[name])
     return source_hash(name)
 
 

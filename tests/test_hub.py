@@ -442,6 +442,8 @@ def test_push_shares_an_eval_without_its_top_images(shared_run):
 
 
 def test_local_run_downloads_hub_runs_and_leaves_paths_alone(tmp_path, monkeypatch):
+    from pathlib import Path
+
     import huggingface_hub
 
     from usae.hub import SHARED_FILES, local_run
@@ -456,7 +458,7 @@ def test_local_run_downloads_hub_runs_and_leaves_paths_alone(tmp_path, monkeypat
     assert local_run("hf://me/x@v2") == tmp_path / "snapshot"
     assert calls == [("me/x", "v2", [*SHARED_FILES, "README.md", "eval/*"])]
     assert local_run(tmp_path / "run") == tmp_path / "run" and len(calls) == 1
-    assert local_run("runs/hf-like") == __import__("pathlib").Path("runs/hf-like")
+    assert local_run("runs/hf-like") == Path("runs/hf-like")
 
 
 def test_push_needs_a_local_run_and_a_whole_eval(shared_run):
