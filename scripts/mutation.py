@@ -73,7 +73,7 @@ SELECTION: dict[str, list[str]] = {
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_cache.py", "tests/data/test_sources.py"],
     "demo": ["tests/test_cli.py"],
-    "__main__": ["tests/test_cli.py"],
+    "__main__": ["tests/test_package.py"],
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],
     "options": ["tests/test_options.py", "tests/test_config.py"],
@@ -84,10 +84,16 @@ SELECTION: dict[str, list[str]] = {
     "cam.maximize": ["tests/cam/test_cam.py"],
     "cam.spectrum": ["tests/cam/test_spectrum.py", "tests/cam/test_cam.py"],
     "explorer.build": ["tests/explorer/test_build.py", "tests/explorer/test_explorer.py"],
-    "__init__": ["tests/test_cli.py"],
+    "__init__": ["tests/test_package.py"],
+    # small shared modules: their own unit tests (the commands that use them are slow)
+    "errors": ["tests/test_package.py"],  # (classes only: nothing to mutate)
+    "files": ["tests/test_files.py"],
+    "locks": ["tests/test_locks.py"],
+    "threads": ["tests/test_threads.py"],
+    "malloc": ["tests/test_malloc_progress.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
-    "progress": ["tests/test_cli.py", "tests/data/test_cache.py"],
-    "sae.loggers": ["tests/sae/test_train.py"],
+    "progress": ["tests/test_malloc_progress.py"],
+    "sae.loggers": ["tests/sae/test_loggers.py"],
     "sae.objectives.criteria": ["tests/sae/test_objectives.py", "tests/sae/test_step.py"],
     "sae.objectives.energy": ["tests/sae/test_objectives.py"],
     "sae.objectives.topk": ["tests/sae/test_objectives.py", "tests/sae/test_step.py",

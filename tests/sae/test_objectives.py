@@ -235,6 +235,18 @@ def registered(monkeypatch):
     monkeypatch.setitem(objectives.CRITERIA, "naive_l1", NaiveL1)
 
 
+def test_an_unknown_name_at_the_seam_says_its_kind_and_the_known_names(registered):
+    with pytest.raises(KeyError) as info:
+        objectives.sparsity_rule("top_k")
+    assert info.value.args[0] == ("unknown sparsity rule 'top_k'; known: ['batchtopk', "
+                                  "'energy', 'half_topk', 'topk']")
+    with pytest.raises(KeyError) as info:
+        objectives.criterion("huber")
+    assert info.value.args[0] == "unknown criterion 'huber'; known: ['l1', 'l2', 'naive_l1']"
+    assert isinstance(objectives.sparsity_rule("half_topk"), HalfTopK)  # a fresh instance
+    assert objectives.sparsity_rule("half_topk") is not objectives.sparsity_rule("half_topk")
+
+
 def test_a_criterion_added_at_the_seam_trains_as_the_fused_one(registered):
     torch.manual_seed(0)
     cfg_fused = resolve(("a", "b"), (10, 6), "paper", {"n_concepts": 32, "k": 3})
