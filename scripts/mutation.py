@@ -65,7 +65,7 @@ SELECTION: dict[str, list[str]] = {
     "sae.extend": ["tests/sae/test_extend.py"],
     "data.store_add": ["tests/data/test_store_add.py"],
     # modules that no test imports by name: the tests of the commands that run them
-    "analysis.concepts": ["tests/test_sweep.py", "tests/test_reliability.py"],
+    "analysis.concepts": ["tests/analysis/test_concepts.py"],
     "analysis.eval_folder": ["tests/analysis/test_eval_folder.py",
                              "tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
                              "tests/explorer/test_explorer.py"],
@@ -91,6 +91,7 @@ SELECTION: dict[str, list[str]] = {
     "locks": ["tests/test_locks.py"],
     "threads": ["tests/test_threads.py"],
     "malloc": ["tests/test_malloc_progress.py"],
+    "sae.checkpoint": ["tests/sae/test_checkpoint.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
     "progress": ["tests/test_malloc_progress.py"],
     "sae.loggers": ["tests/sae/test_loggers.py"],
