@@ -77,6 +77,7 @@ SELECTION: dict[str, list[str]] = {
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],
     "options": ["tests/test_options.py", "tests/test_config.py"],
+    "config": ["tests/test_config.py", "tests/test_options.py"],
     # the CLI: every flag and argument followed into the library, and the commands end to end
     "cli": ["tests/test_cli.py", "tests/test_options.py"],
     "commands": ["tests/test_cli.py"],

@@ -294,14 +294,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
-        if hint is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if hint is int and isinstance(value, str):
-            return int(float(value)) if "e" in value.lower() else int(value)
+        number = float(value) if hint is int and isinstance(value, str) and \
+            "e" in value.lower() else value  # 1e6 tokens
+        if hint is int and isinstance(number, float):
+            if not number.is_integer():  # int() would cut 3.5 to 3 without a word
+                raise ValueError(value)
+            return int(number)
         return hint(value)
     except (TypeError, ValueError):
-        raise UsaeError(f"config: {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
-                        ) from None
+        kind = f"comma-separated list of {get_args(hint)[0].__name__}" if origin is tuple \
+            else getattr(hint, "__name__", hint)
+        raise UsaeError(f"config: {key}={value!r} is not a valid {kind}") from None
 
 
 def key_value(key: str, value: Any) -> Any:
