@@ -93,6 +93,7 @@ SELECTION: dict[str, list[str]] = {
     "threads": ["tests/test_threads.py"],
     "malloc": ["tests/test_malloc_progress.py"],
     "sae.checkpoint": ["tests/sae/test_checkpoint.py"],
+    "sae.run": ["tests/sae/test_run_folder.py"],
     # the collectives' arithmetic on threads as ranks (test_distributed.py's torchrun is slow)
     "distributed": ["tests/test_dist_collectives.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
