@@ -80,7 +80,7 @@ SELECTION: dict[str, list[str]] = {
     "config": ["tests/test_config.py", "tests/test_options.py"],
     # the CLI: every flag and argument followed into the library, and the commands end to end
     "cli": ["tests/test_cli.py", "tests/test_options.py"],
-    "commands": ["tests/test_cli.py"],
+    "commands": ["tests/test_commands.py", "tests/test_cli.py"],
     # (browser tests are left out of every selection; app.js has its own mutator, below)
     "cam.maximize": ["tests/cam/test_cam.py"],
     "cam.spectrum": ["tests/cam/test_spectrum.py", "tests/cam/test_cam.py"],
