@@ -72,7 +72,7 @@ SELECTION: dict[str, list[str]] = {
     "analysis.plots": ["tests/analysis/test_evaluate.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_cache.py", "tests/data/test_sources.py"],
-    "demo": ["tests/test_cli.py"],
+    "demo": ["tests/test_demo.py"],
     "__main__": ["tests/test_package.py"],
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
     "hub": ["tests/test_hub.py"],

@@ -1,0 +1,191 @@
+"""``usae demo`` in process (usae.demo): the crops it makes from the bundled photos, and the
+order, inputs and resume rules of its stages. The stages themselves are replaced by
+recorders here (the quick demo in tests/test_cli.py runs them for real, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from usae import demo
+from usae.config import DEMO_DATA
+from usae.errors import ConfigMismatch, UsaeError
+from usae.store.writer import store_from_arrays
+
+
+def test_bundled_photos_are_real_rgb_or_grey_uint8_images():
+    photos = demo.bundled_photos()
+    assert len(photos) >= 4 and {"china", "flower", "grace_hopper"} <= set(photos)
+    for name, img in photos.items():
+        assert img.dtype == np.uint8 and img.ndim in (2, 3), name
+        assert min(img.shape[:2]) >= 64, name
+
+
+def test_too_few_photos_say_what_to_install(monkeypatch):
+    import sys
+
+    for module in ("skimage.data", "sklearn.datasets", "matplotlib"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(UsaeError, match=r"^the demo needs the photos bundled in scikit-image,"
+                                        r" scikit-learn and matplotlib: `pip install "
+                                        r"usae\[demo\]`$"):
+        demo.bundled_photos()
+
+
+def test_crops_are_seeded_scaled_and_split(tmp_path, monkeypatch):
+    photos = {"a": np.full((300, 500, 3), 10, np.uint8), "b": np.full((420, 380), 200, np.uint8)}
+    monkeypatch.setattr(demo, "bundled_photos", lambda: photos)
+    assert demo.make_crops(tmp_path / "x", 20, seed=3, val_fraction=0.25) == 20
+    demo.make_crops(tmp_path / "y", 20, seed=3, val_fraction=0.25)
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.jpg"))
+    assert files == sorted(p.relative_to(tmp_path / "y") for p in (tmp_path / "y").rglob("*.jpg"))
+    assert len(files) == 20
+    assert {f.parts[0] for f in files} == {"train", "val"}  # some of each at 25 %
+    assert sorted(int(f.stem) for f in files) == list(range(20))
+    for f in files:
+        assert f.parts[1] == ("a" if int(f.stem) % 2 == 0 else "b")  # photos in turn
+        with Image.open(tmp_path / "x" / f) as img:
+            assert img.mode == "RGB" and 256 <= min(img.size) < 400
+            assert max(img.size) <= min(img.size) * 4 / 3 * 1.02 + 1  # aspect 3/4 .. 4/3
+    other = demo.make_crops(tmp_path / "z", 20, seed=4, val_fraction=0.25)
+    assert other == 20
+    sizes = [Image.open(tmp_path / "x" / f).size for f in files]
+    assert sizes != [Image.open(next((tmp_path / "z").rglob(f.name))).size for f in files]
+
+
+class Stages:
+    """Recorders in place of the demo's stages; ``cache`` writes a real (tiny) store."""
+
+    def __init__(self, make_arrays):
+        self.calls: list[tuple] = []
+        self.arrays = make_arrays(n_images=12, tokens=2)
+        self.mismatch_once = False
+
+    def cache(self, models, images, store_dir, batch_size, progress):
+        self.calls.append(("cache", models, images.name, batch_size))
+        store_from_arrays(store_dir, self.arrays, splits=["train"] * 10 + ["val"] * 2)
+
+    def train_run(self, cfg, source, run, **kw):
+        resume = kw.get("resume", False)
+        self.calls.append(("train", cfg, source.split, resume, kw["force"]))
+        if self.mismatch_once and resume:
+            self.mismatch_once = False
+            raise ConfigMismatch("changed")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "checkpoint.safetensors").write_text("")
+
+    def evaluate(self, run, store_dir, out, progress):
+        self.calls.append(("eval", out.name))
+        return type("R", (), {"r2": [[1.0]], "faithfulness": {"f": 1}})()
+
+    def run_cam(self, run, store_dir, top, eval_dir, options, progress):
+        self.calls.append(("cam", top, eval_dir.name, options.steps, options.size))
+        return {"5": {}}
+
+    def build_explorer(self, run, store_dir, out, eval_dir, progress):
+        self.calls.append(("explore", out.name, eval_dir.name))
+
+    def crops(self, out, n_images):
+        self.calls.append(("crops", n_images))
+        (out / "train" / "p").mkdir(parents=True)
+
+
+@pytest.fixture
+def stages(monkeypatch, make_arrays):
+    s = Stages(make_arrays)
+    for name in ("cache", "train_run", "evaluate", "run_cam", "build_explorer"):
+        monkeypatch.setattr(demo, name, getattr(s, name))
+    monkeypatch.setattr(demo, "make_crops", s.crops)
+    return s
+
+
+def test_the_demo_runs_its_six_stages_in_order(tmp_path, stages):
+    res = demo.run_demo(tmp_path / "d", n_images=100, progress=False)
+    kinds = [c[0] for c in stages.calls]
+    assert kinds == ["crops", "cache", "train", "eval", "cam", "explore"]
+    assert stages.calls[0] == ("crops", 100)
+    assert stages.calls[1] == ("cache", "demo", "images", 16)
+    _, cfg, split, resume, force = stages.calls[2]
+    assert split == "train" and resume is False and force is True
+    assert cfg.preset == "fast" and cfg.train.epochs == 60 and cfg.train.max_steps == 0
+    for key, value in DEMO_DATA.items():
+        assert {**cfg.to_json()["sae"], **cfg.to_json()["train"]}[key] == value
+    assert cfg.train.log_every == 20 and cfg.train.checkpoint_every == 500
+    assert stages.calls[3:] == [("eval", "eval"), ("cam", 3, "eval", 64, 224),
+                                ("explore", "explorer", "eval")]
+    assert res["report"] == tmp_path / "d" / "eval" / "report.json"
+    assert res["r2"] == [[1.0]] and res["faithfulness"] == {"f": 1}
+    assert res["cam"] == {"5": {}} and res["explorer"] == tmp_path / "d" / "explorer" / \
+        "index.html"
+    assert res["out"] == str(tmp_path / "d")
+    t = res["timings"]
+    assert set(t) == {"images_s", "cache_s", "train_s", "total_s"}
+    assert all(v >= 0 for v in t.values()) and t["total_s"] >= t["train_s"]
+    assert (tmp_path / "d" / "images").is_dir() and not (tmp_path / "d" / "images.partial"
+                                                         ).exists()
+
+
+def test_quick_is_small_and_steps_are_kept(tmp_path, stages):
+    demo.run_demo(tmp_path / "d", n_images=320, quick=True, progress=False, models="m1,m2")
+    assert stages.calls[0] == ("crops", 48)
+    assert stages.calls[1][1] == "m1,m2"
+    cfg = stages.calls[2][1]
+    assert cfg.train.max_steps == 40 and cfg.sae.n_concepts == 256
+    assert cfg.train.batch_images == 4
+    assert stages.calls[4] == ("cam", 1, "eval", 4, 64)
+    stages.calls.clear()
+    demo.run_demo(tmp_path / "e", n_images=10, steps=7, quick=True, progress=False)
+    assert stages.calls[0] == ("crops", 10) and stages.calls[2][1].train.max_steps == 7
+    stages.calls.clear()
+    demo.run_demo(tmp_path / "f", steps=9, progress=False)
+    assert stages.calls[2][1].train.max_steps == 9
+    assert stages.calls[2][1].sae.n_concepts == DEMO_DATA["n_concepts"]
+
+
+def test_a_rerun_reuses_finished_stages_and_resumes_training(tmp_path, stages):
+    demo.run_demo(tmp_path / "d", progress=False)
+    stages.calls.clear()
+    demo.run_demo(tmp_path / "d", progress=False)
+    kinds = [c[0] for c in stages.calls]
+    assert kinds == ["train", "eval", "cam", "explore"]  # images and store are kept
+    assert stages.calls[0][3:] == (True, False)  # resume, no force
+
+
+def test_an_unfinished_store_is_cached_again(tmp_path, stages):
+    demo.run_demo(tmp_path / "d", progress=False)
+    manifest = tmp_path / "d" / "store" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "state": "partial"}))
+    stages.calls.clear()
+    demo.run_demo(tmp_path / "d", progress=False)
+    assert [c[0] for c in stages.calls][:2] == ["cache", "train"]
+
+
+def test_changed_demo_settings_train_the_run_again(tmp_path, stages, caplog):
+    demo.run_demo(tmp_path / "d", progress=False)
+    stages.calls.clear()
+    stages.mismatch_once = True
+    with caplog.at_level("INFO", logger="usae.demo"):
+        demo.run_demo(tmp_path / "d", progress=False)
+    trains = [c for c in stages.calls if c[0] == "train"]
+    assert [c[3:] for c in trains] == [(True, False), (False, True)]  # resume, then afresh
+    assert f"the demo's settings changed: training {tmp_path / 'd' / 'run'} again" in \
+        caplog.messages
+
+
+def test_a_mismatch_without_a_resume_is_raised(tmp_path, stages, monkeypatch):
+    def always(cfg, source, run, **kw):
+        raise ConfigMismatch("not a resume")
+
+    monkeypatch.setattr(demo, "train_run", always)
+    with pytest.raises(ConfigMismatch, match="not a resume"):
+        demo.run_demo(tmp_path / "d", progress=False)
+
+
+def test_leftover_partial_crops_are_replaced(tmp_path, stages):
+    (tmp_path / "d" / "images.partial" / "junk").mkdir(parents=True)
+    demo.run_demo(tmp_path / "d", progress=False)
+    assert not (tmp_path / "d" / "images" / "junk").exists()
+    assert (tmp_path / "d" / "images" / "train" / "p").is_dir()
