@@ -79,7 +79,7 @@ SELECTION: dict[str, list[str]] = {
     "options": ["tests/test_options.py", "tests/test_config.py"],
     "config": ["tests/test_config.py", "tests/test_options.py"],
     # the CLI: every flag and argument followed into the library, and the commands end to end
-    "cli": ["tests/test_cli.py", "tests/test_options.py"],
+    "cli": ["tests/test_cli_main.py", "tests/test_cli.py", "tests/test_options.py"],
     "commands": ["tests/test_commands.py", "tests/test_cli.py"],
     # (browser tests are left out of every selection; app.js has its own mutator, below)
     "cam.maximize": ["tests/cam/test_cam.py"],

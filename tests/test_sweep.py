@@ -96,22 +96,6 @@ def test_the_lock_is_exclusive_and_released_only_by_its_owner(tmp_path):
     assert lock_path(tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("argv, folder", [
-    (["cache", "--models", "demo", "--images", "I", "--out", "S"], "S"),
-    (["store", "merge", "a", "--out", "M"], "M"),
-    (["store", "import-npz", "src", "--out", "N", "--models", "a"], "N"),
-    (["train", "--store", "S", "--out", "R"], "R"),
-    (["eval", "R", "--store", "S", "--out", "E"], "E"),
-    (["explore", "R", "--store", "S", "--out", "X"], "X"),
-    (["cam", "R", "--store", "S", "--concept", "1"], "R/cam"),
-    (["push", "R", "me/x", "--dry-run"], "R"),
-])
-def test_every_writing_command_locks_its_output(argv, folder):
-    from usae.cli import build_parser, output_folders
-
-    assert output_folders(build_parser().parse_args(argv)) == [folder]
-
-
 # ---- store merge and push never destroy what they did not write (items 1, 2, 9) -----------
 def test_push_keeps_a_readme_the_user_wrote(store, tmp_path, capsys):
     _train_cli(store, tmp_path / "run")

@@ -13,10 +13,14 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Iterator
 
 from usae import __version__
+from usae.config import DATA_KEYS, TRAIN_PRESETS
 from usae.errors import UsaeError
+from usae.options import STORE_KEEPS
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -42,211 +46,228 @@ def _presets_help() -> str:
     return "\n".join(lines)
 
 
-def _sub(sub, name: str, text: str, **kwargs) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=text, description=text, formatter_class=_Formatter,
-                          **kwargs)
+# ---- the commands, as data: each one's help, its own arguments and its option classes -----
+class Arg:
+    """One hand-written argument: argparse's flags and keywords, as given."""
+
+    def __init__(self, *flags: str, **kwargs: Any) -> None:
+        self.flags, self.kwargs = flags, kwargs
 
 
-def _add_demo(sub) -> None:
-    s = _sub(sub, "demo", "offline end-to-end demo on real pretrained CNNs and photos")
-    s.add_argument("--out", default="demo-output", help="output folder")
-    s.add_argument("--images", type=int, default=320, help="number of training crops")
-    s.add_argument("--steps", type=int, default=0, help="training steps (0: the demo default)")
-    s.add_argument("--models", default="demo", help="model specs or the 'demo' preset")
-    s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+@dataclass(frozen=True)
+class Options:
+    """The flags of option dataclasses (``usae.options.add_arguments``; ``"module:Class"``,
+    imported when the parser is built), in an argument group when ``title`` is given."""
+
+    classes: tuple[str, ...]
+    title: str | None = None
+    description: str | None = None
+    unset: bool = False
+    skip: tuple[str, ...] = ()
 
 
-def _add_cache(sub) -> None:
-    from usae.options import CacheOptions, add_arguments
+@dataclass(frozen=True)
+class Command:
+    """A command (or a ``store`` subcommand): its one-line help, its arguments in ``--help``
+    order, and an epilog (``{presets}`` stands for the presets' list)."""
 
-    s = _sub(sub, "cache", "extract activations of several models into a store",
-             epilog="model specs: see README (presets: paper, demo)")
-    s.add_argument("--models", required=True, help="SPEC[,SPEC...] or a preset: paper, demo")
-    s.add_argument("--images", required=True, help="folder of images (class subfolders and "
-                   "train/val levels allowed) or a text file listing image paths")
-    s.add_argument("--out", required=True, help="store folder; re-running resumes")
-    add_arguments(s, CacheOptions)
-
-
-def _add_store(sub) -> None:
-    from usae.options import STORE_KEEPS, CacheOptions, add_arguments
-
-    st = _sub(sub, "store", "inspect or import activation stores")
-    ssub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
-    s = _sub(ssub, "info", "print the store's models, images and splits as JSON")
-    s.add_argument("store")
-    s = _sub(ssub, "merge", "join the shard stores of `usae cache --shard-dir` into one store")
-    s.add_argument("shards", nargs="+", help="the shard folders (shard-R-of-N), any order")
-    s.add_argument("--out", required=True, help="the merged store's folder")
-    s.add_argument("--force", action="store_true", help="replace --out if it holds anything")
-    s = _sub(ssub, "add-model", "add models to a finished store, for exactly its images "
-             "(order, splits and token grid kept; the other models' files untouched)")
-    s.add_argument("store")
-    s.add_argument("--models", required=True, help="SPEC[,SPEC...] of the new models")
-    add_arguments(s, CacheOptions, skip=STORE_KEEPS)
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = _sub(ssub, "import-npz", "import the reference's per-image .npz cache")
-    s.add_argument("src", help="folder tree of <image>_combined.npz or <image>_<NAME>.npz")
-    s.add_argument("--out", required=True)
-    s.add_argument("--models", required=True, help="NAME[,NAME...]")
-    s.add_argument("--split", default=None, help="split the images go to (default: a seeded "
-                   "10%% val)")
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="stored precision")
+    name: str
+    help: str
+    args: tuple[Arg | Options, ...] = ()
+    epilog: str | None = None
+    subcommands: tuple["Command", ...] = ()
 
 
+CACHE_OPTIONS = "usae.options:CacheOptions"
 # training keys that already have a flag of their own in `usae train`
 OWN_FLAGS = ("max_steps", "device")
 
+_CODEC = {"encode": ("raw activations (N, d) -> codes (N, n)", "--input"),
+          "decode": ("codes (N, n) -> raw activations of one model (N, d)", "--codes")}
 
-def _add_train(sub) -> None:
-    from usae.config import DATA_KEYS, TRAIN_PRESETS, SAEConfig, TrainConfig
-    from usae.options import StreamOptions, add_arguments
+COMMANDS: tuple[Command, ...] = (
+    Command("demo", "offline end-to-end demo on real pretrained CNNs and photos", (
+        Arg("--out", default="demo-output", help="output folder"),
+        Arg("--images", type=int, default=320, help="number of training crops"),
+        Arg("--steps", type=int, default=0, help="training steps (0: the demo default)"),
+        Arg("--models", default="demo", help="model specs or the 'demo' preset"),
+        Arg("--quick", action="store_true", help="tiny sizes, for smoke tests"))),
+    Command("cache", "extract activations of several models into a store", (
+        Arg("--models", required=True, help="SPEC[,SPEC...] or a preset: paper, demo"),
+        Arg("--images", required=True, help="folder of images (class subfolders and "
+            "train/val levels allowed) or a text file listing image paths"),
+        Arg("--out", required=True, help="store folder; re-running resumes"),
+        Options((CACHE_OPTIONS,))), epilog="model specs: see README (presets: paper, demo)"),
+    Command("store", "inspect or import activation stores", subcommands=(
+        Command("info", "print the store's models, images and splits as JSON",
+                (Arg("store"),)),
+        Command("merge", "join the shard stores of `usae cache --shard-dir` into one store", (
+            Arg("shards", nargs="+", help="the shard folders (shard-R-of-N), any order"),
+            Arg("--out", required=True, help="the merged store's folder"),
+            Arg("--force", action="store_true", help="replace --out if it holds anything"))),
+        Command("add-model", "add models to a finished store, for exactly its images (order, "
+                "splits and token grid kept; the other models' files untouched)", (
+                    Arg("store"),
+                    Arg("--models", required=True, help="SPEC[,SPEC...] of the new models"),
+                    Options((CACHE_OPTIONS,), skip=STORE_KEEPS),
+                    Arg("--no-progress", action="store_true", help="no progress bar"))),
+        Command("import-npz", "import the reference's per-image .npz cache", (
+            Arg("src", help="folder tree of <image>_combined.npz or <image>_<NAME>.npz"),
+            Arg("--out", required=True),
+            Arg("--models", required=True, help="NAME[,NAME...]"),
+            Arg("--split", default=None, help="split the images go to (default: a seeded "
+                "10%% val)"),
+            Arg("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                help="stored precision"))))),
+    Command("train", "train a universal SAE on a store, or on images streamed through the "
+            "backbones", (
+                Arg("--store", help="the activation store to train on"),
+                Arg("--images", help="instead of --store: a folder or list of images whose "
+                    "activations are computed on the fly (needs --models)"),
+                Arg("--models", help="with --images: SPEC[,SPEC...] or a preset (paper, demo)"),
+                Arg("--out", required=True, help="run folder"),
+                Arg("--config", help="JSON or YAML file of config keys"),
+                Arg("--preset", default=None, choices=sorted(TRAIN_PRESETS),
+                    help="paper: exactly the reference's rule (default: paper; with --resume, "
+                    "the run's own preset, and another one is refused)"),
+                Arg("--max-steps", type=int, default=None, help="stop after N steps "
+                    "(default: the config's max_steps, else epochs)"),
+                Arg("--resume", action="store_true", help="continue from RUN's checkpoint"),
+                Arg("--force", action="store_true", help="replace a run already in --out"),
+                Arg("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set one training key (repeatable); the same as its flag below"),
+                Arg("--split", default="train", help="training split"),
+                Arg("--device", default=None, help="cpu or cuda (default: the config's)"),
+                Arg("--independent", action="store_true",
+                    help="train one ordinary TopK SAE per model instead (control)"),
+                Arg("--extend", default=None, metavar="RUN", help="add the store's models that "
+                    "RUN lacks (usae store add-model) to RUN's concept space: RUN's weights are "
+                    "copied and frozen, only the new models train (RUN may be hf://...)"),
+                Arg("--finetune", action="store_true", help="with --extend RUN (a run of every "
+                    "model of the store, e.g. an extended one): copy all its weights and train "
+                    "them all; OUT/concept_drift.json says how far each model's concepts "
+                    "moved"),
+                Arg("--no-progress", action="store_true", help="no progress bar"),
+                Options(("usae.options:StreamOptions",),
+                        title="with --images (as usae cache has them)", unset=True),
+                Options(("usae.config:SAEConfig", "usae.config:TrainConfig"),
+                        title="training keys", description="Each is also --set KEY=VALUE and a "
+                        "key of --config FILE. Unset, a key takes the preset's value, else the "
+                        "default shown (the paper's).", unset=True,
+                        skip=DATA_KEYS + OWN_FLAGS)), epilog="{presets}"),
+    *(Command(name, what, (
+        Arg("run"),
+        Arg("--model", required=True),
+        Arg(flag, required=True, dest="input", help=".npy file"),
+        Arg("--out", required=True, help=".npy file (float32)"),
+        Arg("--device", default="cpu", help="cpu or cuda[:i]"))) for name, (what, flag)
+      in _CODEC.items()),
+    Command("eval", "cross-model R2, universality metrics and plots", (
+        Arg("run"),
+        Arg("--store", required=True),
+        Arg("--out", required=True),
+        Options(("usae.options:EvalOptions",)),
+        Arg("--independent", default=None, help="run folder of independent SAEs to match "
+            "against (Hungarian on cosine)"),
+        Arg("--compare", nargs="*", default=None, metavar="RUN", help="other runs (the "
+            "shuffled-pairing control, training variants) to evaluate on the same split, "
+            "reported beside this one"),
+        Arg("--truth", default=None, metavar="DIR", help="a `usae synth` folder: score the run "
+            "against its known features (report.json's truth section)"),
+        Arg("--force", action="store_true", help="replace a non-empty --out"))),
+    Command("explore", "write a static concept explorer", (
+        Arg("run"),
+        Arg("--store", required=True),
+        Arg("--out", required=True),
+        Arg("--eval", default=None, help="an eval folder to reuse (default: evaluate the run "
+            "into OUT/eval)"),
+        Options(("usae.options:ExploreOptions",)),
+        Arg("--force", action="store_true", help="replace a non-empty --out"))),
+    Command("cam", "coordinated activation maximization: one image per model and concept", (
+        Arg("run"),
+        Arg("--store", required=True, help="the store the run was trained on"),
+        Arg("--concept", default=None, help="K[,K...]: these concepts"),
+        Arg("--top", type=int, default=None, help="the N most energetic universal concepts "
+            "(from --eval; without it, from one eval of the run on every image, kept in "
+            "OUT/ranking-eval and reused)"),
+        Arg("--eval", default=None, help="an eval folder of this run (ranking and top natural "
+            "images)"),
+        Arg("--out", default=None, help="output folder (default: RUN/cam)"),
+        Options(("usae.options:CamOptions",))),
+        epilog="On a 2-core CPU: --steps 64 --crops 1 (the demo's settings, about 8 s per "
+        "model and concept); the defaults suit a GPU."),
+    Command("concepts", "print concepts of an eval in the terminal", (
+        Arg("run", help="the run (used to check the eval belongs to it)"),
+        Arg("--eval", required=True, help="an eval folder of this run"),
+        Arg("--store", default=None, help="the store, to print top image paths"),
+        Arg("--top", type=int, default=10, help="how many concepts, by energy"),
+        Arg("--concept", default=None, help="K[,K...]: these concepts instead"),
+        Arg("--universal", action="store_true", help="only universal concepts"),
+        Arg("--images", type=int, default=3, help="top images per concept"),
+        Arg("--json", action="store_true", help="print JSON instead of a table"))),
+    Command("push", "share a run on the Hugging Face Hub with a generated model card", (
+        Arg("run"),
+        Arg("repo_id", metavar="REPO_ID", help="OWNER/NAME on the Hub"),
+        Arg("--eval", default=None, help="an eval folder of this run to share too"),
+        Arg("--private", action="store_true", help="create the repository private"),
+        Arg("--dry-run", action="store_true", help="write RUN/README.md and list the files, "
+            "without any network"),
+        Arg("--force", action="store_true", help="replace a RUN/README.md that usae did not "
+            "write"))),
+    Command("serve", "serve an explorer folder on 127.0.0.1", (
+        Arg("dir"),
+        Arg("--port", type=int, default=8000, help="TCP port (0: any free port)"))),
+    Command("synth", "write a store of synthetic models with known shared, partly shared and "
+            "model-specific features, and the truth beside it", (
+                Arg("--out", required=True, help="folder for store/, truth.safetensors and "
+                    "truth.json"),
+                Options(("usae.analysis.synth:SynthOptions",)),
+                Arg("--force", action="store_true", help="replace a non-empty --out")),
+            epilog="Then: usae train --store DIR/store --out RUN, and usae eval RUN --store "
+            "DIR/store --out EVAL --truth DIR"),
+    Command("import-reference", "convert the paper's released checkpoints", (
+        Arg("config", help="the reference YAML (model_zoo with checkpoint_path...)"),
+        Arg("--out", required=True))),
+)
 
-    s = _sub(sub, "train", "train a universal SAE on a store, or on images streamed through "
-             "the backbones", epilog=_presets_help())
-    s.add_argument("--store", help="the activation store to train on")
-    s.add_argument("--images", help="instead of --store: a folder or list of images whose "
-                   "activations are computed on the fly (needs --models)")
-    s.add_argument("--models", help="with --images: SPEC[,SPEC...] or a preset (paper, demo)")
-    s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--config", help="JSON or YAML file of config keys")
-    s.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS),
-                   help="paper: exactly the reference's rule (default: paper; with --resume, "
-                   "the run's own preset, and another one is refused)")
-    s.add_argument("--max-steps", type=int, default=None, help="stop after N steps "
-                   "(default: the config's max_steps, else epochs)")
-    s.add_argument("--resume", action="store_true", help="continue from RUN's checkpoint")
-    s.add_argument("--force", action="store_true", help="replace a run already in --out")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one training key (repeatable); the same as its flag below")
-    s.add_argument("--split", default="train", help="training split")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    s.add_argument("--independent", action="store_true",
-                   help="train one ordinary TopK SAE per model instead (control)")
-    s.add_argument("--extend", default=None, metavar="RUN", help="add the store's models that "
-                   "RUN lacks (usae store add-model) to RUN's concept space: RUN's weights are "
-                   "copied and frozen, only the new models train (RUN may be hf://...)")
-    s.add_argument("--finetune", action="store_true", help="with --extend RUN (a run of every "
-                   "model of the store, e.g. an extended one): copy all its weights and train "
-                   "them all; OUT/concept_drift.json says how far each model's concepts moved")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_arguments(s.add_argument_group("with --images (as usae cache has them)"),
-                  StreamOptions, unset=True)
-    group = s.add_argument_group(
-        "training keys", "Each is also --set KEY=VALUE and a key of --config FILE. Unset, a key "
-        "takes the preset's value, else the default shown (the paper's).")
-    for cls in (SAEConfig, TrainConfig):
-        add_arguments(group, cls, unset=True, skip=DATA_KEYS + OWN_FLAGS)
+
+def _option_class(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(import_module(module), name)
 
 
-def _add_codec(sub) -> None:
-    for name, what in (("encode", "raw activations (N, d) -> codes (N, n)"),
-                       ("decode", "codes (N, n) -> raw activations of one model (N, d)")):
-        s = _sub(sub, name, what)
-        s.add_argument("run")
-        s.add_argument("--model", required=True)
-        s.add_argument("--input" if name == "encode" else "--codes", required=True,
-                       dest="input", help=".npy file")
-        s.add_argument("--out", required=True, help=".npy file (float32)")
-        s.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-
-
-def _add_analysis(sub) -> None:
-    from usae.options import EvalOptions, ExploreOptions, add_arguments
-
-    s = _sub(sub, "eval", "cross-model R2, universality metrics and plots")
-    s.add_argument("run")
-    s.add_argument("--store", required=True)
-    s.add_argument("--out", required=True)
-    add_arguments(s, EvalOptions)
-    s.add_argument("--independent", default=None, help="run folder of independent SAEs to "
-                   "match against (Hungarian on cosine)")
-    s.add_argument("--compare", nargs="*", default=None, metavar="RUN",
-                   help="other runs (the shuffled-pairing control, training variants) to "
-                   "evaluate on the same split, reported beside this one")
-    s.add_argument("--truth", default=None, metavar="DIR", help="a `usae synth` folder: score "
-                   "the run against its known features (report.json's truth section)")
-    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
-
-    s = _sub(sub, "explore", "write a static concept explorer")
-    s.add_argument("run")
-    s.add_argument("--store", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--eval", default=None, help="an eval folder to reuse (default: evaluate "
-                   "the run into OUT/eval)")
-    add_arguments(s, ExploreOptions)
-    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
-
-    s = _sub(sub, "cam", "coordinated activation maximization: one image per model and concept",
-             epilog="On a 2-core CPU: --steps 64 --crops 1 (the demo's settings, "
-             "about 8 s per model and concept); the defaults suit a GPU.")
-    s.add_argument("run")
-    s.add_argument("--store", required=True, help="the store the run was trained on")
-    s.add_argument("--concept", default=None, help="K[,K...]: these concepts")
-    s.add_argument("--top", type=int, default=None, help="the N most energetic universal "
-                   "concepts (from --eval; without it, from one eval of the run on every "
-                   "image, kept in OUT/ranking-eval and reused)")
-    s.add_argument("--eval", default=None, help="an eval folder of this run (ranking and top "
-                   "natural images)")
-    s.add_argument("--out", default=None, help="output folder (default: RUN/cam)")
-    from usae.options import CamOptions
-
-    add_arguments(s, CamOptions)
-
-    s = _sub(sub, "concepts", "print concepts of an eval in the terminal")
-    s.add_argument("run", help="the run (used to check the eval belongs to it)")
-    s.add_argument("--eval", required=True, help="an eval folder of this run")
-    s.add_argument("--store", default=None, help="the store, to print top image paths")
-    s.add_argument("--top", type=int, default=10, help="how many concepts, by energy")
-    s.add_argument("--concept", default=None, help="K[,K...]: these concepts instead")
-    s.add_argument("--universal", action="store_true", help="only universal concepts")
-    s.add_argument("--images", type=int, default=3, help="top images per concept")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _add_synth(sub) -> None:
-    from usae.analysis.synth import SynthOptions
+def _add_command(sub: Any, cmd: Command) -> argparse.ArgumentParser:
+    """The parser of ``cmd`` under the subparsers ``sub``."""
     from usae.options import add_arguments
 
-    s = _sub(sub, "synth", "write a store of synthetic models with known shared, partly shared "
-             "and model-specific features, and the truth beside it",
-             epilog="Then: usae train --store DIR/store --out RUN, and usae eval RUN --store "
-             "DIR/store --out EVAL --truth DIR")
-    s.add_argument("--out", required=True, help="folder for store/, truth.safetensors and "
-                   "truth.json")
-    add_arguments(s, SynthOptions)
-    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
-
-
-def _add_sharing(sub) -> None:
-    s = _sub(sub, "push", "share a run on the Hugging Face Hub with a generated model card")
-    s.add_argument("run")
-    s.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME on the Hub")
-    s.add_argument("--eval", default=None, help="an eval folder of this run to share too")
-    s.add_argument("--private", action="store_true", help="create the repository private")
-    s.add_argument("--dry-run", action="store_true", help="write RUN/README.md and list the "
-                   "files, without any network")
-    s.add_argument("--force", action="store_true", help="replace a RUN/README.md that usae "
-                   "did not write")
-
-    s = _sub(sub, "serve", "serve an explorer folder on 127.0.0.1")
-    s.add_argument("dir")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    epilog = cmd.epilog.replace("{presets}", _presets_help()) if cmd.epilog else None
+    parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=epilog,
+                            formatter_class=_Formatter)
+    for item in cmd.args:
+        if isinstance(item, Arg):
+            parser.add_argument(*item.flags, **item.kwargs)
+            continue
+        target = parser.add_argument_group(item.title, item.description) if item.title else \
+            parser
+        for path in item.classes:
+            add_arguments(target, _option_class(path), unset=item.unset, skip=item.skip)
+    if cmd.subcommands:
+        nested = parser.add_subparsers(dest=f"{cmd.name}_command",
+                                       metavar=f"{cmd.name.upper()}_COMMAND")
+        for child in cmd.subcommands:
+            _add_command(nested, child)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``usae`` parser: one subcommand per entry of ``COMMANDS``."""
     p = argparse.ArgumentParser(prog="usae", description="Universal Sparse Autoencoders: one "
                                 "sparse concept space shared by several vision models.")
     p.add_argument("--version", action="version", version=f"usae {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_cache, _add_store, _add_train, _add_codec, _add_analysis,
-                _add_sharing, _add_synth):
-        add(sub)
-    s = _sub(sub, "import-reference", "convert the paper's released checkpoints")
-    s.add_argument("config", help="the reference YAML (model_zoo with checkpoint_path...)")
-    s.add_argument("--out", required=True)
+    for cmd in COMMANDS:
+        _add_command(sub, cmd)
     return p
 
 
