@@ -123,7 +123,12 @@ PREBUILT: dict[str, str] = {
 # module -> packages its tests import lazily, imported once by mutmut's fork server instead
 # of by every mutant's process (tests/conftest.py; timm alone takes about 3 s).
 PRELOAD: dict[str, str] = {"data.cache": "timm", "data.align": "timm,transformers",
-                           "sae.extend": "timm", "data.store_add": "timm"}
+                           "sae.extend": "timm", "data.store_add": "timm",
+                           "analysis.faithfulness": "timm", "data.streaming": "timm",
+                           "data.images": "timm", "data.image_decoding": "timm",
+                           **{m: "timm,transformers" for m in (
+                               "data.backbones", "data.backbones.adapters",
+                               "data.backbones.base", "data.backbones.hub_access")}}
 # files mutated by scripts/mutation_js.py (recorded under these names)
 JS_FILES = {"explorer/static/app.js": "src/usae/explorer/static/app.js"}
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "-m", "not browser and not slow", "-x"]
