@@ -82,7 +82,7 @@ SELECTION: dict[str, list[str]] = {
     "cli": ["tests/test_cli_main.py", "tests/test_cli.py", "tests/test_options.py"],
     "commands": ["tests/test_commands.py", "tests/test_cli.py"],
     # (browser tests are left out of every selection; app.js has its own mutator, below)
-    "cam.maximize": ["tests/cam/test_cam.py"],
+    "cam.maximize": ["tests/cam/test_maximize_units.py", "tests/cam/test_cam.py"],
     "cam.spectrum": ["tests/cam/test_spectrum.py", "tests/cam/test_cam.py"],
     "explorer.build": ["tests/explorer/test_build.py", "tests/explorer/test_explorer.py"],
     "__init__": ["tests/test_package.py"],
