@@ -95,6 +95,8 @@ SELECTION: dict[str, list[str]] = {
     "sae.checkpoint": ["tests/sae/test_checkpoint.py"],
     "sae.run": ["tests/sae/test_run_folder.py"],
     "sae.training": ["tests/sae/test_training_entry.py"],
+    "sae.interrupts": ["tests/sae/test_interrupts.py"],
+    "explorer.serve": ["tests/explorer/test_serve.py"],
     # the collectives' arithmetic on threads as ranks (test_distributed.py's torchrun is slow)
     "distributed": ["tests/test_dist_collectives.py"],
     "sae.objectives.base": ["tests/sae/test_objectives.py"],
