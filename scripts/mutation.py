@@ -117,6 +117,8 @@ PREBUILT: dict[str, str] = {
     "cam.maximize": "tests/cam/test_cam.py::test_the_spectrum_is_cached_per_size",
     "cam.spectrum": "tests/cam/test_cam.py::test_the_spectrum_is_cached_per_size",
     "explorer.build": "tests/explorer/test_explorer.py::test_site_files",
+    # (a run on two models and its store with a third added: cache, train and add-model)
+    "sae.extend": "tests/sae/test_extend.py::test_an_extended_run_evaluates_like_any_run",
     # (the quick demo's eval resolves its run through hub.local_run; the hf:// tests run it)
     "hub": "tests/test_hub.py::test_model_card_from_a_real_eval_report",
     "analysis.evaluate":

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import prebuilt
 from tests.data.test_cache import make_images
 from usae.cli import main
 from usae.data.cache import cache
@@ -32,11 +33,15 @@ KEYS = ["--n-concepts", "64", "--k", "4", "--batch-images", "2", "--log-every", 
 def setup(tmp_path_factory):
     """A run on models a and b, and its store with model c added."""
     root = tmp_path_factory.mktemp("extend")
-    images = make_images(root / "imgs", n=10, bad=False)
-    cache(SPECS, images, root / "store", batch_size=5, workers=0, progress=False)
-    assert main(["train", "--store", str(root / "store"), "--out", str(root / "run"),
-                 "--preset", "fast", *KEYS, "--max-steps", "8", "--no-progress"]) == 0
-    add_models(root / "store", NEW, batch_size=5, workers=0, progress=False)
+
+    def build(dest):
+        images = make_images(dest / "imgs", n=10, bad=False)
+        cache(SPECS, images, dest / "store", batch_size=5, workers=0, progress=False)
+        assert main(["train", "--store", str(dest / "store"), "--out", str(dest / "run"),
+                     "--preset", "fast", *KEYS, "--max-steps", "8", "--no-progress"]) == 0
+        add_models(dest / "store", NEW, batch_size=5, workers=0, progress=False)
+
+    prebuilt("extend-setup", root, build)  # (no extend code runs here)
     return root
 
 
