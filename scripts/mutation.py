@@ -62,7 +62,7 @@ SELECTION: dict[str, list[str]] = {
     "data.cache": ["tests/data/test_cache.py"],
     "data.align": ["tests/data/test_images_align.py", "tests/data/test_backbones.py"],
     "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
-    "sae.extend": ["tests/sae/test_extend.py"],
+    "sae.extend": ["tests/sae/test_extend_checks.py", "tests/sae/test_extend.py"],
     "data.store_add": ["tests/data/test_store_add.py"],
     # modules that no test imports by name: the tests of the commands that run them
     "analysis.concepts": ["tests/analysis/test_concepts.py"],
