@@ -95,6 +95,8 @@ SELECTION: dict[str, list[str]] = {
     "sae.checkpoint": ["tests/sae/test_checkpoint.py"],
     "sae.run": ["tests/sae/test_run_folder.py"],
     "sae.training": ["tests/sae/test_training_entry.py"],
+    "sae.trainer": ["tests/sae/test_trainer_units.py", "tests/sae/test_train.py",
+                    "tests/sae/test_objectives.py"],
     "sae.interrupts": ["tests/sae/test_interrupts.py"],
     "explorer.serve": ["tests/explorer/test_serve.py"],
     # the collectives' arithmetic on threads as ranks (test_distributed.py's torchrun is slow)
