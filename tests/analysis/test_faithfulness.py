@@ -86,13 +86,18 @@ def test_the_mean_ablation_equals_a_plain_forward_hook():
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    from conftest import cache_and_train, write_noise_images
+    from conftest import cache_and_train, prebuilt, write_noise_images
 
     root = tmp_path_factory.mktemp("faith")
-    write_noise_images(root / "imgs", 12, shape=(72, 72))
-    return cache_and_train(root, f"{LITE},{VIT}", "fast", {"n_concepts": 64, "k": 8,
-                                                           "batch_images": 3, "max_steps": 20},
-                           val_fraction=0.25)
+
+    def build(dest):
+        write_noise_images(dest / "imgs", 12, shape=(72, 72))
+        cache_and_train(dest, f"{LITE},{VIT}", "fast", {"n_concepts": 64, "k": 8,
+                                                        "batch_images": 3, "max_steps": 20},
+                        val_fraction=0.25)
+
+    prebuilt("faith-cached", root, build)  # (cache and train: no faithfulness code)
+    return root
 
 
 def test_measure_on_two_real_backbones(cached):
@@ -144,3 +149,200 @@ def test_stores_without_backbones_are_skipped_with_the_reason(arrays, tmp_path):
     train_run(cfg, StoreSource(store, "train"), tmp_path / "run", progress=False)
     f = measure(UniversalSAE.load(tmp_path / "run"), store, store.rows("all"), progress=False)
     assert "no backbone spec" in f["skipped"]
+
+
+# ---- every cell against a forward hook that puts the reconstruction into the layer ---------
+def _hand_cells(sae, store, rows, target):
+    """For target model ``target`` (a conv net: its layer's output is (B, d, h, w)): the
+    top-1 agreement and mean KL of each source's reconstruction, of the mean ablation and of
+    the grid mapping alone, from the module's own forward with a hook on the layer."""
+    from usae.data.align import resample_tokens
+    from usae.data.backbones import rebuild_cached
+    from usae.data.images import load_rgb, preprocess_image
+
+    info = store.manifest["models"][target]
+    b = rebuild_cached(target, store.model(target).as_manifest())
+    px = torch.stack([preprocess_image(load_rgb(store.manifest["images"][int(r)]["path"]),
+                                       b.preprocess) for r in rows])
+    layer = dict(b.module.named_modules())[b.layer]
+    h, w = b.grid
+    aligned = tuple(info["aligned_grid"])
+
+    def forward_with(tokens_btd):
+        fmap = tokens_btd.transpose(1, 2).reshape(len(rows), b.d, h, w).contiguous()
+        handle = layer.register_forward_hook(lambda _m, _i, out: fmap)
+        b._hook.stop = False
+        try:
+            return b.module(px)
+        finally:
+            handle.remove()
+            b._hook.stop = True
+
+    def cells(new):
+        agree = (new.argmax(1) == orig.argmax(1)).double().mean()
+        p = torch.log_softmax(orig.double(), 1)
+        q = torch.log_softmax(new.double(), 1)
+        return float(agree), float((p.exp() * (p - q)).sum(1).mean())
+
+    with torch.no_grad():
+        orig = plain_forward(b, px)
+        own = b.splicer(px)[0]
+        out = {"ablation": cells(forward_with(
+            torch.from_numpy(np.asarray(store.stats()[target].mean_d)).float().expand(
+                len(rows), h * w, -1)))}
+        out["grid only"] = cells(forward_with(resample_tokens(resample_tokens(
+            own[:, b.n_prefix:], b.grid, aligned), aligned, b.grid)))
+        for src in sae.models:
+            x = store.read(src, rows).float()
+            code = sae.encode(src, x.reshape(-1, x.shape[-1]))
+            x_hat = sae.decode(target, code).reshape(len(rows), -1, info["d"])
+            out[src] = cells(forward_with(resample_tokens(x_hat, aligned, b.grid)))
+    return out
+
+
+def test_each_cell_is_what_a_forward_hook_on_the_layer_gives(cached):
+    store = Store(cached / "store")
+    sae = UniversalSAE.load(cached / "run")
+    rows = store.rows("val")
+    f = measure(sae, store, rows, batch_images=1, progress=False)  # one image a batch
+    hand = _hand_cells(sae, store, rows, "lite0")
+    for i, src in enumerate(f["models"]):
+        assert f["top1_agreement"][i][0] == pytest.approx(hand[src][0], abs=1e-5)
+        assert f["kl"][i][0] == pytest.approx(hand[src][1], abs=2e-5)
+    assert f["kl_ablation"]["lite0"] == pytest.approx(hand["ablation"][1], abs=2e-5)
+    assert f["resample_only"]["lite0"]["top1_agreement"] == pytest.approx(
+        hand["grid only"][0], abs=1e-5)
+    assert f["resample_only"]["lite0"]["kl"] == pytest.approx(hand["grid only"][1], abs=2e-5)
+    for value in (*f["kl"][0], *f["kl"][1], *f["kl_ablation"].values()):
+        assert value is None or value == round(value, 5)  # the report keeps five places
+
+
+def test_batches_add_up_to_the_whole(cached):
+    store = Store(cached / "store")
+    sae = UniversalSAE.load(cached / "run")
+    one = measure(sae, store, store.rows("val"), batch_images=1, progress=False)
+    whole = measure(sae, store, store.rows("val"), batch_images=64, progress=False)
+    assert _close(one, whole)
+
+
+def _close(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 2e-5
+    return a == b
+
+
+def test_max_images_and_a_missing_image_after_the_first(cached, tmp_path):
+    import shutil
+
+    store = Store(cached / "store")
+    sae = UniversalSAE.load(cached / "run")
+    rows = store.rows("all")
+    assert measure(sae, store, rows, max_images=2, progress=False)["n_images"] == 2
+    second = store.manifest["images"][int(rows[1])]["path"]
+    shutil.copy(second, tmp_path / "kept")
+    try:
+        import os
+
+        os.remove(second)
+        f = measure(sae, store, rows[:3], progress=False)
+        assert f["n_images"] == 2  # the missing image is left out, the others measured
+    finally:
+        shutil.copy(tmp_path / "kept", second)
+
+
+def test_the_progress_bar_counts_images(cached, monkeypatch):
+    from usae.analysis import faithfulness
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.n = kw, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(faithfulness, "progress_bar", Bar)
+    store = Store(cached / "store")
+    sae = UniversalSAE.load(cached / "run")
+    measure(sae, store, store.rows("val"), batch_images=2)
+    n = len(store.rows("val"))
+    assert bars[0].kw == {"total": n, "desc": "faithfulness", "unit": "img", "disable": False}
+    assert bars[0].n == n and bars[0].closed
+    measure(sae, store, store.rows("val"), progress=False)
+    assert bars[1].kw["disable"] is True
+
+
+def test_a_model_that_keeps_its_cls_token_is_measured_on_its_patch_tokens(tmp_path):
+    from conftest import write_noise_images
+
+    from usae.data.cache import cache
+
+    write_noise_images(tmp_path / "imgs", 4, shape=(72, 72))
+    cache(VIT, tmp_path / "imgs", tmp_path / "store", workers=0, progress=False, keep_cls=True)
+    store = Store(tmp_path / "store")
+    assert store.model("vit").info["keep_cls"] is True
+    cfg = resolve(store.models, store.dims, "paper", {"n_concepts": 32, "k": 4})
+    sae = UniversalSAE(cfg.sae).eval()
+    f = measure(sae, store, store.rows("all"), batch_images=2, progress=False)
+    assert f["n_images"] == 4 and f["models"] == ["vit"]
+    assert f["resample_only"]["vit"]["top1_agreement"] == 1.0
+
+
+class _Spec:
+    def __init__(self, spec):
+        self.spec = spec
+
+
+def test_the_section_divides_by_each_targets_images_and_rounds():
+    from usae.analysis.faithfulness import SPLICED, _section, _Sums
+
+    s = _Sums(2)
+    s.n[:] = [4, 0]  # b has no head: nothing was measured for it
+    s.agree[:, 0] = [3, 2]
+    s.kl[:, 0] = [0.4, 1.0]
+    s.abl[0] = 2.0
+    s.res_agree[0], s.res_kl[0] = 4, 0.1234567
+    got = _section(["a", "b"], {"a": _Spec("effnet:a")}, s)
+    assert got == {
+        "models": ["a", "b"], "n_images": 4, "spliced": SPLICED,
+        "heads": {"a": "effnet:a", "b": None},
+        "top1_agreement": [[0.75, None], [0.5, None]],
+        "kl": [[0.1, None], [0.25, None]],
+        "kl_recovered": [[0.8, None], [0.5, None]],
+        "kl_ablation": {"a": 0.5, "b": None},
+        "resample_only": {"a": {"top1_agreement": 1.0, "kl": 0.03086,
+                                "kl_recovered": round(1 - 0.03086 / 0.5, 5)},
+                          "b": {"top1_agreement": None, "kl": None, "kl_recovered": None}}}
+    s.abl[0] = 0.0  # no ablation effect (a head that pools the CLS token): undefined
+    assert _section(["a", "b"], {"a": _Spec("x")}, s)["kl_recovered"][0] == [None, None]
+    s.res_kl[0] = 1 / 3 * 4
+    assert _section(["a", "b"], {"a": _Spec("x")}, s)["resample_only"]["a"]["kl"] == 0.33333
+
+
+def test_format_table_lays_out_each_source_and_target():
+    from usae.analysis.faithfulness import format_table
+
+    section = {"models": ["ab", "c"], "n_images": 7,
+               "top1_agreement": [[1.0, 0.5], [0.25, None]],
+               "kl_recovered": [[0.98765, -0.5], [None, 0.125]],
+               "resample_only": {"ab": {"top1_agreement": 1.0, "kl_recovered": 1.0},
+                                 "c": {"top1_agreement": None, "kl_recovered": None}},
+               "kl_ablation": {"ab": 2.5, "c": None}}
+    assert format_table(section).split("\n") == [
+        "  faithfulness through each model's head (7 images; row: source code, column: target "
+        "model; top-1 agreement / KL recovered):",
+        " " * 6 + " " * 20 + "ab" + " " * 21 + "c",
+        "  ab  " + "      100.0% /  0.988" + "       50.0% / -0.500",
+        "  c   " + "       25.0% /    n/a" + "         n/a /  0.125",
+        "  grid only" + "      100.0% /  1.000" + "         n/a /    n/a",
+        "  ablation KL" + " " * 16 + " 2.500" + " " * 16 + "   n/a"]
+    assert format_table({"skipped": "no head"}) == "  faithfulness: skipped (no head)"
