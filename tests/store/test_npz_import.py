@@ -101,12 +101,12 @@ def _on_14x14(tokens_td: np.ndarray, prefix: int) -> np.ndarray:
 @pytest.mark.parametrize("combined", [True, False])
 def test_in_process_import_writes_every_image_and_its_manifest(tmp_path, combined):
     truth = write_reference_cache(tmp_path / "npz", n=5, combined=combined)
-    info = import_npz(str(tmp_path / "npz"), str(tmp_path / "store"), MODELS, split="train",
+    info = import_npz(str(tmp_path / "npz"), str(tmp_path / "store"), MODELS, split="val",
                       dtype="float32", batch=2, progress=False)
     store = Store(tmp_path / "store")
     manifest = store.manifest
     assert [img["path"] for img in manifest["images"]] == sorted(truth)
-    assert all(img["label"] is None and img["split"] == "train" for img in manifest["images"])
+    assert all(img["label"] is None and img["split"] == "val" for img in manifest["images"])
     assert manifest["source"] == str((tmp_path / "npz").resolve())
     prefixes = {"dinov2": 1, "siglip": 0, "vit": 1}
     grids = {"dinov2": [16, 16], "siglip": [14, 14], "vit": [14, 14]}
@@ -116,8 +116,8 @@ def test_in_process_import_writes_every_image_and_its_manifest(tmp_path, combine
             "aligned_grid": [14, 14], "prefix_tokens": prefixes[m], "layer": "unknown",
             "source": "reference npz"}
         for row, key in enumerate(sorted(truth)):
-            np.testing.assert_allclose(store.read(m, np.array([row]))[0].numpy(),
-                                       _on_14x14(truth[key][m], prefixes[m]), atol=1e-5)
+            np.testing.assert_array_equal(store.read(m, np.array([row]))[0].numpy(),
+                                          _on_14x14(truth[key][m], prefixes[m]))  # float32
     assert info == json.loads((tmp_path / "store" / "manifest.json").read_text())
 
 
@@ -228,6 +228,19 @@ def test_a_damaged_or_pickled_file_cannot_be_read(tmp_path):
     with _exact(f"{tmp_path / 'c_combined.npz'}: no array 'clip' for model 'clip' (it has "
                 "['vit'])"):
         npz_import._load(tmp_path / "c_combined.npz", "clip", "clip")
+
+
+@pytest.mark.parametrize("bad", ["a", "b"])
+def test_a_bad_array_in_any_image_names_its_model(tmp_path, bad):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        np.savez(src / f"{name}_vit.npz", activation=np.zeros((5, 3), np.float32))
+        np.savez(src / f"{name}_dino.npz", activation=np.zeros(7 if name == bad else (5, 3),
+                                                                np.float32))
+    with _exact(f"{src / (bad + '_dino.npz')}: model 'dino' array has shape (7,), expected "
+                "(tokens, d)"):
+        import_npz(src, tmp_path / "s", ["vit", "dino"], progress=False)
 
 
 def test_an_image_shaped_unlike_the_first_is_named(tmp_path):
