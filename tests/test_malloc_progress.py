@@ -46,6 +46,15 @@ def test_keep_freed_memory_stops_mmap_and_trimming(libc):
     assert malloc.keep_freed_memory("cpu") is True
 
 
+def test_verbose_logging_says_whether_it_took_effect(libc, caplog):
+    with caplog.at_level("DEBUG", logger="usae.malloc"):
+        malloc.keep_freed_memory()
+        libc.refuse = -1
+        malloc.keep_freed_memory()
+    assert caplog.messages == ["glibc malloc: heap-only, untrimmed (on)",
+                               "glibc malloc: heap-only, untrimmed (unavailable)"]
+
+
 def test_default_malloc_restores_glibcs_defaults(libc):
     assert malloc.default_malloc() is True
     assert libc.calls == [(-4, 65536), (-1, 131072)]
