@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -444,15 +446,16 @@ def main(argv: list[str] | None = None) -> int:
             status = results(WORK / module, mutmut)
         else:
             status = run_module(module, mutmut, args.max_children, args.rerun)
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-        # "seconds": the last full run (a re-run or a collect keeps it)
-        seconds = saved.get(module, {}).get("seconds") if args.collect or args.rerun else \
-            round(time.monotonic() - start, 1)
-        saved[module] = {**summarize(status, equivalent), "seconds": seconds}
         WORK.mkdir(exist_ok=True)
-        saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        if status and not args.collect:  # a run's score, on the source it ran on
-            record(module, saved[module])
+        with _results_lock():  # (two runs of this script may finish modules at once)
+            saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+            # "seconds": the last full run (a re-run or a collect keeps it)
+            seconds = saved.get(module, {}).get("seconds") if args.collect or args.rerun else \
+                round(time.monotonic() - start, 1)
+            saved[module] = {**summarize(status, equivalent), "seconds": seconds}
+            saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
+            if status and not args.collect:  # a run's score, on the source it ran on
+                record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
     saved = json.loads(saved_path.read_text())
     print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors "
@@ -466,6 +469,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in saved[module]["live_survivors"]:
             print(f"survived: {name}")
     return 1 if below else 0
+
+
+@contextlib.contextmanager
+def _results_lock():
+    """Hold an exclusive lock on mutants-work/results.lock (results.json and the record are
+    read, changed and written under it)."""
+    with open(WORK / "results.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _row(module: str, entry: dict) -> str:
