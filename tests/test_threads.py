@@ -42,6 +42,8 @@ def test_cpu_times_counts_iowait_as_idle(proc_stat):
     assert threads._cpu_times() == (161, 1201)
     proc_stat.append(_stat_line(10, 0, 5, 200))  # an old kernel: four fields, no iowait
     assert threads._cpu_times() == (15, 215)
+    proc_stat.append(_stat_line(10, 0, 5, 200, 7))  # five fields: iowait is the fifth
+    assert threads._cpu_times() == (15, 222)
 
 
 def test_cpu_times_without_proc_stat_is_none(proc_stat):
@@ -120,8 +122,15 @@ def test_a_busy_machine_gets_the_free_cores(torch_threads, monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="usae.threads"):
         assert threads.choose_threads() == 2
     assert torch_threads["set"] == [2]
-    assert "other processes use about 2 of 4 cores): training and extraction use 2 " \
-           "thread(s)" in caplog.text
+    assert caplog.messages == ["the machine is busy (other processes use about 2 of 4 cores): "
+                               "training and extraction use 2 thread(s); set OMP_NUM_THREADS "
+                               "or USAE_THREADS to choose"]
+
+
+def test_two_threads_beside_a_busy_core_become_one(torch_threads, monkeypatch):
+    torch_threads["current"] = 2
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.3)
+    assert threads.choose_threads() == 1 and torch_threads["set"] == [1]
 
 
 def test_a_quiet_machine_keeps_torchs_default(torch_threads, monkeypatch):
@@ -149,10 +158,12 @@ def test_usae_threads_sets_the_count(torch_threads, monkeypatch, value, want):
     assert threads.choose_threads() == want and torch_threads["set"] == [want]
 
 
-def test_usae_threads_all_and_omp_keep_their_choice(torch_threads, monkeypatch):
+def test_usae_threads_all_and_omp_keep_their_choice(torch_threads, monkeypatch, caplog):
     monkeypatch.setattr(threads, "busy_cores", lambda: 3.9)
     monkeypatch.setenv("USAE_THREADS", "ALL")
-    assert threads.choose_threads() is None
+    with caplog.at_level(logging.WARNING, logger="usae.threads"):
+        assert threads.choose_threads() is None
+    assert caplog.messages == []  # "all" is a choice, not a bad value
     monkeypatch.setenv("USAE_THREADS", "3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads.choose_threads() is None
