@@ -57,6 +57,15 @@ def test_an_atomic_write_gets_a_normal_files_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o666 & ~mask
 
 
+def test_the_umask_is_read_without_changing_it():
+    before = os.umask(0o027)
+    try:
+        assert files._current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(before)
+
+
 def test_the_temp_file_is_hidden_beside_the_target(tmp_path):
     seen = []
 
@@ -248,6 +257,21 @@ def test_a_swap_that_fails_is_a_usae_error_and_removes_the_temp(tmp_path, monkey
 
 
 # ---- stale temps ------------------------------------------------------------------------
+def test_a_temp_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    (tmp_path / ".x.tmp").write_text("")
+    real = Path.unlink
+
+    def raced(self, missing_ok=False):
+        real(self)  # another process removed it first
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", raced)
+    remove_stale_temps(tmp_path)
+    assert _listing(tmp_path) == []
+
+
 def test_remove_stale_temps_removes_only_hidden_temp_files(tmp_path):
     for name in (".a.json.x1.tmp", ".b.tmp", "visible.tmp", ".hidden", "data.json"):
         (tmp_path / name).write_text("")

@@ -68,6 +68,8 @@ def test_job_id_needs_both_rendezvous_variables(monkeypatch):
 
 def test_pid_running(dead_pid, live_pid):
     assert pid_running(os.getpid()) and pid_running(live_pid)
+    assert pid_running(1)  # init: a real process
+    os.kill(live_pid, 0)  # still alive: asking sends no signal that ends it
     assert not pid_running(dead_pid)
     assert not pid_running(0) and not pid_running(-1)  # never "every process in the group"
 
@@ -84,8 +86,8 @@ def test_acquire_writes_its_owner_and_creates_the_parent(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "h")
     monkeypatch.setenv("MASTER_PORT", "1")
     monkeypatch.setattr(sys, "argv", ["usae", "train", "--out", "x"])
-    path = acquire(tmp_path / "deep" / "out")
-    assert path == tmp_path / "deep" / ".out.usae-lock"
+    path = acquire(tmp_path / "deep" / "er" / "out")
+    assert path == tmp_path / "deep" / "er" / ".out.usae-lock"
     holder = json.loads(path.read_text())
     assert set(holder) == {"pid", "host", "job", "command", "started"}
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -93,9 +95,9 @@ def test_acquire_writes_its_owner_and_creates_the_parent(tmp_path, monkeypatch):
     assert abs(time.mktime(time.strptime(holder["started"][:19], "%Y-%m-%dT%H:%M:%S")) -
                time.time()) < 120
     assert oct(path.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
-    assert not (tmp_path / "deep" / "out").exists()  # the lock does not make the folder
+    assert not (tmp_path / "deep" / "er" / "out").exists()  # the lock does not make the folder
     release(path)
-    assert acquire(tmp_path / "deep" / "out", command="mine") == path
+    assert acquire(tmp_path / "deep" / "er" / "out", command="mine") == path
     assert json.loads(path.read_text())["command"] == "mine"
 
 
@@ -200,8 +202,9 @@ def test_a_lock_that_vanishes_while_being_checked_is_taken(tmp_path, monkeypatch
 
 def test_a_folder_that_cannot_hold_a_lock_is_a_usae_error(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsaeError, match=r"^cannot create .*file: "):
+    with pytest.raises(UsaeError) as info:
         acquire(tmp_path / "file" / "out")
+    assert str(info.value) == f"cannot create {tmp_path / 'file'}: File exists"
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -224,6 +227,21 @@ def test_an_os_error_opening_the_lock_is_a_usae_error(tmp_path, monkeypatch):
         acquire(tmp_path / "out")
     assert str(info.value) == (f"cannot create the lock {lock_path(tmp_path / 'out')}: No space "
                                "left on device — check the folder's permissions and free space")
+
+
+def test_release_of_a_lock_removed_meanwhile_is_quiet(tmp_path, monkeypatch):
+    path = acquire(tmp_path / "a")
+    mine = locks._read_holder(path)
+    path.unlink()  # removed by hand between our read and our unlink
+    monkeypatch.setattr(locks, "_read_holder", lambda p: mine)
+    release(path)
+
+
+def test_another_jobs_dead_lock_is_no_obstacle(tmp_path, dead_pid, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    monkeypatch.setenv("MASTER_PORT", "7")
+    lock_path(tmp_path / "run").write_text(_holder(dead_pid, job="n1:8"))
+    check_not_held_by_another_job(tmp_path / "run")
 
 
 def test_release_removes_only_our_own_lock(tmp_path, live_pid):
