@@ -74,6 +74,7 @@ SELECTION: dict[str, list[str]] = {
     "analysis.plots": ["tests/analysis/test_evaluate.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_splits.py"],
+    "store.merge": ["tests/store/test_merge.py"],
     "demo": ["tests/test_demo.py"],
     "__main__": ["tests/test_package.py"],
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
