@@ -69,8 +69,18 @@ def test_job_id_needs_both_rendezvous_variables(monkeypatch):
 def test_pid_running(dead_pid, live_pid):
     assert pid_running(os.getpid()) and pid_running(live_pid)
     assert pid_running(1)  # init: a real process
-    os.kill(live_pid, 0)  # still alive: asking sends no signal that ends it
     assert not pid_running(dead_pid)
+
+
+def test_asking_sends_no_signal_that_ends_the_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_running(proc.pid)
+        time.sleep(0.3)
+        assert proc.poll() is None  # still running
+    finally:
+        proc.kill()
+        proc.wait()
     assert not pid_running(0) and not pid_running(-1)  # never "every process in the group"
 
 

@@ -112,3 +112,18 @@ def test_format_table_writes_one_block_per_concept(eval_dir, store):
     many = format_table([{"concept": 123456, "class": "a-very-long-class-name",
                           "energy": 1 / 3, "firing_entropy": 1.0, "fires": {}, "top_images": []}])
     assert many == "concept 123456  a-very-long-class-name energy 0.3333  FE 1.00  fires: "
+
+
+def test_the_defaults_are_ten_concepts_and_three_images(tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"models": ["m"], "n_concepts": 12}))
+    with open(folder / "concepts.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["concept", "class", "energy", "firing_entropy", "fires_m"])
+        writer.writerows((k, "universal", k / 10, 0.5, k) for k in range(12))
+    save_file({"rows.mean": torch.arange(60).reshape(12, 5)},
+              str(folder / "top_images.safetensors"))
+    table = concept_table(folder)
+    assert [c["concept"] for c in table] == list(range(11, 1, -1))
+    assert table[0]["top_images"] == ["row 55", "row 56", "row 57"]

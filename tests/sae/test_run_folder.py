@@ -188,6 +188,9 @@ def test_force_removes_only_the_files_a_run_writes(tmp_path):
         (tmp_path / name).write_text("x")
     prepare_folder(tmp_path, resume=False, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["independent.json", "notes.txt"]
+    (tmp_path / "config.json").write_text("{}")  # a run stopped early: some files only
+    prepare_folder(tmp_path, resume=False, force=True)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_truncate_metrics_keeps_lines_up_to_the_checkpoint(tmp_path):
@@ -204,6 +207,9 @@ def test_truncate_metrics_keeps_lines_up_to_the_checkpoint(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
     truncate_metrics(tmp_path, 0)
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+    (tmp_path / "metrics.jsonl").write_text('{"note": "no step"}\n{"step": 1}\n')
+    truncate_metrics(tmp_path, 0)  # a line without a step counts as step 0
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"note": "no step"}\n'
 
 
 class FakeStore:
@@ -227,18 +233,28 @@ def test_a_store_of_other_models_or_widths_is_refused(tmp_path):
 def test_a_store_cached_differently_from_the_runs_warns_per_key(tmp_path, caplog):
     was = {"a": {"layer": "blocks.10", "aligned_grid": [14, 14], "spec": "timm:x",
                  "keep_cls": False, "prefix_tokens": 1, "d": 6},
-           "b": {"layer": "stage3"}}
+           "b": {"layer": "stage3", "aligned_grid": [7, 7], "prefix_tokens": 0}}
     write_config(tmp_path, _cfg(), final_status(), {"store": {"models": was}})
     now = {"a": {"layer": "blocks.11", "aligned_grid": [14, 14], "spec": "timm:y",
                  "keep_cls": True, "prefix_tokens": 1, "d": 6},
-           "b": {}}  # the store does not say: nothing to compare
+           "b": {"aligned_grid": [8, 8], "prefix_tokens": 1}}  # (no layer: not compared)
     with caplog.at_level(logging.WARNING, logger="usae.sae.run"):
         check_run_matches_store(tmp_path, ("a", "b"), (6, 4),
                                 FakeStore(["a", "b"], [6, 4], now))
     assert caplog.messages == [
         "warning: model 'a' was trained with layer='blocks.10' but the store has 'blocks.11'",
         "warning: model 'a' was trained with spec='timm:x' but the store has 'timm:y'",
-        "warning: model 'a' was trained with keep_cls=False but the store has True"]
+        "warning: model 'a' was trained with keep_cls=False but the store has True",
+        "warning: model 'b' was trained with aligned_grid=[7, 7] but the store has [8, 8]",
+        "warning: model 'b' was trained with prefix_tokens=0 but the store has 1"]
+
+
+def test_a_model_the_record_does_not_name_is_not_compared(tmp_path, caplog):
+    write_config(tmp_path, _cfg(), final_status(), {"store": {"models": {"a": {"layer": "x"}}}})
+    with caplog.at_level(logging.WARNING):
+        check_run_matches_store(tmp_path, ("a", "b"), (6, 4), FakeStore(
+            ["a", "b"], [6, 4], {"a": {"layer": "x"}, "b": {"layer": "y"}}))
+    assert caplog.messages == []
 
 
 def test_a_run_without_a_store_record_is_checked_on_models_and_widths_only(tmp_path, caplog):
