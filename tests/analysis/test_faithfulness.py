@@ -309,7 +309,7 @@ def test_the_section_divides_by_each_targets_images_and_rounds():
     s.n[:] = [4, 0]  # b has no head: nothing was measured for it
     s.agree[:, 0] = [3, 2]
     s.kl[:, 0] = [0.4, 1.0]
-    s.abl[0] = 2.0
+    s.abl[0] = 3.0
     s.res_agree[0], s.res_kl[0] = 4, 0.1234567
     got = _section(["a", "b"], {"a": _Spec("effnet:a")}, s)
     assert got == {
@@ -317,10 +317,10 @@ def test_the_section_divides_by_each_targets_images_and_rounds():
         "heads": {"a": "effnet:a", "b": None},
         "top1_agreement": [[0.75, None], [0.5, None]],
         "kl": [[0.1, None], [0.25, None]],
-        "kl_recovered": [[0.8, None], [0.5, None]],
-        "kl_ablation": {"a": 0.5, "b": None},
+        "kl_recovered": [[0.86667, None], [0.66667, None]],  # 1 - 0.1 / 0.75, 1 - 0.25 / 0.75
+        "kl_ablation": {"a": 0.75, "b": None},
         "resample_only": {"a": {"top1_agreement": 1.0, "kl": 0.03086,
-                                "kl_recovered": round(1 - 0.03086 / 0.5, 5)},
+                                "kl_recovered": 0.95885},  # 1 - 0.03086 / 0.75
                           "b": {"top1_agreement": None, "kl": None, "kl_recovered": None}}}
     s.abl[0] = 0.0  # no ablation effect (a head that pools the CLS token): undefined
     assert _section(["a", "b"], {"a": _Spec("x")}, s)["kl_recovered"][0] == [None, None]
@@ -346,3 +346,28 @@ def test_format_table_lays_out_each_source_and_target():
         "  grid only" + "      100.0% /  1.000" + "         n/a /    n/a",
         "  ablation KL" + " " * 16 + " 2.500" + " " * 16 + "   n/a"]
     assert format_table({"skipped": "no head"}) == "  faithfulness: skipped (no head)"
+
+
+def test_heads_keeps_the_models_with_a_head_and_says_why_the_others_have_none(monkeypatch):
+    from types import SimpleNamespace
+
+    from usae.analysis import faithfulness
+
+    built = {"b": SimpleNamespace(has_head=False, spec="hf:b"),
+             "c": SimpleNamespace(has_head=True, spec="effnet:c")}
+    asked = []
+
+    def rebuild(name, info):
+        asked.append((name, info))
+        if name not in built:
+            raise faithfulness.UsaeError(f"{name}: no backbone spec")
+        return built[name]
+
+    monkeypatch.setattr(faithfulness, "rebuild_cached", rebuild)
+    store = SimpleNamespace(model=lambda m: SimpleNamespace(as_manifest=lambda: {"of": m}))
+    sae = SimpleNamespace(models=("a", "b", "c"))
+    assert faithfulness.heads(sae, store) == ({"c": built["c"]}, None)
+    assert asked == [("a", {"of": "a"}), ("b", {"of": "b"}), ("c", {"of": "c"})]
+    sae.models = ("a", "b")
+    assert faithfulness.heads(sae, store) == (
+        {}, "a: no backbone spec; b: hf:b has no classification head")
