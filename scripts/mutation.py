@@ -76,6 +76,7 @@ SELECTION: dict[str, list[str]] = {
     "data.splits": ["tests/data/test_splits.py"],
     "store.merge": ["tests/store/test_merge.py"],
     "data.images": ["tests/data/test_images.py", "tests/data/test_images_align.py"],
+    "data.image_decoding": ["tests/data/test_image_decoding.py"],
     "demo": ["tests/test_demo.py"],
     "__main__": ["tests/test_package.py"],
     # the card and hf:// loading (the tests that import hub for a run's loading are slow)
