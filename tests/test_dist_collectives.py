@@ -172,6 +172,24 @@ def joined(monkeypatch):
     return seen
 
 
+def test_without_world_size_it_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    assert Dist.from_env() == Dist()
+
+
+def test_a_world_of_two_is_joined(joined, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert Dist.from_env().world == 2 and len(joined["init"]) == 1
+
+
+def test_joining_is_logged_for_verbose_runs(joined, caplog):
+    with caplog.at_level("DEBUG", logger="usae.distributed"):
+        Dist.from_env("cpu")
+    assert caplog.messages == ["rank 2 of 4 joined (gloo, timeout 1800 s)"]
+
+
 def test_from_env_joins_with_gloo_on_cpu_and_a_timeout(joined):
     d = Dist.from_env("cpu")
     assert (d.rank, d.world, d.local_rank, d.backend, d.owns_group) == (2, 4, 1, "gloo", True)
@@ -261,6 +279,17 @@ def test_reduce_step_with_no_stop_and_a_bfloat16_grad(world):
     for grad, fired, logged, stop in w.run(step):
         assert grad.dtype == torch.bfloat16 and grad.tolist() == [1.5, 1.5, 1.5]
         assert fired.tolist() == [False, False] and logged == [0.5] and stop is False
+
+
+def test_the_stop_flag_is_not_read_from_a_scalar(world):
+    w = world(2)
+
+    def step(rank):
+        return Dist(rank=rank, world=2).reduce_step([], torch.zeros(1, dtype=torch.bool),
+                                                    [1.0, 2.0, 3.0], False)
+
+    for _, logged, stop in w.run(step):
+        assert logged == [1.0, 2.0, 3.0] and stop is False
 
 
 def test_agree_passes_equal_texts_and_fails_every_rank_on_a_difference(world):
@@ -366,6 +395,24 @@ def test_global_batch_norm_equals_batch_norm_over_the_whole_batch(world):
     # each rank's weight gradient is its slice's share: summed (as reduce_step does), the whole's
     torch.testing.assert_close(sum(bn.weight.grad for bn, _, _ in results),
                                whole.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_running_statistics_follow_the_momentum_over_steps(world):
+    w = world(2)
+    torch.manual_seed(2)
+    steps = [torch.randn(2, 3) * 0.002 + 1 for _ in range(3)]  # one token per rank: n = 2
+    whole = nn.BatchNorm1d(3, momentum=0.3)
+    whole_out = [whole(x) for x in steps]
+
+    def rank_steps(rank):
+        bn = GlobalBatchNorm1d(3, momentum=0.3)
+        return bn, [bn(x[rank:rank + 1]).detach() for x in steps]
+
+    for rank, (bn, outs) in enumerate(w.run(rank_steps)):
+        torch.testing.assert_close(bn.running_mean, whole.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var, whole.running_var, rtol=1e-5, atol=1e-9)
+        for got, want in zip(outs, whole_out):  # a variance near eps: eps counts
+            torch.testing.assert_close(got, want[rank:rank + 1].detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_global_batch_norm_momentum_none_and_no_running_stats(world):
