@@ -71,7 +71,7 @@ SELECTION: dict[str, list[str]] = {
     "analysis.eval_folder": ["tests/analysis/test_eval_folder.py",
                              "tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
                              "tests/explorer/test_explorer.py"],
-    "analysis.plots": ["tests/analysis/test_evaluate.py"],
+    "analysis.plots": ["tests/analysis/test_plots.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_splits.py"],
     "store.merge": ["tests/store/test_merge.py"],
