@@ -227,6 +227,11 @@ def test_from_json_fills_what_older_runs_lack_and_names_what_breaks():
         RunConfig.from_json({"sae": {}, "train": {"lr_max": 1}})
 
 
+def test_from_dict_names_the_key_whose_value_is_wrong():
+    with _raises("config: k='many' is not a valid int"):
+        from_dict(SAEConfig, {"k": "many"})
+
+
 def test_from_dict_names_the_unknown_keys_and_every_known_one():
     known = sorted(f.name for f in dataclasses.fields(SAEConfig))
     with _raises(f"config: unknown SAEConfig key(s) ['kk', 'nn']; known keys: {known}"):

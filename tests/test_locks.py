@@ -73,8 +73,14 @@ def test_pid_running(dead_pid, live_pid):
 
 
 def test_asking_sends_no_signal_that_ends_the_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # (the default action for every signal, even where this test runs under nohup)
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                             "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):\n"
+                             "    signal.signal(s, signal.SIG_DFL)\n"
+                             "print('ready', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline() == "ready\n"
         assert pid_running(proc.pid)
         time.sleep(0.3)
         assert proc.poll() is None  # still running
