@@ -331,11 +331,9 @@ def test_entry_without_distributed_imported_exits_normally(monkeypatch):
     assert ended.value.code == 0
 
 
-def test_version():
+def test_version(capsys):
     from usae import __version__
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as ended:
         cli.build_parser().parse_args(["--version"])
-    out = subprocess.run([sys.executable, "-m", "usae", "--version"], capture_output=True,
-                         text=True, check=True, timeout=120).stdout
-    assert out == f"usae {__version__}\n"
+    assert ended.value.code == 0 and capsys.readouterr().out == f"usae {__version__}\n"
