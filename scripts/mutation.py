@@ -72,6 +72,7 @@ SELECTION: dict[str, list[str]] = {
                              "tests/analysis/test_evaluate.py", "tests/cam/test_cam.py",
                              "tests/explorer/test_explorer.py"],
     "analysis.plots": ["tests/analysis/test_plots.py"],
+    "analysis.truth": ["tests/analysis/test_truth.py", "tests/analysis/test_synth.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_splits.py"],
     "store.merge": ["tests/store/test_merge.py"],
