@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,6 +50,50 @@ def per_test_under_mutation(*modules: str) -> Callable[..., str]:
     def scope(fixture_name: str, config) -> str:
         return "function" if os.environ.get("USAE_MUTATION_MODULE") in modules else "module"
     return scope
+
+
+def exactly(message: str, kind: type[Exception] | None = None):
+    """``pytest.raises`` for an error (a ``UsaeError`` unless ``kind`` says) whose whole
+    message is ``message``."""
+    from usae.errors import UsaeError
+
+    return pytest.raises(kind or UsaeError, match="^" + re.escape(message) + "$")
+
+
+class RecordingBar:
+    """A stand-in for ``usae.progress.bar``: the keywords it was made with, each update, its
+    postfix and whether it was closed."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kw, self.updates, self.postfix, self.closed = kwargs, [], {}, False
+
+    @property
+    def n(self) -> int:
+        return sum(self.updates)
+
+    def update(self, n: int = 1) -> None:
+        self.updates.append(n)
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = kwargs
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """``progress_bars(module, ...)`` replaces each module's ``progress_bar`` by
+    ``RecordingBar``s; returns the list the bars made are appended to, in order."""
+    made: list[RecordingBar] = []
+
+    def patch(*modules) -> list[RecordingBar]:
+        for module in modules:
+            monkeypatch.setattr(module, "progress_bar",
+                                lambda **kw: made.append(RecordingBar(**kw)) or made[-1])
+        return made
+
+    return patch
 
 
 def prebuilt(name: str, dest: Path, build: Callable[[Path], None]) -> None:

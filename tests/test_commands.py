@@ -6,13 +6,13 @@ flags into the library is tests/test_cli.py's WIRING table.)"""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import exactly
 from usae import commands
 from usae.cli import build_parser
 from usae.errors import UsaeError
@@ -22,8 +22,6 @@ def _args(*argv: str):
     return build_parser().parse_args(list(argv))
 
 
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 # ---- .npy in and out --------------------------------------------------------------------
@@ -35,20 +33,20 @@ def test_load_npy_reads_numeric_arrays(tmp_path):
 
 
 def test_load_npy_refuses_what_is_not_a_numeric_npy(tmp_path):
-    with _exact(f"{tmp_path / 'none.npy'} does not exist"):
+    with exactly(f"{tmp_path / 'none.npy'} does not exist"):
         commands._load_npy(str(tmp_path / "none.npy"))
-    with _exact(f"cannot read {tmp_path}: Is a directory"):
+    with exactly(f"cannot read {tmp_path}: Is a directory"):
         commands._load_npy(str(tmp_path))
     (tmp_path / "t.npy").write_text("1,2,3")
-    with _exact(f"{tmp_path / 't.npy'} is not a .npy file (no NumPy header) — save arrays "
+    with exactly(f"{tmp_path / 't.npy'} is not a .npy file (no NumPy header) — save arrays "
                 "with numpy.save"):
         commands._load_npy(str(tmp_path / "t.npy"))
     np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with _exact(f"{tmp_path / 'o.npy'} holds Python objects (a pickled array); usae reads "
+    with exactly(f"{tmp_path / 'o.npy'} holds Python objects (a pickled array); usae reads "
                 "only numeric .npy files — save it with a float dtype"):
         commands._load_npy(str(tmp_path / "o.npy"))
     np.save(tmp_path / "s.npy", np.array(["a", "b"]))
-    with _exact(f"{tmp_path / 's.npy'} has dtype <U1; expected a numeric (float or integer) "
+    with exactly(f"{tmp_path / 's.npy'} has dtype <U1; expected a numeric (float or integer) "
                 "array"):
         commands._load_npy(str(tmp_path / "s.npy"))
     np.save(tmp_path / "c.npy", np.zeros(3, np.complex64))
@@ -128,7 +126,7 @@ def test_encode_and_decode_write_float32_and_say_the_shape(tmp_path, fake_sae, c
 def test_encode_checks_the_device_first(tmp_path, fake_sae):
     args = _args("encode", "RUN", "--model", "m", "--input", "x.npy", "--out", "y.npy",
                  "--device", "tpu")
-    with _exact("--device must be cpu or cuda[:i], got 'tpu'"):
+    with exactly("--device must be cpu or cuda[:i], got 'tpu'"):
         commands.cmd_encode(args)
     assert fake_sae.loaded == []
 
@@ -198,7 +196,7 @@ def test_store_add_model_passes_the_image_options_but_not_the_stores_own(monkeyp
 
 
 def test_store_without_a_subcommand_says_which_exist():
-    with _exact("a store command is needed — usage: usae store "
+    with exactly("a store command is needed — usage: usae store "
                 "{info,merge,import-npz,add-model} ..."):
         commands.cmd_store(_args("store"))
 
@@ -286,7 +284,7 @@ def test_train_on_rank_1_prints_nothing(train_calls, capsys, monkeypatch):
      "universal SAE (no --independent)"),
 ])
 def test_train_refuses_contradictory_flags_before_any_work(train_calls, argv, message):
-    with _exact(message):
+    with exactly(message):
         commands.cmd_train(_args(*argv))
     assert train_calls == []
 
@@ -457,7 +455,7 @@ def test_concept_ids(text, ids):
 
 
 def test_concept_ids_refuses_what_is_not_an_integer():
-    with _exact("--concept takes integers K[,K...], got '3,x'"):
+    with exactly("--concept takes integers K[,K...], got '3,x'"):
         commands._concept_ids("3,x")
 
 
@@ -471,7 +469,7 @@ def test_cam_needs_one_way_of_choosing_concepts_and_prints_each_score(monkeypatc
                         eval_dir: seen.update(concepts=concepts, top=top, out=out) or {4: doc})
     for argv in (["cam", "R", "--store", "S"],
                  ["cam", "R", "--store", "S", "--concept", "1", "--top", "2"]):
-        with _exact("give either --concept K[,K...] or --top N"):
+        with exactly("give either --concept K[,K...] or --top N"):
             commands.cmd_cam(_args(*argv))
     assert commands.cmd_cam(_args("cam", "R", "--store", "S", "--concept", "4,8")) == 0
     assert seen == {"concepts": [4, 8], "top": None, "out": None}
@@ -514,7 +512,7 @@ def test_concepts_checks_the_eval_against_the_run_then_prints(concepts_run, caps
 
 @pytest.mark.parametrize("flags", [["--top", "0"], ["--images", "-1"]])
 def test_concepts_refuses_a_top_or_images_out_of_range(concepts_run, flags):
-    with _exact("--top must be at least 1 and --images at least 0"):
+    with exactly("--top must be at least 1 and --images at least 0"):
         commands.cmd_concepts(_args("concepts", "R", "--eval", "E", *flags))
     assert "checked" not in concepts_run
 

@@ -1,9 +1,9 @@
 import dataclasses
 import json
-import re
 
 import pytest
 
+from tests.conftest import exactly
 from usae.config import (
     MAX_SEED,
     TRAIN_PRESETS,
@@ -91,9 +91,6 @@ def test_a_run_trained_on_cuda_reads_its_config_on_a_cpu_machine(monkeypatch):
 
 
 # ---- every rule of the config tree, with the message a user reads ------------------------
-def _raises(message: str):
-    """pytest.raises for a UsaeError whose whole message is ``message``."""
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -117,7 +114,7 @@ def _raises(message: str):
      "config: k=17 is larger than the number of concepts n=16"),
 ])
 def test_sae_config_refuses_with_the_rule_it_broke(kwargs, message):
-    with _raises(message):
+    with exactly(message):
         SAEConfig(**kwargs)
 
 
@@ -157,7 +154,7 @@ def test_sae_config_boundaries_that_are_allowed():
                           "source's codes already reconstruct every model)"),
 ])
 def test_train_config_refuses_with_the_rule_it_broke(kwargs, message):
-    with _raises(message):
+    with exactly(message):
         TrainConfig(**kwargs)
 
 
@@ -201,13 +198,13 @@ def _run(**train):
      "config: matryoshka prefixes must be smaller than the 16 concepts, got [4, 16]"),
 ])
 def test_run_config_refuses_combinations_across_sections(train, message):
-    with _raises(message):
+    with exactly(message):
         _run(**train)
 
 
 def test_frozen_models_refuse_a_shared_state_rule_and_allowed_combinations_pass():
     sae = SAEConfig(models=("a", "b"), dims=(4, 4), n_concepts=16, k=2, sparsity="batchtopk")
-    with _raises("config: frozen models need a sparsity rule without state (the batchtopk "
+    with exactly("config: frozen models need a sparsity rule without state (the batchtopk "
                  "rule keeps state that every model shares)"):
         RunConfig(sae=sae, train=TrainConfig(frozen_models=("a",)))
     assert RunConfig(sae=sae, train=TrainConfig()).sae.sparsity == "batchtopk"
@@ -221,20 +218,20 @@ def test_from_json_fills_what_older_runs_lack_and_names_what_breaks():
     cfg = RunConfig.from_json({"sae": {"models": ["a"], "dims": [4], "k": 2}})
     assert cfg.train == TrainConfig() and cfg.preset == "custom"
     assert cfg.sae.models == ("a",) and cfg.sae.dims == (4,)
-    with _raises("config.json is malformed: 'sae'"):
+    with exactly("config.json is malformed: 'sae'"):
         RunConfig.from_json({"train": {}})
     with pytest.raises(UsaeError, match="^config: unknown TrainConfig key"):
         RunConfig.from_json({"sae": {}, "train": {"lr_max": 1}})
 
 
 def test_from_dict_names_the_key_whose_value_is_wrong():
-    with _raises("config: k='many' is not a valid int"):
+    with exactly("config: k='many' is not a valid int"):
         from_dict(SAEConfig, {"k": "many"})
 
 
 def test_from_dict_names_the_unknown_keys_and_every_known_one():
     known = sorted(f.name for f in dataclasses.fields(SAEConfig))
-    with _raises(f"config: unknown SAEConfig key(s) ['kk', 'nn']; known keys: {known}"):
+    with exactly(f"config: unknown SAEConfig key(s) ['kk', 'nn']; known keys: {known}"):
         from_dict(SAEConfig, {"nn": 1, "k": 2, "kk": 3})
     assert from_dict(SAEConfig, {"models": ["a"], "dims": ["4"], "k": "3"}) == \
         SAEConfig(models=("a",), dims=(4,), k=3)
@@ -268,7 +265,7 @@ def test_values_take_their_fields_type(key, value, want):
     ("k", None, "config: k=None is not a valid int"),
 ])
 def test_a_value_that_is_not_its_fields_type_is_refused(key, value, message):
-    with _raises(message):
+    with exactly(message):
         key_value(key, value)
 
 
@@ -284,10 +281,10 @@ def test_parse_set_splits_at_the_first_equals_and_strips():
     assert parse_set([" k = 4 ", "device=cuda:0", "note=a=b"]) == \
         {"k": "4", "device": "cuda:0", "note": "a=b"}
     assert parse_set([]) == {}
-    with _raises("--set expects key=value, got 'k4'"):
+    with exactly("--set expects key=value, got 'k4'"):
         parse_set(["k4"])
     for key in ("models", " dims"):
-        with _raises(f"--set {key.strip()}=...: models and dims come from the store, they "
+        with exactly(f"--set {key.strip()}=...: models and dims come from the store, they "
                      "cannot be set"):
             parse_set([f"{key}=x"])
 
@@ -306,10 +303,10 @@ def test_config_files_flat_nested_or_a_runs_own(tmp_path):
 
 
 def test_config_files_that_cannot_be_used_say_why(tmp_path):
-    with _raises(f"cannot read config {tmp_path / 'none.json'}: No such file or directory"):
+    with exactly(f"cannot read config {tmp_path / 'none.json'}: No such file or directory"):
         load_config_file(tmp_path / "none.json")
     (tmp_path / "list.yaml").write_text("- k\n- 3\n")
-    with _raises(f"config {tmp_path / 'list.yaml'} must hold a mapping of keys to values"):
+    with exactly(f"config {tmp_path / 'list.yaml'} must hold a mapping of keys to values"):
         load_config_file(tmp_path / "list.yaml")
     (tmp_path / "bad.yml").write_text("k: [\n")
     with pytest.raises(UsaeError, match=r"^config .*bad\.yml is not valid yml: "):
@@ -326,7 +323,7 @@ def test_resolve_applies_the_preset_then_the_overrides():
     assert fast.train.decoder_update == "all" and fast.sae.sparsity == "energy"  # the preset's
     assert resolve(("a",), (4,)).preset == "paper"
     assert resolve(("a",), (4,), "paper", None) == resolve(("a",), (4,), "paper", {})
-    with _raises("unknown preset 'fastest'; choose one of ['best', 'demo', 'fast', 'paper']"):
+    with exactly("unknown preset 'fastest'; choose one of ['best', 'demo', 'fast', 'paper']"):
         resolve(("a",), (4,), "fastest")
 
 

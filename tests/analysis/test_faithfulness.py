@@ -254,23 +254,10 @@ def test_max_images_and_a_missing_image_after_the_first(cached, tmp_path):
         shutil.copy(tmp_path / "kept", second)
 
 
-def test_the_progress_bar_counts_images(cached, monkeypatch):
+def test_the_progress_bar_counts_images(cached, progress_bars):
     from usae.analysis import faithfulness
 
-    bars = []
-
-    class Bar:
-        def __init__(self, **kw):
-            self.kw, self.n = kw, 0
-            bars.append(self)
-
-        def update(self, n):
-            self.n += n
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(faithfulness, "progress_bar", Bar)
+    bars = progress_bars(faithfulness)
     store = Store(cached / "store")
     sae = UniversalSAE.load(cached / "run")
     measure(sae, store, store.rows("val"), batch_images=2)

@@ -4,13 +4,12 @@ box of each resize, each worked out by hand."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import exactly
 from usae.data.backbones.base import Preprocess
 from usae.data.images import (
     IMAGE_EXTS,
@@ -23,10 +22,6 @@ from usae.data.images import (
     resize_crop_u8,
 )
 from usae.errors import UsaeError
-
-
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 def _save(path, size=(8, 6), color=(10, 20, 30)):
@@ -84,16 +79,16 @@ def test_a_list_file_with_only_paths_holds_out_a_seeded_fraction(tmp_path):
 
 def test_an_unknown_split_in_a_list_file_is_refused(tmp_path):
     (tmp_path / "l.txt").write_text("a.png,cat,holdout\n")
-    with _exact(f"{tmp_path / 'l.txt'}: unknown split 'holdout' in line 'a.png,cat,holdout' — "
+    with exactly(f"{tmp_path / 'l.txt'}: unknown split 'holdout' in line 'a.png,cat,holdout' — "
                 "use one of ['test', 'train', 'val', 'validation']"):
         list_images(tmp_path / "l.txt")
 
 
 def test_nothing_to_list_names_the_extensions(tmp_path):
     (tmp_path / "notes.txt").mkdir()
-    with _exact(f"no images under {tmp_path} (looked for {', '.join(sorted(IMAGE_EXTS))})"):
+    with exactly(f"no images under {tmp_path} (looked for {', '.join(sorted(IMAGE_EXTS))})"):
         list_images(tmp_path)
-    with _exact(f"{tmp_path / 'nope'} does not exist"):
+    with exactly(f"{tmp_path / 'nope'} does not exist"):
         list_images(tmp_path / "nope")
 
 
@@ -142,9 +137,9 @@ def test_high_bit_depth_values_map_to_eight_bits(mode, values, want):
 
 
 def test_non_finite_pixels_are_refused():
-    with _exact("mode F image has NaN or infinite pixels"):
+    with exactly("mode F image has NaN or infinite pixels"):
         _to_uint8(np.array([0.0, np.nan]), "F")
-    with _exact("mode F image has NaN or infinite pixels"):
+    with exactly("mode F image has NaN or infinite pixels"):
         _to_uint8(np.array([0.0, np.inf]), "F")
 
 

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 import pytest
 import torch
 
+from tests.conftest import exactly
 from usae.config import resolve
-from usae.errors import UsaeError
 from usae.sae import extend
 from usae.sae.model import UniversalSAE
 from usae.sae.run import final_status, write_config
 from usae.store.store import Store
 from usae.store.writer import store_from_arrays
-
-
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 @pytest.fixture
@@ -49,32 +44,32 @@ def test_the_new_models_are_the_stores_models_the_run_lacks(store, tmp_path):
 
 def test_a_store_without_the_runs_models_is_refused(store, tmp_path):
     run, cfg = _run(tmp_path, ["m0", "x", "y"], [12, 4, 4])
-    with _exact("the store lacks the run's model(s) ['x', 'y'] — extend with a store that has "
+    with exactly("the store lacks the run's model(s) ['x', 'y'] — extend with a store that has "
                 "them (usae store add-model adds the new ones to it)"):
         extend.check_extendable(run, cfg, store)
 
 
 def test_nothing_to_add_or_finetune_with_new_models_is_refused(store, tmp_path):
     run, cfg = _run(tmp_path, ["m0", "m1", "m2"], [12, 8, 10])
-    with _exact("the store has no model the run lacks (both have ['m0', 'm1', 'm2']) — add one "
+    with exactly("the store has no model the run lacks (both have ['m0', 'm1', 'm2']) — add one "
                 "with `usae store add-model STORE --models SPEC`"):
         extend.check_extendable(run, cfg, store)
     assert extend.check_extendable(run, cfg, store, finetune=True) == []
     run, cfg = _run(tmp_path, ["m0"], [12])
-    with _exact("--finetune trains a run on its own models, but the store has ['m1', 'm2'] "
+    with exactly("--finetune trains a run on its own models, but the store has ['m1', 'm2'] "
                 "too — extend the run with them first (--extend without --finetune)"):
         extend.check_extendable(run, cfg, store, finetune=True)
 
 
 def test_a_width_that_differs_is_refused(store, tmp_path):
     run, cfg = _run(tmp_path, ["m0", "m1"], [12, 9])
-    with _exact("model 'm1': the run has d=9 but the store has d=8"):
+    with exactly("model 'm1': the run has d=9 but the store has d=8"):
         extend.check_extendable(run, cfg, store)
 
 
 def test_other_images_are_refused_and_an_earlier_hash_accepted(store, tmp_path, caplog):
     run, cfg = _run(tmp_path, ["m0"], [12], {"content_hash": "f" * 64})
-    with _exact(f"the store's images differ from those the run was trained on (its store had "
+    with exactly(f"the store's images differ from those the run was trained on (its store had "
                 f"content hash {'f' * 16}) — add the new model to the run's own store with "
                 "`usae store add-model`"):
         extend.check_extendable(run, cfg, store)
@@ -93,13 +88,13 @@ def test_a_new_model_without_statistics_is_refused(store, tmp_path):
     manifest["stats"] = {k: v for k, v in manifest["stats"].items() if k != "m2"}
     (store.path / "manifest.json").write_text(json.dumps(manifest))
     run, cfg = _run(tmp_path, ["m0"], [12], {"content_hash": manifest["content_hash"]})
-    with _exact("the store has no standardization statistics for ['m2'] — re-create it with "
+    with exactly("the store has no standardization statistics for ['m2'] — re-create it with "
                 "usae cache or usae store add-model"):
         extend.check_extendable(run, cfg, Store(store.path))
 
 
 def test_extend_refuses_a_preset(store, tmp_path):
-    with _exact("--extend keeps the run's own config; give single keys (--lr, --max-steps...) "
+    with exactly("--extend keeps the run's own config; give single keys (--lr, --max-steps...) "
                 "instead of --preset"):
         extend.extend_run(tmp_path / "run", store.path, tmp_path / "out", preset="fast")
 

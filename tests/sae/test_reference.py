@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import exactly
 from usae.errors import UsaeError
 from usae.sae.model import UniversalSAE
 from usae.sae.reference import import_reference
@@ -148,10 +149,6 @@ def _rewrite(yaml_path, change):
     yaml_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def _exact(message: str):
-    import re
-
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 def test_every_model_encodes_and_decodes_as_the_reference_in_process(tmp_path):
@@ -271,12 +268,12 @@ def test_a_missing_checkpoint_lists_every_place_looked(tmp_path, monkeypatch):
     yaml_path, _ = write_reference(tmp_path / "p", yaml_dir="cfg")
     monkeypatch.chdir(tmp_path)
     _rewrite(yaml_path, lambda c: c["model_zoo"]["SigLIP"].update(checkpoint_path="no.pth"))
-    with _exact(f"checkpoint 'no.pth' not found (looked in: {tmp_path / 'no.pth'}, "
+    with exactly(f"checkpoint 'no.pth' not found (looked in: {tmp_path / 'no.pth'}, "
                 f"{tmp_path / 'p' / 'cfg' / 'no.pth'}, {tmp_path / 'p' / 'no.pth'})"):
         import_reference(yaml_path, tmp_path / "run")
     _rewrite(yaml_path, lambda c: c["model_zoo"]["SigLIP"].update(
         checkpoint_path=str(tmp_path / "abs.pth")))
-    with _exact(f"checkpoint '{tmp_path / 'abs.pth'}' not found (looked in: "
+    with exactly(f"checkpoint '{tmp_path / 'abs.pth'}' not found (looked in: "
                 f"{tmp_path / 'abs.pth'})"):
         import_reference(yaml_path, tmp_path / "run")
 
@@ -313,7 +310,7 @@ def test_an_absolute_or_home_path_is_used_as_given(tmp_path, monkeypatch):
 def test_a_yaml_the_import_cannot_honour_is_refused_with_the_reason(tmp_path, change, message):
     yaml_path, _ = write_reference(tmp_path)
     _rewrite(yaml_path, change)
-    with _exact(message):
+    with exactly(message):
         import_reference(yaml_path, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -336,9 +333,9 @@ def test_a_global_section_with_one_of_its_two_keys_checks_nothing(tmp_path):
 ])
 def test_a_yaml_without_a_model_zoo_is_refused(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
-    with _exact(f"{tmp_path / 'c.yaml'}: {message}"):
+    with exactly(f"{tmp_path / 'c.yaml'}: {message}"):
         import_reference(tmp_path / "c.yaml", tmp_path / "run")
-    with _exact(f"cannot read {tmp_path / 'none.yaml'}: No such file or directory"):
+    with exactly(f"cannot read {tmp_path / 'none.yaml'}: No such file or directory"):
         import_reference(tmp_path / "none.yaml", tmp_path / "run")
 
 
@@ -354,14 +351,14 @@ def test_a_checkpoint_that_is_not_a_usae_one_is_named(tmp_path):
     yaml_path, params = write_reference(tmp_path)
     path = tmp_path / "checkpoints" / "uni_ViT_checkpoint_9.pth"
     torch.save([1, 2], path)
-    with _exact(f"model 'ViT': {path} holds no model_state_dict"):
+    with exactly(f"model 'ViT': {path} holds no model_state_dict"):
         import_reference(yaml_path, tmp_path / "run")
     torch.save({"model_state_dict": "weights"}, path)
-    with _exact(f"model 'ViT': {path} holds no model_state_dict"):
+    with exactly(f"model 'ViT': {path} holds no model_state_dict"):
         import_reference(yaml_path, tmp_path / "run")
     _save_state(tmp_path, params, "ViT", lambda s: (s.pop("dictionary._weights"),
                                                      s.pop("encoder.final_block.0.bias")))
-    with _exact(f"model 'ViT': {path} lacks ['encoder.final_block.0.bias', "
+    with exactly(f"model 'ViT': {path} lacks ['encoder.final_block.0.bias', "
                 "'dictionary._weights']; is it a USAE checkpoint?"):
         import_reference(yaml_path, tmp_path / "run")
 
@@ -370,20 +367,20 @@ def test_a_checkpoint_missing_its_norm_or_shaped_wrong_or_not_finite_is_named(tm
     yaml_path, params = write_reference(tmp_path)
     _save_state(tmp_path, params, "DinoV2",
                 lambda s: s.pop("encoder.final_block.1.running_var"))
-    with _exact("model 'DinoV2': checkpoint lacks encoder.final_block.1.running_var"):
+    with exactly("model 'DinoV2': checkpoint lacks encoder.final_block.1.running_var"):
         import_reference(yaml_path, tmp_path / "run")
     _save_state(tmp_path, params, "DinoV2",
                 lambda s: s.update({"encoder.final_block.1.bias": torch.zeros(N + 1)}))
-    with _exact(f"model 'DinoV2': encoder.final_block.1.bias has shape ({N + 1},), expected "
+    with exactly(f"model 'DinoV2': encoder.final_block.1.bias has shape ({N + 1},), expected "
                 f"({N},)"):
         import_reference(yaml_path, tmp_path / "run")
     bad = params["DinoV2"][0]["dictionary._weights"].clone()
     bad[3, 4] = float("nan")
     _save_state(tmp_path, params, "DinoV2", lambda s: s.update({"dictionary._weights": bad}))
-    with _exact("model 'DinoV2': dictionary._weights contains NaN or Inf"):
+    with exactly("model 'DinoV2': dictionary._weights contains NaN or Inf"):
         import_reference(yaml_path, tmp_path / "run")
     bad[3, 4] = float("-inf")
-    with _exact("model 'DinoV2': dictionary._weights contains NaN or Inf"):
+    with exactly("model 'DinoV2': dictionary._weights contains NaN or Inf"):
         _save_state(tmp_path, params, "DinoV2",
                     lambda s: s.update({"dictionary._weights": bad}))
         import_reference(yaml_path, tmp_path / "run")
@@ -398,7 +395,7 @@ def test_checkpoints_that_disagree_on_n_are_refused(tmp_path):
                 state[key] = torch.cat([value, value[:4]])
 
     _save_state(tmp_path, params, "ViT", widen)
-    with _exact(f"checkpoints disagree on the number of concepts: [{N}, {N + 4}]"):
+    with exactly(f"checkpoints disagree on the number of concepts: [{N}, {N + 4}]"):
         import_reference(yaml_path, tmp_path / "run")
 
 
@@ -410,5 +407,5 @@ def test_a_read_error_shows_its_first_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", failing)
     path = tmp_path / "checkpoints" / "uni_SigLIP_checkpoint_9.pth"
-    with _exact(f"model 'SigLIP': cannot read checkpoint {path}: Weights only load failed."):
+    with exactly(f"model 'SigLIP': cannot read checkpoint {path}: Weights only load failed."):
         import_reference(yaml_path, tmp_path / "run")

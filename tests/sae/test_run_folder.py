@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tests.conftest import exactly
 from usae.config import resolve
 from usae.errors import UsaeError
 from usae.sae import run as run_folder
@@ -31,10 +31,6 @@ from usae.sae.run import (
     warn_if_partial,
     write_config,
 )
-
-
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 def _cfg():
@@ -69,10 +65,10 @@ def test_statuses():
 
 
 def test_a_folder_without_config_or_with_a_broken_one_is_not_a_run(tmp_path):
-    with _exact(f"{tmp_path} is not a usae run: config.json is missing"):
+    with exactly(f"{tmp_path} is not a usae run: config.json is missing"):
         read_run_json(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
-    with _exact(f"{tmp_path / 'config.json'} is corrupt: expected a JSON object"):
+    with exactly(f"{tmp_path / 'config.json'} is corrupt: expected a JSON object"):
         read_run_json(tmp_path)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(UsaeError, match=r"^run config .*config\.json is corrupt: "):
@@ -151,7 +147,7 @@ def test_prepare_folder_makes_a_new_folder_and_clears_stale_temps(tmp_path):
 
 
 def test_prepare_folder_resume_needs_a_checkpoint(tmp_path):
-    with _exact(f"--resume: {tmp_path} has no checkpoint.safetensors to resume from — train "
+    with exactly(f"--resume: {tmp_path} has no checkpoint.safetensors to resume from — train "
                 "without --resume to start it"):
         prepare_folder(tmp_path, resume=True, force=False)
     (tmp_path / "checkpoint.safetensors").write_text("")
@@ -162,22 +158,22 @@ def test_prepare_folder_resume_needs_a_checkpoint(tmp_path):
 
 def test_prepare_folder_refuses_what_it_would_overwrite(tmp_path):
     (tmp_path / "file").write_text("")
-    with _exact(f"{tmp_path / 'file'} is a file, not a folder — choose another --out"):
+    with exactly(f"{tmp_path / 'file'} is a file, not a folder — choose another --out"):
         prepare_folder(tmp_path / "file", resume=False, force=False)
     other = tmp_path / "other"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    with _exact(f"{other} exists and is not empty — pass --resume to continue it, --force to "
+    with exactly(f"{other} exists and is not empty — pass --resume to continue it, --force to "
                 "replace it, or choose another --out"):
         prepare_folder(other, resume=False, force=False)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    with _exact(f"{run} holds a run that was stopped before its first checkpoint — pass "
+    with exactly(f"{run} holds a run that was stopped before its first checkpoint — pass "
                 "--force to start it again, or choose another --out"):
         prepare_folder(run, resume=False, force=False)
     (run / "checkpoint.safetensors").write_text("")
-    with _exact(f"{run} holds a run — pass --resume to continue it, --force to replace it, or "
+    with exactly(f"{run} holds a run — pass --resume to continue it, --force to replace it, or "
                 "choose another --out"):
         prepare_folder(run, resume=False, force=False)
 
@@ -222,10 +218,10 @@ class FakeStore:
 
 
 def test_a_store_of_other_models_or_widths_is_refused(tmp_path):
-    with _exact("the run has models ['a', 'b'] but the store has ['b', 'a'] — evaluate on a "
+    with exactly("the run has models ['a', 'b'] but the store has ['b', 'a'] — evaluate on a "
                 "store cached with the same models"):
         check_run_matches_store(tmp_path, ("a", "b"), (6, 4), FakeStore(["b", "a"], [4, 6]))
-    with _exact("model 'b': the run has d=4 but the store has d=5"):
+    with exactly("model 'b': the run has d=4 but the store has d=5"):
         check_run_matches_store(tmp_path, ("a", "b"), (6, 4), FakeStore(["a", "b"], [6, 5]))
     check_run_matches_store(tmp_path, ("a", "b"), (6, 4), FakeStore(["a", "b"], [6, 4]))
 

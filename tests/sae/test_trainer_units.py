@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
 
+from tests.conftest import exactly
 from usae.config import resolve
 from usae.data.sources import ArraySource
-from usae.errors import UsaeError
 from usae.sae import trainer as trainer_module
 from usae.sae.trainer import Trainer, lr_at, make_optimizer
-
-
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 def _cfg(arrays, **over):
@@ -110,10 +105,10 @@ def test_a_run_with_other_data_is_refused_naming_the_difference(arrays, tmp_path
     cfg = _cfg(arrays)
     t = Trainer(cfg, tmp_path / "r", progress=False)
     swapped = {m: arrays[m] for m in reversed(list(arrays))}
-    with _exact(f"data has models {list(swapped)} but the config has {list(arrays)}"):
+    with exactly(f"data has models {list(swapped)} but the config has {list(arrays)}"):
         t.fit(ArraySource(swapped))
     few = {m: a[:3] for m, a in arrays.items()}
-    with _exact("the training data has 3 images, fewer than one batch of 4 — lower "
+    with exactly("the training data has 3 images, fewer than one batch of 4 — lower "
                 "batch_images"):
         t.fit(ArraySource(few))
     assert t._check_source(ArraySource({m: a[:4] for m, a in arrays.items()})) == 1
@@ -122,7 +117,7 @@ def test_a_run_with_other_data_is_refused_naming_the_difference(arrays, tmp_path
 
 def test_cuda_without_cuda_is_refused_before_anything(arrays, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with _exact("device 'cuda:1' requested but CUDA is not available — use --device cpu"):
+    with exactly("device 'cuda:1' requested but CUDA is not available — use --device cpu"):
         Trainer(_cfg(arrays, device="cuda:1"), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
 
@@ -181,24 +176,9 @@ def test_a_rank_other_than_0_writes_nothing(arrays, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_progress_bar_starts_where_a_resume_starts(arrays, tmp_path, monkeypatch):
-    bars = []
-
-    class Bar:
-        def __init__(self, **kw):
-            self.kw, self.n = kw, 0
-            bars.append(self)
-
-        def update(self, n):
-            self.n += n
-
-        def set_postfix(self, **kw):
-            self.postfix = kw
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(trainer_module, "progress_bar", Bar)
+def test_the_progress_bar_starts_where_a_resume_starts(arrays, tmp_path, monkeypatch,
+                                                      progress_bars):
+    bars = progress_bars(trainer_module)
     cfg = _cfg(arrays, max_steps=5, checkpoint_every=3)
     real, calls = Trainer.train_step, []
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 import numpy as np
 import pytest
 
+from tests.conftest import exactly
 from usae.config import resolve
 from usae.data.sources import ArraySource
 from usae.errors import ConfigMismatch, UsaeError
@@ -29,8 +29,6 @@ from usae.store.writer import store_from_arrays
 MODELS, DIMS = ("a", "b"), (6, 4)
 
 
-def _exact(message: str, kind=UsaeError):
-    return pytest.raises(kind, match="^" + re.escape(message) + "$")
 
 
 def _resolve(tmp_path, **kwargs):
@@ -71,9 +69,9 @@ def test_the_layers_apply_in_order_preset_file_set_then_flags(tmp_path):
 def test_a_key_given_as_set_and_as_flag_must_agree(tmp_path):
     cfg = _resolve(tmp_path, sets=["lr=0.001"], keys={"lr": 1e-3})  # the same value, spelt
     assert cfg.train.lr == 1e-3
-    with _exact("lr was given twice, as --set lr=0.002 and as --lr 0.001 — give it once"):
+    with exactly("lr was given twice, as --set lr=0.002 and as --lr 0.001 — give it once"):
         _resolve(tmp_path, sets=["lr=0.002"], keys={"lr": 0.001})
-    with _exact("batch_images was given twice, as --set batch_images=4 and as "
+    with exactly("batch_images was given twice, as --set batch_images=4 and as "
                 "--batch-images 8 — give it once"):
         _resolve(tmp_path, sets=["batch_images=4"], keys={"batch_images": 8})
 
@@ -84,7 +82,7 @@ def test_resume_starts_from_the_checkpoints_config(tmp_path):
     assert cfg.preset == "fast" and cfg.train.lr == 0.02 and cfg.train.seed == 3
     assert cfg.train.log_every == 3 and cfg.sae == saved.sae
     assert _resolve(tmp_path, resume=True, preset="fast").train == saved.train
-    with _exact(f"cannot resume with --preset paper: {tmp_path / 'run'} was trained with "
+    with exactly(f"cannot resume with --preset paper: {tmp_path / 'run'} was trained with "
                 "preset 'fast' — drop --preset, or train into a new folder", ConfigMismatch):
         _resolve(tmp_path, resume=True, preset="paper")
     with pytest.raises(ConfigMismatch, match=r"\(lr: 0\.02 -> 0\.5\)"):
@@ -119,14 +117,14 @@ def test_check_resume_data_refuses_another_split_or_store(tmp_path):
     _run_json(tmp_path, split="train", store={"content_hash": "a" * 64})
     check_resume_data(tmp_path, {"split": "train", "store": {"content_hash": "a" * 64}})
     check_resume_data(tmp_path, {})  # nothing recorded now: unchecked
-    with _exact(f"cannot resume {tmp_path} on split 'val': it was trained on split 'train' — "
+    with exactly(f"cannot resume {tmp_path} on split 'val': it was trained on split 'train' — "
                 "drop --split (or pass --split train)"):
         check_resume_data(tmp_path, {"split": "val"})
-    with _exact(f"cannot resume {tmp_path} on other data: it was trained on the store with "
+    with exactly(f"cannot resume {tmp_path} on other data: it was trained on the store with "
                 f"content hash {'a' * 16}, not the store with content hash {'b' * 16} — pass "
                 "the data it was trained on, or train into a new folder"):
         check_resume_data(tmp_path, {"store": {"content_hash": "b" * 64}})
-    with _exact(f"cannot resume {tmp_path} on other data: it was trained on the store with "
+    with exactly(f"cannot resume {tmp_path} on other data: it was trained on the store with "
                 f"content hash {'a' * 16}, not the images of /photos — pass the data it was "
                 "trained on, or train into a new folder"):
         check_resume_data(tmp_path, {"stream": {"source": "/photos"}})

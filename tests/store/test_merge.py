@@ -5,22 +5,18 @@ provoked by editing a shard's manifest by hand."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import numpy as np
 import pytest
 
+from tests.conftest import RecordingBar, exactly
 from tests.data.test_cache import VIT, _run_ranks, _serial_builds, make_images
 from usae.data.cache import cache
 from usae.errors import UsaeError
 from usae.store import merge as merge_module
 from usae.store.merge import merge_shards
 from usae.store.store import Store, read_manifest
-
-
-def _exact(message: str):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +77,7 @@ def test_the_merged_statistics_are_those_of_every_row(shards, tmp_path):
 
 def test_a_finished_store_is_replaced_only_with_force(shards, tmp_path):
     merge_shards(shards, tmp_path / "m", progress=False)
-    with _exact(f"{tmp_path / 'm'} already holds a store — pass --force to replace it, or "
+    with exactly(f"{tmp_path / 'm'} already holds a store — pass --force to replace it, or "
                 "choose another --out"):
         merge_shards(shards, tmp_path / "m", progress=False)
     merge_shards(shards, tmp_path / "m", force=True, progress=False)
@@ -92,30 +88,30 @@ def test_a_finished_store_is_replaced_only_with_force(shards, tmp_path):
 def test_an_out_that_overlaps_a_shard_is_refused(copies, where):
     out = {"itself": copies[1], "inside": copies[1] / "x", "above": copies[1].parent}[where]
     first = copies[0] if where == "above" else copies[1]  # (the first shard it overlaps)
-    with _exact(f"--out {out} overlaps the shard {first}: merging would destroy its input "
+    with exactly(f"--out {out} overlaps the shard {first}: merging would destroy its input "
                 "— choose another --out"):
         merge_shards(copies, out, force=True, progress=False)
 
 
 def test_no_shards_or_a_missing_one_or_a_repeat_is_refused(copies, tmp_path):
-    with _exact("no shards given — usage: usae store merge SHARD... --out STORE"):
+    with exactly("no shards given — usage: usae store merge SHARD... --out STORE"):
         merge_shards([], tmp_path / "m")
-    with _exact("the run wrote 3 shards; got indices [0, 2] — pass each shard once"):
+    with exactly("the run wrote 3 shards; got indices [0, 2] — pass each shard once"):
         merge_shards([copies[0], copies[2]], tmp_path / "m")
-    with _exact("the run wrote 3 shards; got indices [0, 1, 1, 2] — pass each shard once"):
+    with exactly("the run wrote 3 shards; got indices [0, 1, 1, 2] — pass each shard once"):
         merge_shards([copies[0], copies[1], copies[1], copies[2]], tmp_path / "m")
 
 
 def test_an_unfinished_store_or_a_plain_store_is_not_a_shard(copies, tmp_path):
     _edit(copies[1], lambda m: m.update(state="partial"))
-    with _exact(f"{copies[1]} is not finished (state 'partial') — re-run its cache command to "
+    with exactly(f"{copies[1]} is not finished (state 'partial') — re-run its cache command to "
                 "complete it"):
         merge_shards(copies, tmp_path / "m")
     _edit(copies[1], lambda m: (m.update(state="final"), m.pop("shard")))
-    with _exact(f"{copies[1]} is not a shard written by `usae cache --shard-dir`"):
+    with exactly(f"{copies[1]} is not a shard written by `usae cache --shard-dir`"):
         merge_shards(copies, tmp_path / "m")
     (copies[2] / "sums.safetensors").unlink()
-    with _exact(f"{copies[2]} is not a shard written by `usae cache --shard-dir`"):
+    with exactly(f"{copies[2]} is not a shard written by `usae cache --shard-dir`"):
         merge_shards([copies[0], copies[2]], tmp_path / "m")
 
 
@@ -140,7 +136,7 @@ def test_shards_of_different_runs_are_refused(copies, tmp_path, key, message):
     target = copies[0] if key == "n_total" else copies[1]
     n = sum(len(read_manifest(p)["images"]) for p in copies)
     _edit(target, change)
-    with _exact(message.format(p=copies[1], first=copies[0], n=n)):
+    with exactly(message.format(p=copies[1], first=copies[0], n=n)):
         merge_shards(copies, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
@@ -156,32 +152,17 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(shards, tmp_path, monkeyp
 
 
 def test_concatenate_turns_an_os_error_into_a_usae_error(tmp_path):
-    class Bar:
-        def update(self, n):
-            pass
-
     (tmp_path / "a").write_bytes(b"abc")
-    merge_module._concatenate([tmp_path / "a", tmp_path / "a"], tmp_path / "out", Bar())
+    bar = RecordingBar()
+    merge_module._concatenate([tmp_path / "a", tmp_path / "a"], tmp_path / "out", bar)
+    assert bar.updates == [3, 3]
     assert (tmp_path / "out").read_bytes() == b"abcabc"
     with pytest.raises(UsaeError, match=r"^cannot write .*nowhere/out: "):
-        merge_module._concatenate([tmp_path / "a"], tmp_path / "nowhere" / "out", Bar())
+        merge_module._concatenate([tmp_path / "a"], tmp_path / "nowhere" / "out", bar)
 
 
-def test_the_progress_bar_counts_bytes(shards, tmp_path, monkeypatch):
-    bars = []
-
-    class Bar:
-        def __init__(self, **kw):
-            self.kw, self.n = kw, 0
-            bars.append(self)
-
-        def update(self, n):
-            self.n += n
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(merge_module, "progress_bar", Bar)
+def test_the_progress_bar_counts_bytes(shards, tmp_path, progress_bars):
+    bars = progress_bars(merge_module)
     merge_shards(shards, tmp_path / "m")
     total = sum(f.stat().st_size for p in shards for f in p.glob("acts_*.bin"))
     assert bars[0].kw == {"total": total, "desc": "merge", "unit": "B", "unit_scale": True,

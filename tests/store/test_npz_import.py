@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import exactly
 from usae.errors import UsaeError
 from usae.store import npz_import
 from usae.store.npz_import import find_npz, import_npz
@@ -82,8 +83,6 @@ def test_missing_array_in_combined(tmp_path):
 MODELS = ["dinov2", "siglip", "vit"]
 
 
-def _exact(message):
-    return pytest.raises(UsaeError, match="^" + re.escape(message) + "$")
 
 
 def _on_14x14(tokens_td: np.ndarray, prefix: int) -> np.ndarray:
@@ -181,10 +180,10 @@ def test_find_npz_maps_each_file_to_its_image_and_model(tmp_path):
                   "clip_vit": (src / "a/b/y_combined.npz", "clip_vit")},
         "a/z": {"vit": (src / "a/z_vit.npz", "activation")},
     }
-    with _exact(f"{src / 'x_vit.npz'} is not a folder"):
+    with exactly(f"{src / 'x_vit.npz'} is not a folder"):
         find_npz(src / "x_vit.npz", ["vit"])
     (src / "a" / "b" / "y_combined.npz").unlink()  # (a combined file holds every model)
-    with _exact(f"no <image>_combined.npz or <image>_<NAME>.npz files under {src / 'a'}"):
+    with exactly(f"no <image>_combined.npz or <image>_<NAME>.npz files under {src / 'a'}"):
         find_npz(src / "a", ["siglip"])
 
 
@@ -194,7 +193,7 @@ def test_images_that_lack_models_are_counted_and_the_first_five_named(tmp_path):
     for i in range(7):
         np.savez(src / f"img{i}_vit.npz", activation=np.zeros((4, 2)))
     np.savez(src / "img0_dino.npz", activation=np.zeros((4, 2)))
-    with _exact("6 image(s) lack some models (img1: missing ['dino']; img2: missing ['dino']; "
+    with exactly("6 image(s) lack some models (img1: missing ['dino']; img2: missing ['dino']; "
                 "img3: missing ['dino']; img4: missing ['dino']; img5: missing ['dino'])"):
         import_npz(src, tmp_path / "s", ["vit", "dino"], progress=False)
     assert not (tmp_path / "s").exists()
@@ -211,7 +210,7 @@ def test_an_array_must_be_tokens_by_d(tmp_path, array, message):
     if message is None:
         assert npz_import._load(path, "activation", "vit").shape == (5, 3)
     else:
-        with _exact(f"{path}: model 'vit' {message}"):
+        with exactly(f"{path}: model 'vit' {message}"):
             npz_import._load(path, "activation", "vit")
 
 
@@ -225,7 +224,7 @@ def test_a_damaged_or_pickled_file_cannot_be_read(tmp_path):
     with pytest.raises(UsaeError, match=rf"^{re.escape(str(pickled))}: cannot read \(.*pickle"):
         npz_import._load(pickled, "activation", "vit")
     np.savez(tmp_path / "c_combined.npz", vit=np.zeros((4, 2)))
-    with _exact(f"{tmp_path / 'c_combined.npz'}: no array 'clip' for model 'clip' (it has "
+    with exactly(f"{tmp_path / 'c_combined.npz'}: no array 'clip' for model 'clip' (it has "
                 "['vit'])"):
         npz_import._load(tmp_path / "c_combined.npz", "clip", "clip")
 
@@ -238,7 +237,7 @@ def test_a_bad_array_in_any_image_names_its_model(tmp_path, bad):
         np.savez(src / f"{name}_vit.npz", activation=np.zeros((5, 3), np.float32))
         np.savez(src / f"{name}_dino.npz", activation=np.zeros(7 if name == bad else (5, 3),
                                                                 np.float32))
-    with _exact(f"{src / (bad + '_dino.npz')}: model 'dino' array has shape (7,), expected "
+    with exactly(f"{src / (bad + '_dino.npz')}: model 'dino' array has shape (7,), expected "
                 "(tokens, d)"):
         import_npz(src, tmp_path / "s", ["vit", "dino"], progress=False)
 
@@ -248,30 +247,17 @@ def test_an_image_shaped_unlike_the_first_is_named(tmp_path):
     src.mkdir()
     np.savez(src / "a_vit.npz", activation=np.zeros((5, 3), np.float32))
     np.savez(src / "b_vit.npz", activation=np.zeros((5, 4), np.float32))
-    with _exact(f"{src / 'b_vit.npz'}: model 'vit' has shape (5, 4) but the first image has "
+    with exactly(f"{src / 'b_vit.npz'}: model 'vit' has shape (5, 4) but the first image has "
                 "(5, 3)"):
         import_npz(src, tmp_path / "s", ["vit"], progress=False)
 
 
-def test_the_progress_bar_counts_images_from_where_a_resume_starts(tmp_path, monkeypatch):
+def test_the_progress_bar_counts_images_from_where_a_resume_starts(tmp_path, progress_bars):
     write_reference_cache(tmp_path / "npz", n=3)
-    bars = []
-
-    class Bar:
-        def __init__(self, **kwargs):
-            self.kwargs, self.updates = kwargs, []
-            bars.append(self)
-
-        def update(self, n):
-            self.updates.append(n)
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(npz_import, "progress_bar", Bar)
+    bars = progress_bars(npz_import)
     import_npz(tmp_path / "npz", tmp_path / "s", MODELS, batch=2)
-    assert bars[0].kwargs == {"total": 3, "initial": 0, "desc": "import-npz", "unit": "img",
-                              "disable": False}
+    assert bars[0].kw == {"total": 3, "initial": 0, "desc": "import-npz", "unit": "img",
+                          "disable": False}
     assert bars[0].updates == [2, 1] and bars[0].closed
     import_npz(tmp_path / "npz", tmp_path / "s2", MODELS, progress=False)
-    assert bars[1].kwargs["disable"] is True
+    assert bars[1].kw["disable"] is True
