@@ -397,10 +397,11 @@ def test_global_batch_norm_equals_batch_norm_over_the_whole_batch(world):
                                whole.weight.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_running_statistics_follow_the_momentum_over_steps(world):
+@pytest.mark.parametrize("scale", [3.0, 0.002])  # a spread far above eps, and one near it
+def test_running_statistics_follow_the_momentum_over_steps(world, scale):
     w = world(2)
     torch.manual_seed(2)
-    steps = [torch.randn(2, 3) * 0.002 + 1 for _ in range(3)]  # one token per rank: n = 2
+    steps = [torch.randn(2, 3) * scale + 1 for _ in range(3)]  # one token per rank: n = 2
     whole = nn.BatchNorm1d(3, momentum=0.3)
     whole_out = [whole(x) for x in steps]
 
@@ -411,7 +412,7 @@ def test_running_statistics_follow_the_momentum_over_steps(world):
     for rank, (bn, outs) in enumerate(w.run(rank_steps)):
         torch.testing.assert_close(bn.running_mean, whole.running_mean, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(bn.running_var, whole.running_var, rtol=1e-5, atol=1e-9)
-        for got, want in zip(outs, whole_out):  # a variance near eps: eps counts
+        for got, want in zip(outs, whole_out):  # (near eps, eps itself counts)
             torch.testing.assert_close(got, want[rank:rank + 1].detach(), rtol=1e-4, atol=1e-5)
 
 
