@@ -129,6 +129,7 @@ PREBUILT: dict[str, str] = {
     "sae.extend": "tests/sae/test_extend.py::test_an_extended_run_evaluates_like_any_run",
     "analysis.faithfulness":
         "tests/analysis/test_faithfulness.py::test_measure_on_two_real_backbones",
+    "store.merge": "tests/store/test_merge.py::test_the_merged_rows_are_the_shards_rows_in_order",
     # (the oracle store, cached with both models at once)
     "data.store_add": "tests/data/test_store_add.py::test_store_model_is_the_manifest_entry_typed",
     # (the quick demo's eval resolves its run through hub.local_run; the hf:// tests run it)

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import RecordingBar, exactly
+from tests.conftest import RecordingBar, exactly, prebuilt
 from tests.data.test_cache import VIT, _run_ranks, _serial_builds, make_images
 from usae.data.cache import cache
 from usae.errors import UsaeError
@@ -23,12 +23,16 @@ from usae.store.store import Store, read_manifest
 def shards(tmp_path_factory):
     """Three shards of one 12-image cache (ranks as threads; no merge code runs here)."""
     root = tmp_path_factory.mktemp("merge")
-    imgs = make_images(root / "imgs", n=12)
-    with pytest.MonkeyPatch.context() as mp:
-        _serial_builds(mp)
-        _run_ranks(3, lambda d: cache(VIT, imgs, root / "unused", dist=d, batch_size=4,
-                                      workers=0, dtype="float32", progress=False,
-                                      shard_dir=str(root / "shards")), mp)
+
+    def build(dest):
+        imgs = make_images(dest / "imgs", n=12)
+        with pytest.MonkeyPatch.context() as mp:
+            _serial_builds(mp)
+            _run_ranks(3, lambda d: cache(VIT, imgs, dest / "unused", dist=d, batch_size=4,
+                                          workers=0, dtype="float32", progress=False,
+                                          shard_dir=str(dest / "shards")), mp)
+
+    prebuilt("merge-shards", root, build)
     return sorted((root / "shards").iterdir())
 
 
