@@ -265,3 +265,140 @@ def test_independent_saes_train_one_folder_per_model(small_store, tmp_path):
         sub = json.loads((out / m / "config.json").read_text())
         assert sub["sae"]["models"] == [m] and sub["sae"]["n_concepts"] == 16
         assert (out / m / "model.safetensors").exists()
+
+
+# ---- what train_run hands the trainer, followed argument by argument ----------------------
+class FakeTrainer:
+    """Records how it was made and fitted; its summary names its folder."""
+
+    made: list["FakeTrainer"] = []
+
+    def __init__(self, cfg, out, **kwargs):
+        self.cfg, self.out, self.kwargs, self.fitted = cfg, out, kwargs, None
+        FakeTrainer.made.append(self)
+
+    def fit(self, source, val_source=None, resume=False, force=False):
+        self.fitted = {"source": source, "val": val_source, "resume": resume, "force": force}
+
+    def summary(self):
+        return {"run": str(self.out)}
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    FakeTrainer.made = []
+    monkeypatch.setattr(training, "Trainer", FakeTrainer)
+    return FakeTrainer.made
+
+
+def _cfg3():
+    return resolve(("a", "b", "c"), (6, 4, 5), "paper", {"n_concepts": 16, "k": 2})
+
+
+def _source3(n=8):
+    return ArraySource({m: np.zeros((n, 2, d), np.float32) for m, d in
+                        (("a", 6), ("b", 4), ("c", 5))})
+
+
+@pytest.mark.parametrize("resume, force", [(False, False), (True, False), (False, True)])
+def test_a_universal_run_gives_the_trainer_every_argument(tmp_path, fake_trainer, resume,
+                                                          force):
+    cfg, source, val = _cfg3(), _source3(), _source3(4)
+    dist, state = RecordingDist(), {"w": 1}
+    got = training._train_run(cfg, source, tmp_path / "r", val, resume, force, False, False,
+                              {"split": "train"}, dist, state)
+    (t,) = fake_trainer
+    assert got == {"run": str(tmp_path / "r")}
+    assert (t.cfg, t.out) == (cfg, tmp_path / "r")
+    assert t.kwargs == {"progress": False, "extra_config": {"split": "train"}, "dist": dist,
+                        "initial_state": state}
+    assert t.fitted == {"source": source, "val": val, "resume": resume, "force": force}
+
+
+def test_independent_saes_each_get_their_model_alone(tmp_path, fake_trainer, caplog):
+    cfg, source, val = _cfg3(), _source3(), _source3(4)
+    dist = RecordingDist()
+    with caplog.at_level(logging.INFO, logger="usae.sae.training"):
+        got = training._train_run(cfg, source, tmp_path / "r", val, False, False, True, True,
+                                  {"split": "train"}, dist)
+    assert [t.out for t in fake_trainer] == [tmp_path / "r" / m for m in ("a", "b", "c")]
+    for t, m in zip(fake_trainer, ("a", "b", "c")):
+        assert t.cfg.sae.models == (m,) and t.cfg.sae.n == 16
+        assert t.kwargs == {"progress": True, "extra_config": {"split": "train"}, "dist": dist}
+        assert t.fitted["source"].models == (m,) and t.fitted["source"].source is source
+        assert t.fitted["val"].models == (m,) and t.fitted["val"].source is val
+        assert (t.fitted["resume"], t.fitted["force"]) == (False, False)
+    assert got == {"run": str(tmp_path / "r"), "independent": {
+        m: {"run": str(tmp_path / "r" / m)} for m in ("a", "b", "c")}}
+    marker = json.loads((tmp_path / "r" / "independent.json").read_text())
+    assert marker == {"models": ["a", "b", "c"], "config": json.loads(json.dumps(cfg.to_json())),
+                      "split": "train"}
+    assert caplog.messages == [f"independent SAE for {m}" for m in ("a", "b", "c")]
+
+
+def test_an_independent_resume_continues_checkpointed_models_and_restarts_the_others(
+        tmp_path, fake_trainer):
+    out = tmp_path / "r"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "checkpoint.safetensors").write_text("")
+    (out / "b").mkdir()
+    (out / "b" / "model.safetensors").write_text("")
+    training._train_run(_cfg3(), _source3(), out, None, True, False, True, False, {},
+                        RecordingDist())
+    flags = [(t.fitted["resume"], t.fitted["force"]) for t in fake_trainer]
+    assert flags == [(True, False), (True, False), (False, True)]  # c had nothing to keep
+    assert all(t.fitted["val"] is None for t in fake_trainer)
+    training._train_run(_cfg3(), _source3(), out, None, True, True, True, False, {},
+                        RecordingDist())
+    assert [(t.fitted["resume"], t.fitted["force"]) for t in fake_trainer[3:]] == [
+        (True, True), (True, True), (False, True)]
+
+
+def test_a_fresh_independent_run_refuses_a_folder_it_did_not_write(tmp_path, fake_trainer):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "thesis.tex").write_text("")
+    with pytest.raises(UsaeError, match="exists and is not empty"):
+        training._train_run(_cfg3(), _source3(), tmp_path / "r", None, False, False, True,
+                            False, {}, RecordingDist())
+    assert fake_trainer == []
+    training._train_run(_cfg3(), _source3(), tmp_path / "r", None, False, True, True, False,
+                        {}, RecordingDist())  # --force: replaced
+    assert [t.fitted["force"] for t in fake_trainer] == [True, True, True]
+
+
+def test_other_ranks_neither_prepare_the_folder_nor_write_the_marker(tmp_path, fake_trainer):
+    class Rank1(RecordingDist):
+        is_main = False
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "thesis.tex").write_text("")  # rank 0 refuses it; rank 1 does not look
+    training._train_run(_cfg3(), _source3(), tmp_path / "r", None, False, False, True, False,
+                        {}, Rank1())
+    assert len(fake_trainer) == 3 and not (tmp_path / "r" / "independent.json").exists()
+
+
+def test_train_run_hands_every_argument_to_its_body(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(training, "_train_run", lambda *a: seen.update(args=a) or {"ok": 1})
+    cfg, source, val, dist = _cfg3(), _source3(), _source3(4), RecordingDist()
+    manifest = {"source": "/d/x", "content_hash": "h", "images": [{"split": "train"}],
+                "models": {"a": {"d": 6}}}
+    train_run(cfg, source, str(tmp_path / "r"), val_source=val, force=True, independent=True,
+              progress=False, store_manifest=manifest, dist=dist, extra={"split": "train"},
+              initial_state={"w": 2})
+    assert seen["args"] == (cfg, source, tmp_path / "r", val, False, True, True, False, {
+        **training._store_extra(manifest), "split": "train"}, dist, {"w": 2})
+
+
+def test_a_resumed_run_checks_its_data_where_its_checkpoint_is(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(training, "check_resume_data", lambda out, rec: checked.append(
+        (out, rec)))
+    monkeypatch.setattr(training, "_train_run", lambda *a: {})
+    cfg = _cfg3()
+    train_run(cfg, _source3(), tmp_path / "r", resume=True, dist=RecordingDist(),
+              extra={"split": "val"})
+    train_run(cfg, _source3(), tmp_path / "r", resume=True, independent=True,
+              dist=RecordingDist())
+    train_run(cfg, _source3(), tmp_path / "r", dist=RecordingDist())
+    assert checked == [(tmp_path / "r", {"split": "val"}), (tmp_path / "r" / "a", {})]
