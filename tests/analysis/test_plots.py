@@ -121,8 +121,22 @@ def test_concepts_that_never_co_fire_are_left_out_of_the_fit():
 def test_too_few_points_say_so_instead_of_a_fit(rows):
     concepts = [{"energy": str(e), "cofires": str(c)} for c, e in rows]
     ax = plots._cofires_vs_energy(plt, REPORT, concepts).axes[0]
-    assert [t.get_text() for t in ax.texts] == ["too few co-firing concepts to fit"]
+    (text,) = ax.texts
+    assert text.get_text() == "too few co-firing concepts to fit"
+    assert text.get_position() == (0.5, 0.5) and text.get_ha() == "center"
+    assert text.get_transform() == ax.transAxes  # the middle of the axes, not of the data
     assert len(ax.lines) == 0 and ax.get_xscale() == "linear"
+
+
+@pytest.mark.parametrize("rows", [
+    [(1, 2), (10, 20), (100, 30)],  # three points are enough
+    [(10, 2), (12, 3), (15, 2.5)],  # a spread under a decade in co-fires
+    [(1, 0.5), (10, 0.6), (100, 0.7)],  # energies below 1 (and under a decade)
+])
+def test_three_points_with_any_spread_are_fitted(rows):
+    concepts = [{"energy": str(e), "cofires": str(c)} for c, e in rows]
+    ax = plots._cofires_vs_energy(plt, REPORT, concepts).axes[0]
+    assert len(ax.lines) == 1 and len(ax.collections[0].get_offsets()) == 3
 
 
 def test_cofire_proportion_is_one_line_per_model_in_energy_order():
@@ -181,3 +195,51 @@ def test_without_matplotlib_there_are_no_plots(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert plots.make_plots(tmp_path, REPORT, []) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def _rgba(color):
+    return matplotlib.colors.to_rgba(color)
+
+
+def test_every_figure_is_drawn_in_the_declared_style():
+    style = plots.STYLE
+    concepts = _concepts()
+    fig = plots._r2_matrix(plt, REPORT, concepts)
+    ax, bar = fig.axes
+    assert ax.images[0].get_cmap().name == style["cmap"]
+    assert bar.get_ylim() == pytest.approx(ax.images[0].get_clim())  # the image's scale
+    assert {t.get_fontsize() for t in ax.texts} == {style["cell_fontsize"]}
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {style["tick_rotation"]}
+    assert {t.get_ha() for t in ax.get_xticklabels()} == {"right"}
+
+    fig = plots._firing_entropy(plt, REPORT, concepts)
+    ax = fig.axes[0]
+    assert tuple(fig.get_size_inches()) == style["size_hist"]
+    assert {p.get_facecolor() for p in ax.patches} == {_rgba(style["hist"])}
+    assert {p.get_edgecolor() for p in ax.patches} == {_rgba("white")}
+    assert [(line.get_color(), line.get_linestyle()) for line in ax.lines] == [
+        (style["universal"], "--"), (style["specific"], "--")]
+    assert {t.get_fontsize() for t in ax.get_legend().get_texts()} == {style["legend_fontsize"]}
+
+    fig = plots._cofires_vs_energy(plt, REPORT, concepts)
+    ax = fig.axes[0]
+    assert tuple(fig.get_size_inches()) == style["size_scatter"]
+    points = ax.collections[0]
+    assert tuple(points.get_facecolor()[0][:3]) == _rgba(style["points"])[:3]
+    assert points.get_alpha() == style["point_alpha"]
+    assert points.get_sizes().tolist() == [style["point_size"]]
+    assert ax.lines[0].get_color() == style["fit"]
+    assert len(ax.lines[0].get_xdata()) == style["fit_points"]
+
+    fig = plots._cofire_proportion(plt, REPORT, concepts)
+    assert tuple(fig.get_size_inches()) == style["size_rank"]
+    assert {line.get_linewidth() for line in fig.axes[0].lines} == {style["line_width"]}
+    assert {t.get_fontsize() for t in fig.axes[0].get_legend().get_texts()} == {
+        style["legend_fontsize"]}
+
+    fig = plots._dead_and_l0(plt, REPORT, concepts)
+    assert tuple(fig.get_size_inches()) == style["size_bars"]
+    assert [a.get_position().x0 < 0.5 for a in fig.axes] == [True, False]  # side by side
+    for a in fig.axes:
+        assert [p.get_facecolor() for p in a.patches] == [_rgba(c) for c in style["models"][:3]]
+        assert {t.get_rotation() for t in a.get_xticklabels()} == {style["tick_rotation"]}

@@ -21,7 +21,7 @@ def test_given_splits_are_kept_and_gaps_are_train():
 
 @pytest.mark.parametrize("n, fraction, n_val", [
     (10, 0.1, 1), (100, 0.1, 10), (20, 0.25, 5), (7, 0.5, 4), (5, 0.1, 0), (15, 0.1, 2),
-    (1, 0.9, 0), (0, 0.1, 0), (3, 0.0, 0), (4, 1.0, 4),
+    (1, 0.9, 0), (0, 0.1, 0), (3, 0.0, 0), (4, 1.0, 4), (2, 0.5, 1),
 ])
 def test_a_rounded_fraction_is_held_out(n, fraction, n_val):
     entries = _entries(n)
