@@ -65,11 +65,14 @@ class Stages:
         self.mismatch_once = False
 
     def cache(self, models, images, store_dir, batch_size, progress):
+        self.args = getattr(self, "args", [])
+        self.args.append(("cache", store_dir, progress))
         self.calls.append(("cache", models, images.name, batch_size))
         store_from_arrays(store_dir, self.arrays, splits=["train"] * 10 + ["val"] * 2)
 
     def train_run(self, cfg, source, run, **kw):
         resume = kw.get("resume", False)
+        self.args.append(("train", run, kw["progress"], kw["store_manifest"]))
         self.calls.append(("train", cfg, source.split, resume, kw["force"]))
         if self.mismatch_once and resume:
             self.mismatch_once = False
@@ -78,17 +81,22 @@ class Stages:
         (run / "checkpoint.safetensors").write_text("")
 
     def evaluate(self, run, store_dir, out, progress):
+        self.args.append(("eval", run, store_dir, progress))
         self.calls.append(("eval", out.name))
         return type("R", (), {"r2": [[1.0]], "faithfulness": {"f": 1}})()
 
     def run_cam(self, run, store_dir, top, eval_dir, options, progress):
+        self.args.append(("cam", run, store_dir, progress))
         self.calls.append(("cam", top, eval_dir.name, options.steps, options.size))
         return {"5": {}}
 
     def build_explorer(self, run, store_dir, out, eval_dir, progress):
+        self.args.append(("explore", run, store_dir, progress))
         self.calls.append(("explore", out.name, eval_dir.name))
 
     def crops(self, out, n_images):
+        self.args = getattr(self, "args", [])
+        self.args.append(("crops", out.name))
         self.calls.append(("crops", n_images))
         (out / "train" / "p").mkdir(parents=True)
 
@@ -189,3 +197,76 @@ def test_leftover_partial_crops_are_replaced(tmp_path, stages):
     demo.run_demo(tmp_path / "d", progress=False)
     assert not (tmp_path / "d" / "images" / "junk").exists()
     assert (tmp_path / "d" / "images" / "train" / "p").is_dir()
+
+
+def test_each_stage_gets_the_run_the_store_and_the_progress_flag(tmp_path, stages, caplog):
+    import time
+
+    out = tmp_path / "d"
+    before = time.perf_counter()
+    with caplog.at_level("INFO", logger="usae.demo"):
+        res = demo.run_demo(out)  # the defaults: 320 crops, bars shown
+    wall = time.perf_counter() - before
+    store, run = out / "store", out / "run"
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert stages.calls[0] == ("crops", 320)
+    assert stages.args == [("crops", "images.partial"), ("cache", store, True),
+                           ("train", run, True, manifest), ("eval", run, store, True),
+                           ("cam", run, store, True), ("explore", run, store, True)]
+    preset = stages.calls[2][1].preset
+    assert caplog.messages == [
+        f"[1/6] making 320 crops of bundled photos in {out / 'images'}",
+        f"[2/6] caching activations of demo -> {store}",
+        f"[3/6] training a universal SAE ({preset}) -> {run}",
+        f"[4/6] evaluating on the held-out crops -> {out / 'eval'}",
+        f"[5/6] coordinated activation maximization, top 3 concepts -> {run / 'cam'}",
+        f"[6/6] writing the concept explorer -> {out / 'explorer'}"]
+    t = res["timings"]
+    assert 0 <= res["cam_s"] <= t["total_s"] <= wall
+    assert t["images_s"] + t["cache_s"] + t["train_s"] <= t["total_s"]
+
+
+def test_a_retrain_gets_the_same_arguments(tmp_path, stages):
+    demo.run_demo(tmp_path / "d", progress=False)
+    stages.mismatch_once, stages.args = True, []
+    demo.run_demo(tmp_path / "d", progress=False)
+    trains = [a for a in stages.args if a[0] == "train"]
+    manifest = json.loads((tmp_path / "d" / "store" / "manifest.json").read_text())
+    assert trains == [("train", tmp_path / "d" / "run", False, manifest)] * 2
+    assert [c[1] for c in stages.calls if c[0] == "train"][-1] == \
+        [c[1] for c in stages.calls if c[0] == "train"][-2]  # the same config both times
+
+
+def test_the_crops_default_to_seed_0_and_a_tenth_held_out(tmp_path, monkeypatch):
+    photos = {"a": np.full((300, 500, 3), 10, np.uint8), "b": np.full((420, 380), 200, np.uint8)}
+    monkeypatch.setattr(demo, "bundled_photos", lambda: photos)
+    demo.make_crops(tmp_path / "x", 40)
+    demo.make_crops(tmp_path / "y", 40, seed=0, val_fraction=0.1)
+    listing = sorted(str(p.relative_to(tmp_path / "x")) for p in (tmp_path / "x").rglob("*.jpg"))
+    assert listing == sorted(str(p.relative_to(tmp_path / "y"))
+                             for p in (tmp_path / "y").rglob("*.jpg"))
+    val = [p for p in listing if p.startswith("val/")]
+    assert 0 < len(val) < 12
+
+
+def test_every_crop_lies_inside_its_photo_in_both_orientations(tmp_path, monkeypatch):
+    photos = {"a": np.full((300, 300, 3), 120, np.uint8)}  # crops outside it would be black
+    monkeypatch.setattr(demo, "bundled_photos", lambda: photos)
+    demo.make_crops(tmp_path / "x", 40, seed=1)
+    shapes = set()
+    for p in (tmp_path / "x").rglob("*.jpg"):
+        with Image.open(p) as img:
+            px = np.asarray(img)
+            assert px.min() > 100, p  # no padding from a box beyond the photo
+            shapes.add("wide" if img.size[0] > img.size[1] else
+                       "tall" if img.size[1] > img.size[0] else "square")
+    assert {"wide", "tall"} <= shapes  # aspects from 3/4 to 4/3, both ways
+
+
+def test_four_photos_are_enough_and_a_stereo_pair_gives_its_left_image(monkeypatch):
+    import skimage.data as skd
+
+    left = skd.stereo_motorcycle()[0]
+    np.testing.assert_array_equal(demo.bundled_photos()["stereo_motorcycle"], left)
+    monkeypatch.setattr(demo, "SKIMAGE_PHOTOS", ["camera"])  # 1 + 2 (sklearn) + 1 = 4
+    assert len(demo.bundled_photos()) == 4
