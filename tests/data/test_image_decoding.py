@@ -50,6 +50,7 @@ def test_an_item_is_the_offset_index_and_each_models_uint8_pixels(paths):
 def test_an_unreadable_image_is_its_reason(paths):
     i, px, err = ImageDataset(paths, {"a": SMALL})[3]
     assert i == 3 and px is None and err.startswith("UnidentifiedImageError: ")
+    assert ImageDataset(paths, {"a": SMALL}, offset=40)[3][0] == 43
 
 
 def test_geometries_differing_only_in_interpolation_are_resized_apart(paths):
@@ -139,3 +140,39 @@ def test_lowering_priority_where_it_is_not_allowed_is_quiet(monkeypatch):
     image_decoding._lower_priority()
     monkeypatch.delattr(image_decoding.os, "setpriority")
     image_decoding._lower_priority()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_runs_in_that_many_named_threads(paths, threads):
+    names = []
+    data = ImageDataset(paths, {"a": SMALL})
+    real = data.__getitem__
+
+    def named(i):
+        names.append(threading.current_thread().name)
+        time.sleep(0.01)
+        return real(i)
+
+    data.__getitem__ = named
+    list(decoded_batches(data, [[0, 1, 2, 3], [4, 5, 6, 7]], threads))
+    assert len(names) == 8 and all(n.startswith("usae-decode") for n in names)
+    assert 1 <= len(set(names)) <= threads
+
+
+def test_closing_the_batches_early_cancels_what_is_queued_and_waits_for_the_rest(paths):
+    decoded = []
+    data = ImageDataset(paths, {"a": SMALL})
+
+    def slow(i):
+        time.sleep(0.05)
+        decoded.append(i)
+        return i, None, None
+
+    data.__getitem__ = slow
+    gen = decoded_batches(data, [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5]], 1)
+    next(gen)
+    gen.close()  # the consumer stops after one batch
+    at_close = len(decoded)
+    time.sleep(0.3)
+    assert len(decoded) == at_close  # nothing was left running
+    assert at_close < 4 + 4  # the batch queued behind the next one was cancelled

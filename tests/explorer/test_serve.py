@@ -62,6 +62,16 @@ def test_nothing_outside_the_folder_and_no_listings(server, path):
     assert status == 404 and b"outside the site" not in body
 
 
+def test_a_folder_is_refused_with_its_reason(server):
+    status, body = _get(server, "/data/")
+    assert status == 404 and b"No listing" in body
+
+
+def test_a_file_whose_name_starts_like_the_stripped_slash_is_served(site, server):
+    (site / "Xray.html").write_text("x-ray")
+    assert _get(server, "/Xray.html") == (200, b"x-ray")
+
+
 def test_a_link_out_of_the_folder_is_not_followed(site, server):
     (site / "out.txt").symlink_to(site.parent / "secret.txt")
     assert _get(server, "/out.txt")[0] == 404
@@ -76,6 +86,25 @@ def test_a_folder_without_an_index_or_a_bad_port_is_refused(tmp_path, site):
         with pytest.raises(UsaeError) as info:
             make_server(site, port)
         assert str(info.value) == f"--port must be between 0 and 65535, got {port}"
+
+
+def test_the_default_port_is_8000_and_65535_is_allowed(site, monkeypatch):
+    bound = []
+
+    class Recorder:
+        def __init__(self, address, handler):
+            bound.append(address)
+
+    monkeypatch.setattr(serve_module.http.server, "ThreadingHTTPServer", Recorder)
+    make_server(site)
+    make_server(site, 65535)
+    assert bound == [(HOST, 8000), (HOST, 65535)]
+    seen = []
+    monkeypatch.setattr(serve_module, "make_server", lambda d, p: seen.append(p) or
+                        (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        serve_module.serve(site)
+    assert seen == [8000]
 
 
 def test_a_port_in_use_is_one_line(site):
