@@ -402,3 +402,50 @@ def test_a_resumed_run_checks_its_data_where_its_checkpoint_is(tmp_path, monkeyp
               dist=RecordingDist())
     train_run(cfg, _source3(), tmp_path / "r", dist=RecordingDist())
     assert checked == [(tmp_path / "r", {"split": "val"}), (tmp_path / "r" / "a", {})]
+
+
+def test_train_from_store_hands_every_argument_on(small_store, tmp_path, monkeypatch):
+    seen = {}
+
+    def resolve_spy(*args):
+        seen["resolve"] = args
+        return resolve(args[0], args[1], "paper", {"n_concepts": 16, "k": 2})
+
+    monkeypatch.setattr(training, "resolve_run_config", resolve_spy)
+    monkeypatch.setattr(training, "train_run", lambda cfg, source, out, **kw: seen.update(
+        run=(cfg, source, out), kw=kw) or {"ok": 1})
+    dist = RecordingDist()
+    assert train_from_store(small_store, tmp_path / "r", preset="fast", config_file="c.json",
+                            sets=["k=2"], keys={"lr": 0.1}, max_steps=7, device="cpu",
+                            resume=True, force=True, split="val", independent=True,
+                            progress=False, dist=dist) == {"ok": 1}
+    store_models = tuple(json.loads((small_store / "manifest.json").read_text())["models"])
+    assert seen["resolve"][0] == store_models and len(seen["resolve"][1]) == 3
+    assert seen["resolve"][2:] == (tmp_path / "r", "fast", "c.json", ["k=2"], 7, "cpu", True,
+                                   {"lr": 0.1}, True)
+    assert seen["run"][2] == tmp_path / "r" and seen["run"][1].split == "val"
+    kw = seen["kw"]
+    assert (kw["resume"], kw["force"], kw["independent"], kw["progress"], kw["dist"]) == \
+        (True, True, True, False, dist)
+    assert kw["extra"] == {"split": "val"} and kw["store_manifest"]["models"]
+    train_from_store(small_store, tmp_path / "r")  # the defaults
+    kw = seen["kw"]
+    assert (kw["resume"], kw["force"], kw["independent"], kw["progress"], kw["dist"]) == \
+        (False, False, False, True, None)
+    assert kw["extra"] == {"split": "train"} and seen["resolve"][2:] == (
+        tmp_path / "r", None, None, None, None, None, False, None, False)
+
+
+def test_train_run_defaults_are_a_fresh_run_with_a_progress_bar(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(training, "_train_run", lambda *a: seen.update(args=a) or {})
+    cfg = _cfg3()
+    train_run(cfg, _source3(), tmp_path / "r", dist=RecordingDist())
+    (_, _, out, val, resume, force, independent, progress, extra, _, state) = seen["args"]
+    assert (out, val, resume, force, independent, progress, extra, state) == (
+        tmp_path / "r", None, False, False, False, True, {}, None)
+
+
+def test_a_list_key_given_as_set_and_as_flag_agrees_when_equal(tmp_path):
+    cfg = _resolve(tmp_path, sets=["matryoshka=8,16"], keys={"matryoshka": "8,16"})
+    assert cfg.train.matryoshka == (8, 16)
