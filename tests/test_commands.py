@@ -144,7 +144,7 @@ def test_store_info_prints_the_stores_info_as_json(monkeypatch, capsys):
 
     monkeypatch.setattr(store, "Store", FakeStore)
     assert commands.cmd_store(_args("store", "info", "S")) == 0
-    assert json.loads(capsys.readouterr().out) == {"path": "S", "n_images": 3}
+    assert capsys.readouterr().out == '{\n  "path": "S",\n  "n_images": 3\n}\n'
 
 
 def test_store_merge_says_how_many_images_and_shards(monkeypatch, capsys):
@@ -314,13 +314,14 @@ def test_cache_prints_the_store_or_the_shard_and_how_to_merge(monkeypatch, capsy
                                     "S")) == 0
     assert capsys.readouterr().out == "wrote S: 10 images (2 skipped), models ['a', 'b']\n"
     result["shard"] = {"index": 2, "count": 4}
-    commands.cmd_cache(_args("cache", "--models", "a,b", "--images", "I", "--out", "S",
-                             "--shard-dir", "SH"))
+    assert commands.cmd_cache(_args("cache", "--models", "a,b", "--images", "I", "--out", "S",
+                                    "--shard-dir", "SH")) == 0
     assert capsys.readouterr().out == ("wrote shard 2 of 4 in SH; once every rank is done, "
                                        "join the shards with: usae store merge SH/shard-* "
                                        "--out S\n")
     monkeypatch.setenv("RANK", "3")
-    commands.cmd_cache(_args("cache", "--models", "a", "--images", "I", "--out", "S"))
+    assert commands.cmd_cache(_args("cache", "--models", "a", "--images", "I", "--out", "S")) \
+        == 0
     assert capsys.readouterr().out == ""
 
 
@@ -331,11 +332,15 @@ def test_demo_prints_each_output_it_made(monkeypatch, capsys, tmp_path):
     out = tmp_path / "d"
     res = {"timings": {"total_s": 61.4, "images_s": 2.2, "cache_s": 10.6, "train_s": 40.0},
            "report": "EV", "r2": [[0.9, 0.2], [0.4, 0.7]],
+           "faithfulness": {"models": ["a"]},
            "cam": {7: {"concept": 7, "self_ratio": {"a": 1.25, "b": 0.5},
-                       "transfer_offdiag_mean": 0.333, "transfer_control_offdiag_mean": None}},
+                       "transfer_offdiag_mean": 0.333, "transfer_control_offdiag_mean": 0.1}},
            "cam_s": 5.4, "explorer": "X/index.html"}
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.update(kw) or res)
+    from usae.analysis import faithfulness
+
+    monkeypatch.setattr(faithfulness, "format_table", lambda section: f"  <{section}>")
     assert commands.cmd_demo(_args("demo", "--out", str(out), "--quick")) == 0
     assert seen["quick"] is True
     assert capsys.readouterr().out.split("\n") == [
@@ -343,8 +348,9 @@ def test_demo_prints_each_output_it_made(monkeypatch, capsys, tmp_path):
         f"  store:    {out / 'store'}   (usae store info {out / 'store'})",
         f"  run:      {out / 'run'}     (metrics.jsonl, model.safetensors)",
         "  eval:     EV   held-out R2: self 0.80, cross 0.30",
+        "  <{'models': ['a']}>",
         f"  cam:      {out / 'run' / 'cam'}   concepts [7] in 5s; concept 7: self score 1.2, "
-        "0.5, transfer 0.33 vs frequency-matched control n/a (robust scores: 1 = the natural "
+        "0.5, transfer 0.33 vs frequency-matched control 0.10 (robust scores: 1 = the natural "
         "top 1 %)",
         f"  explorer: open X/index.html in a browser, or: usae serve {out / 'explorer'}", ""]
 
@@ -406,7 +412,7 @@ def test_eval_prints_faithfulness_with_each_compared_run_and_the_truth(monkeypat
         (out / "compare" / name / "report.json").write_text(json.dumps(
             {"models": ["a"], "faithfulness": section}))
     truth = {"recovery": {"a": 0.91234, "b": 0.5}, "shared_as_one": 0.75,
-             "partial_as_one": None, "specific_detected": 1.0, "mcc_mean": 0.6666,
+             "partial_as_one": 0.5, "specific_detected": 1.0, "mcc_mean": 0.6666,
              "spurious": {"count": 3, "firing": 40}}
     report = FakeReport({"self_r2_mean": 1.0, "cross_r2_mean": 1.0}, {"id": "mine"}, truth)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: report)
@@ -415,7 +421,7 @@ def test_eval_prints_faithfulness_with_each_compared_run_and_the_truth(monkeypat
     assert lines[1:] == [
         "  <mine>", "  compared run b_run:", "  <other>",
         "  against the truth: recovery (mean best cosine) a 0.912, b 0.500; shared as one "
-        "concept 0.75, partly shared n/a; model-specific detected 1.00; MCC 0.667; spurious 3 "
+        "concept 0.75, partly shared 0.50; model-specific detected 1.00; MCC 0.667; spurious 3 "
         "of 40 firing concepts", ""]
 
 
@@ -463,7 +469,7 @@ def test_cam_needs_one_way_of_choosing_concepts_and_prints_each_score(monkeypatc
     from usae.cam import maximize
 
     seen = {}
-    doc = {"self_ratio": {"a": 1.234, "b": 0.5}, "transfer_offdiag_mean": None,
+    doc = {"self_ratio": {"a": 1.234, "b": 0.5}, "transfer_offdiag_mean": 0.75,
            "control_concept": 9, "transfer_control_offdiag_mean": 0.125}
     monkeypatch.setattr(maximize, "run_cam", lambda run, store, concepts, top, out, options,
                         eval_dir: seen.update(concepts=concepts, top=top, out=out) or {4: doc})
@@ -474,7 +480,7 @@ def test_cam_needs_one_way_of_choosing_concepts_and_prints_each_score(monkeypatc
     assert commands.cmd_cam(_args("cam", "R", "--store", "S", "--concept", "4,8")) == 0
     assert seen == {"concepts": [4, 8], "top": None, "out": None}
     assert capsys.readouterr().out == (
-        "wrote R/cam/4/: self score a 1.23, b 0.50; transfer off-diagonal n/a "
+        "wrote R/cam/4/: self score a 1.23, b 0.50; transfer off-diagonal 0.75 "
         "(frequency-matched control concept 9: 0.12); robust scores: 0 = a typical natural "
         "image, 1 = the natural top 1 %\n")
     commands.cmd_cam(_args("cam", "R", "--store", "S", "--top", "1", "--out", "C"))
@@ -491,7 +497,7 @@ def concepts_run(monkeypatch):
     seen = {}
     cfg = type("Cfg", (), {"sae": type("S", (), {"models": ("a", "b"), "n": 16})()})()
     monkeypatch.setattr(hub, "local_run", lambda ref: f"local:{ref}")
-    monkeypatch.setattr(run_folder, "read_config", lambda run: cfg)
+    monkeypatch.setattr(run_folder, "read_config", lambda run: seen.update(config_of=run) or cfg)
     monkeypatch.setattr(eval_folder, "check_eval_of_run", lambda ev, run, models, n:
                         seen.update(checked=(ev, run, models, n)))
     monkeypatch.setattr(concepts, "concept_table", lambda ev, ks, top, universal, store, images,
@@ -504,10 +510,11 @@ def concepts_run(monkeypatch):
 def test_concepts_checks_the_eval_against_the_run_then_prints(concepts_run, capsys):
     assert commands.cmd_concepts(_args("concepts", "R", "--eval", "E", "--concept", "1,2")) == 0
     assert concepts_run["checked"] == ("E", "local:R", ["a", "b"], 16)
+    assert concepts_run["config_of"] == "local:R"
     assert concepts_run["table"] == ("E", [1, 2], 10, False, None, 3, ["a", "b"])
     assert capsys.readouterr().out == "<table of 1>\n"
     commands.cmd_concepts(_args("concepts", "R", "--eval", "E", "--json"))
-    assert json.loads(capsys.readouterr().out) == [{"concept": 1, "x": 0.5}]
+    assert capsys.readouterr().out == '[\n  {\n    "concept": 1,\n    "x": 0.5\n  }\n]\n'
 
 
 @pytest.mark.parametrize("flags", [["--top", "0"], ["--images", "-1"]])
