@@ -79,6 +79,21 @@ def test_subcommands_parse_into_their_own_dest():
     assert "STORE_COMMAND" in _subparsers(cli.build_parser())["store"].format_usage()
 
 
+def test_the_top_level_help_names_the_tool_its_switches_and_commands():
+    text = " ".join(cli.build_parser().format_help().split())  # (wrapped to the terminal)
+    assert text.startswith("usage: usae [-h] [--version] [-v] COMMAND ... Universal Sparse "
+                           "Autoencoders: one sparse concept space shared by several vision "
+                           "models. positional arguments: COMMAND ")
+    assert "-v, --verbose debug logging" in text
+
+
+def test_the_training_keys_group_explains_itself():
+    text = " ".join(_subparsers(cli.build_parser())["train"].format_help().split())
+    assert "training keys: Each is also --set KEY=VALUE and a key of --config FILE. Unset, a " \
+           "key takes the preset's value, else the default shown (the paper's)." in text
+    assert "with --images (as usae cache has them):" in text
+
+
 def test_option_class_reads_module_and_name():
     from usae.options import CamOptions
 
@@ -95,6 +110,8 @@ def test_the_presets_help_lists_each_presets_changes():
             assert f"{key}={value}" in line
     assert len(lines) == 1 + len(TRAIN_PRESETS)
     assert "  best: decoder_update=all" in lines
+    fast = next(line for line in lines if line.startswith("  fast: "))
+    assert fast == "  fast: " + ", ".join(f"{k}={v}" for k, v in TRAIN_PRESETS["fast"].items())
 
 
 def test_the_train_parser_skips_the_keys_it_has_no_flag_for():
@@ -123,8 +140,8 @@ def test_the_formatter_shows_a_default_once(kwargs, shows):
     parser = argparse.ArgumentParser(formatter_class=cli._Formatter)
     action = parser.add_argument("--flag", **kwargs)
     text = cli._Formatter("p")._get_help_string(action)
-    assert text.endswith(" (default: %(default)s)") is shows
-    assert text.startswith(kwargs.get("help") or "")
+    own = kwargs.get("help") or ""
+    assert text == (own + " (default: %(default)s)" if shows else own)
 
 
 def test_a_positional_shows_no_default():
@@ -146,6 +163,10 @@ def test_the_formatter_keeps_an_epilog_as_written():
     (["store", "add-model", "S", "--models", "m"], ["S"]),
     (["store"], []),
     (["demo", "--out", "D"], ["D"]),
+    (["cache", "--models", "m", "--images", "I", "--out", "S"], ["S"]),
+    (["train", "--store", "S", "--out", "R"], ["R"]),
+    (["eval", "R", "--store", "S", "--out", "E"], ["E"]),
+    (["explore", "R", "--store", "S", "--out", "X"], ["X"]),
     (["synth", "--out", "Y"], ["Y"]),
     (["import-reference", "c.yaml", "--out", "R"], ["R"]),
     (["cam", "R", "--store", "S", "--top", "1"], [os.path.join("R", "cam")]),
@@ -160,6 +181,15 @@ def test_the_formatter_keeps_an_epilog_as_written():
 ])
 def test_output_folders(argv, folders):
     assert cli.output_folders(cli.build_parser().parse_args(argv)) == folders
+
+
+def test_run_chooses_threads_for_a_compute_command(tmp_path, monkeypatch):
+    chosen = []
+    monkeypatch.setattr("usae.threads.choose_threads", lambda: chosen.append(1))
+    monkeypatch.delenv("RANK", raising=False)
+    args = cli.build_parser().parse_args(["encode", "R", "--model", "m", "--input", "x",
+                                          "--out", "y"])
+    assert cli._run(lambda a: 0, args) == 0 and chosen == [1]
 
 
 def test_run_holds_the_lock_while_the_handler_runs(tmp_path, monkeypatch):
@@ -290,11 +320,13 @@ def test_a_closed_pipe_ends_quietly(handler, monkeypatch):
 
     handler["fn"] = broken
     dup = []
-    monkeypatch.setattr(cli.os, "dup2", lambda fd, to: dup.append(to))
-    monkeypatch.setattr(cli.os, "open", lambda path, flags: dup.append(path) or 99)
+    monkeypatch.setattr(cli.os, "dup2", lambda fd, to: dup.append(("dup2", fd, to)))
+    monkeypatch.setattr(cli.os, "open", lambda path, flags: dup.append(("open", path, flags))
+                        or 99)
     monkeypatch.setattr(cli.sys, "stdout", type("Out", (), {"fileno": lambda self: 1})())
     assert cli.main(["serve", "X"]) == 0
-    assert dup == [os.devnull, 1]  # stdout now goes nowhere: no second error at exit
+    # stdout now goes nowhere: no second error when the interpreter flushes it at exit
+    assert dup == [("open", os.devnull, os.O_WRONLY), ("dup2", 99, 1)]
 
 
 def test_verbose_turns_on_debug_logging(handler, monkeypatch):
