@@ -202,3 +202,60 @@ def test_a_ball_run_trains_saves_and_reloads_with_its_norm(arrays, tmp_path):
         assert float(norms.max()) <= 1.0 + 1e-6 and float(norms.min()) < 0.999
         raw = sae.dictionaries[m].detach().norm(dim=1)
         torch.testing.assert_close(norms, raw.clamp_max(1.0))
+
+
+def test_the_truth_section_has_every_key_rounded_and_counts_spurious_concepts(tmp_path):
+    """With the true atoms as the first F rows and 5 random rows after them: recovery 1 in
+    every model, the random rows that fire are the spurious ones (none reaches 0.9), and the
+    codes' matched correlation is that of an encoder fitted to nothing (checked as rounded)."""
+    synth(tmp_path / "s", SMALL)
+    sae = _perfect_sae(tmp_path / "s", SMALL.model_dims(), n_extra=5, seed=2)
+    store = Store(tmp_path / "s" / "store")
+    summary, t = load_truth(tmp_path / "s")
+    member = t["membership"].numpy().astype(bool)
+    classes = _classes(sae, member)
+    n, f = sae.cfg.n, member.shape[0]
+    classes["fires"] = np.zeros((3, n))
+    classes["fires"][1, [0, f, f + 2]] = 4  # a true feature and two random rows fire
+    classes["fires"][2, f + 2] = 1
+    out = score_truth(sae, store, store.rows("val"), (summary, t), classes, match=0.9)
+    assert sorted(out) == ["features", "match_cosine", "mcc", "mcc_mean", "partial_as_one",
+                           "recovery", "shared_as_one", "specific_detected", "spurious"]
+    assert out["match_cosine"] == 0.9 and out["features"] == summary["features"]
+    assert out["recovery"] == {m: 1.0 for m in sae.models}
+    assert out["spurious"] == {"count": 2, "firing": 3, "fraction": 0.6667}
+    assert set(out["mcc"]) == set(sae.models)
+    for value in out["mcc"].values():
+        assert 0 <= value <= 1 and value == round(value, 4)
+    assert out["mcc_mean"] == round(float(np.mean(list(out["mcc"].values()))), 4)
+    classes["fires"][:] = 0
+    none = score_truth(sae, store, store.rows("val"), (summary, t), classes)["spurious"]
+    assert none == {"count": 0, "firing": 0, "fraction": 0.0}
+
+
+def test_mcc_reads_the_codes_of_exactly_the_evaluated_tokens(tmp_path):
+    """A learned code equal to the true codes of the evaluated rows correlates 1 with each
+    feature that fires there (a feature silent on these rows has no correlation: 0)."""
+    from usae.analysis import truth as truth_module
+
+    synth(tmp_path / "s", SMALL)
+    summary, t = load_truth(tmp_path / "s")
+    store = Store(tmp_path / "s" / "store")
+    rows = store.rows("val")[::-1]  # any order: the rows are sorted first
+    codes = t["codes"].numpy()
+    member = t["membership"].numpy().astype(bool)
+    tokens = int(summary["tokens"])
+
+    class Echo:
+        models = tuple(summary["models"])
+
+        def encode(self, m, x):
+            idx = np.sort(rows)[:, None] * tokens + np.arange(tokens)[None, :]
+            return torch.from_numpy(codes[idx.reshape(-1)][:, member[:, self.models.index(m)]])
+
+    got = truth_module._mcc(Echo(), store, rows, codes, member, list(Echo.models), tokens)
+    idx = (np.sort(rows)[:, None] * tokens + np.arange(tokens)[None, :]).reshape(-1)
+    for j, m in enumerate(Echo.models):
+        fires_here = float((codes[idx][:, member[:, j]].std(0) > 0).mean())
+        assert got[m] == round(fires_here, 4)
+    assert min(got.values()) > 0.5
