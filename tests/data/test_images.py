@@ -104,6 +104,20 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert got[1, 0].tolist() == [127, 127, 127]
 
 
+def test_grey_with_alpha_is_composited_on_white(tmp_path):
+    la = np.array([[[0, 255], [0, 0], [100, 128]]], np.uint8)  # opaque black, clear, half grey
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    got = np.asarray(load_rgb(tmp_path / "la.png"))[0]
+    assert got.tolist() == [[0, 0, 0], [255, 255, 255], [177, 177, 177]]
+
+
+def test_the_default_split_seed_is_0(tmp_path):
+    for i in range(20):
+        _save(tmp_path / f"{i:02d}.png")
+    assert list_images(tmp_path) == list_images(tmp_path, seed=0)
+    assert list_images(tmp_path) != list_images(tmp_path, seed=1)
+
+
 def test_a_palette_with_a_transparent_index_is_composited(tmp_path):
     p = Image.new("P", (2, 1))
     p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
@@ -131,6 +145,15 @@ def test_sixteen_bit_images_keep_their_content(tmp_path):
     ("F", [-1.0, 1.0, 3.0], [0, 128, 255]),
     ("I", [70000, 70000, 70000], [0, 0, 0]),  # a flat image out of range: black
     ("F", [2.0, 300.0, 2.0], [0, 255, 0]),
+    ("I;16", [257, 514, 65535], [1, 2, 255]),  # always by 257, whatever the range
+    ("I;16B", [257, 514, 65535], [1, 2, 255]),
+    ("F", [0.0, 1.5, 2.0], [0, 2, 2]),  # beyond 1: 8-bit values
+    ("F", [0.0, 0.99, 1.0], [0, 252, 255]),  # times 255, not 256
+    ("I", [0, 100, 256], [0, 0, 1]),  # beyond 255: 16-bit data
+    ("I", [0, 2570, 60000], [0, 10, 233]),
+    ("I", [257, 2570, 65535], [1, 10, 255]),
+    ("I", [1000, 65536], [0, 255]),  # beyond 16 bits: its range
+    ("I", [-10, 0, 5], [0, 170, 255]),
 ])
 def test_high_bit_depth_values_map_to_eight_bits(mode, values, want):
     assert _to_uint8(np.array(values, np.float64), mode).tolist() == want
@@ -184,6 +207,12 @@ def test_a_crop_larger_than_the_resize_wins():
     p = Preprocess(crop=(6, 6), resize=4, interpolation="nearest")
     out = resize_crop_u8(_stripes(12, 6), p)  # max(4/6, 6/6, 6/12) = 1: no scaling
     assert out.shape == (3, 6, 6) and out[0, 0].tolist() == [3, 4, 5, 6, 7, 8]
+
+
+def test_an_odd_margin_is_cut_by_floor_division():
+    p = Preprocess(crop=(3, 3), resize=3, interpolation="nearest")
+    out = resize_crop_u8(_stripes(16, 8), p)  # scale 3/8: 6 x 3; the 3 left over: 1 and 2
+    assert out[0, 0].tolist() == [4, 6, 9]
 
 
 def test_a_non_square_crop_fits_both_sides():
