@@ -4,6 +4,7 @@ provoked by editing a shard's manifest by hand."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 
@@ -65,6 +66,10 @@ def test_the_merged_rows_are_the_shards_rows_in_order(shards, tmp_path):
         whole = (tmp_path / "m" / f"acts_{m}.bin").read_bytes()
         assert whole == b"".join((p / f"acts_{m}.bin").read_bytes() for p in shards)
     assert manifest["models"] == parts[0]["models"] and manifest["dtype"] == parts[0]["dtype"]
+    assert set(manifest) == (set(parts[0]) - {"shard"}) | {"merged_from"}
+    stamp = datetime.datetime.strptime(manifest["finalized_at"], "%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert abs((now - stamp).total_seconds()) < 600  # UTC, now
 
 
 def test_the_merged_statistics_are_those_of_every_row(shards, tmp_path):
@@ -77,6 +82,25 @@ def test_the_merged_statistics_are_those_of_every_row(shards, tmp_path):
         stats = merged.stats()[m]
         np.testing.assert_allclose(stats.mean_d, flat.mean(0), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(stats.std_d, flat.std(0), rtol=1e-6, atol=1e-9)
+
+
+def test_shards_are_ordered_by_their_index_not_their_names(shards, tmp_path):
+    renamed = []
+    for name, p in zip(("c", "a", "b"), shards):  # names sort as 1, 2, 0
+        shutil.copytree(p, tmp_path / name)
+        renamed.append(tmp_path / name)
+    manifest = merge_shards(renamed, tmp_path / "m", progress=False)
+    assert manifest["images"] == [i for p in shards for i in read_manifest(p)["images"]]
+
+
+def test_a_folder_of_other_files_is_refused_unless_forced(shards, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with exactly(f"{tmp_path / 'm'} is not empty and is not a usae store folder — pass --force "
+                 "to replace it, or choose another --out"):
+        merge_shards(shards, tmp_path / "m", progress=False)
+    merge_shards(shards, tmp_path / "m", force=True, progress=False)
+    assert not (tmp_path / "m" / "notes.txt").exists()
 
 
 def test_a_finished_store_is_replaced_only_with_force(shards, tmp_path):
