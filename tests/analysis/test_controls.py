@@ -37,6 +37,10 @@ def test_a_copy_matches_fully_and_the_random_control_does_not(tmp_path):
         r = out["models"][m]
         assert r["matched_fraction"] == 1.0 and r["mean_cosine"] == pytest.approx(1.0)
         assert r["random_matched_fraction"] < 0.3 and r["random_mean_cosine"] < 0.6
+    assert out["cosine_threshold"] == 0.5
+    default = independent_consistency(usae, tmp_path / "ind")  # threshold 0.5, seed 0
+    assert default == out == independent_consistency(usae, tmp_path / "ind", seed=0)
+    assert independent_consistency(usae, tmp_path / "ind", seed=1) != out  # another control
 
 
 def test_not_an_independent_run(tmp_path):
