@@ -170,6 +170,13 @@ def all_modules() -> list[str]:
     return names
 
 
+def has_functions(module: str) -> bool:
+    """Whether the module has a function or method body (what mutmut mutates)."""
+    tree = ast.parse((ROOT / module_path(module)).read_text())
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               for node in ast.walk(tree))
+
+
 def selection(module: str) -> list[str]:
     """The tests a module's mutants run: ``SELECTION``'s, else every test file that names
     the module in an import (``usae.<module>``), without the structural and notebook tests."""
@@ -459,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                 round(time.monotonic() - start, 1)
             saved[module] = {**summarize(status, equivalent), "seconds": seconds}
             saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
-            if status and not args.collect:  # a run's score, on the source it ran on
+            # a run's score, on the source it ran on (a module without a function body has
+            # no mutant at all: its empty run is its score)
+            if (status or not has_functions(module)) and not args.collect:
                 record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
     saved = json.loads(saved_path.read_text())
