@@ -171,10 +171,12 @@ def all_modules() -> list[str]:
 
 
 def has_functions(module: str) -> bool:
-    """Whether the module has a function or method body (what mutmut mutates)."""
+    """Whether the module has a function or method body that does something (what mutmut
+    mutates; a Protocol's ``...`` or a docstring alone is nothing)."""
     tree = ast.parse((ROOT / module_path(module)).read_text())
-    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-               for node in ast.walk(tree))
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and
+               not all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                       for s in node.body) for node in ast.walk(tree))
 
 
 def selection(module: str) -> list[str]:
