@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.conftest import exactly
 from usae import locks
 from usae.errors import UsaeError
 from usae.locks import (
@@ -117,6 +118,13 @@ def test_acquire_writes_its_owner_and_creates_the_parent(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["command"] == "mine"
 
 
+def _in_use(out, pid: int, lock) -> str:
+    """The refusal naming a live holder written by ``_holder``."""
+    return (f"{out} is in use by another usae command (pid {pid} on {socket.gethostname()}: "
+            f"`usae x`, since 2026-01-01T00:00:00) — wait for it to finish or choose another "
+            f"--out; if that process is gone, delete {lock}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -126,12 +134,8 @@ def _umask() -> int:
 def test_a_live_holder_is_refused_with_everything_known_about_it(tmp_path, live_pid):
     lock = lock_path(tmp_path / "out")
     lock.write_text(_holder(live_pid))
-    with pytest.raises(UsaeError) as info:
+    with exactly(_in_use(tmp_path / "out", live_pid, lock)):
         acquire(tmp_path / "out")
-    assert str(info.value) == (
-        f"{tmp_path / 'out'} is in use by another usae command (pid {live_pid} on "
-        f"{socket.gethostname()}: `usae x`, since 2026-01-01T00:00:00) — wait for it to "
-        f"finish or choose another --out; if that process is gone, delete {lock}")
     assert json.loads(lock.read_text())["pid"] == live_pid
 
 
@@ -314,12 +318,8 @@ def test_another_jobs_live_lock_is_refused_with_its_holder(tmp_path, live_pid, m
     monkeypatch.setenv("MASTER_PORT", "7")
     lock = lock_path(tmp_path / "run")
     lock.write_text(_holder(live_pid, job="n1:8"))
-    with pytest.raises(UsaeError) as info:
+    with exactly(_in_use(tmp_path / "run", live_pid, lock)):
         check_not_held_by_another_job(tmp_path / "run")
-    assert str(info.value) == (
-        f"{tmp_path / 'run'} is in use by another usae command (pid {live_pid} on "
-        f"{socket.gethostname()}: `usae x`, since 2026-01-01T00:00:00) — wait for it to "
-        f"finish or choose another --out; if that process is gone, delete {lock}")
     lock.write_text(_holder(live_pid, host="other", job="n1:8"))  # not checkable: refused
     with pytest.raises(UsaeError):
         check_not_held_by_another_job(tmp_path / "run")
