@@ -77,6 +77,7 @@ SELECTION: dict[str, list[str]] = {
                              "tests/explorer/test_explorer.py"],
     "analysis.plots": ["tests/analysis/test_plots.py"],
     "analysis.truth": ["tests/analysis/test_truth.py", "tests/analysis/test_synth.py"],
+    "analysis.synth": ["tests/analysis/test_synth.py"],
     "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
     "data.splits": ["tests/data/test_splits.py"],
     "store.merge": ["tests/store/test_merge.py"],
