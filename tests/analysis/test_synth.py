@@ -259,3 +259,38 @@ def test_mcc_reads_the_codes_of_exactly_the_evaluated_tokens(tmp_path):
         fires_here = float((codes[idx][:, member[:, j]].std(0) > 0).mean())
         assert got[m] == round(fires_here, 4)
     assert min(got.values()) > 0.5
+
+
+def test_synth_writes_its_options_a_seeded_split_and_says_what_it_made(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="usae.analysis.synth"):
+        summary = synth(tmp_path / "s", SMALL)
+    assert json.loads((tmp_path / "s" / "truth.json").read_text())["options"] == \
+        SMALL.to_json()
+    store = Store(tmp_path / "s" / "store")
+    assert store.dtype == "float32"
+    images = store.manifest["images"]
+    assert [i["path"] for i in images] == [f"synth/{i}" for i in range(SMALL.images)]
+    n_val = int(round(SMALL.images * SMALL.val_fraction))
+    held = set(np.random.default_rng([SMALL.seed, 7]).permutation(SMALL.images)[:n_val]
+               .tolist())
+    assert [i["split"] for i in images] == ["val" if k in held else "train"
+                                            for k in range(SMALL.images)]
+    assert caplog.messages[-1] == (
+        f"synthetic store: 3 models, {summary['n_features']} features ("
+        + ", ".join(f"{k} {v}" for k, v in summary["features"].items()) + ")")
+
+
+def test_synth_replaces_only_its_own_folder_unless_forced(tmp_path):
+    tiny = SynthOptions(dims="8,6", shared=2, partial=0, specific=1, images=10, tokens=2)
+    synth(tmp_path / "s", tiny)
+    with pytest.raises(UsaeError, match="already holds a synthetic store — pass --force"):
+        synth(tmp_path / "s", tiny)
+    synth(tmp_path / "s", tiny, force=True)  # its own folder, forced: written again
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("")
+    with pytest.raises(UsaeError) as info:
+        synth(tmp_path / "o", tiny)
+    assert str(info.value) == (f"{tmp_path / 'o'} is not empty and is not a usae synth folder "
+                               "— pass --force to replace it, or choose another --out")
+    synth(tmp_path / "o", tiny, force=True)
+    assert not (tmp_path / "o" / "mine.txt").exists()
