@@ -156,26 +156,29 @@ def test_prepare_folder_resume_needs_a_checkpoint(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_prepare_folder_refuses_what_it_would_overwrite(tmp_path):
+@pytest.mark.parametrize("files, message", [
+    (["thesis.tex"], "{out} exists and is not empty — pass --resume to continue it, --force to "
+                     "replace it, or choose another --out"),
+    (["config.json"], "{out} holds a run that was stopped before its first checkpoint — pass "
+                      "--force to start it again, or choose another --out"),
+    (["config.json", "checkpoint.safetensors"], "{out} holds a run — pass --resume to "
+                                                 "continue it, --force to replace it, or "
+                                                 "choose another --out"),
+])
+def test_prepare_folder_refuses_what_it_would_overwrite(tmp_path, files, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text("{}")
+    with exactly(message.format(out=out)):
+        prepare_folder(out, resume=False, force=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)  # nothing touched
+
+
+def test_prepare_folder_refuses_a_file_for_a_folder(tmp_path):
     (tmp_path / "file").write_text("")
     with exactly(f"{tmp_path / 'file'} is a file, not a folder — choose another --out"):
         prepare_folder(tmp_path / "file", resume=False, force=False)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "thesis.tex").write_text("precious")
-    with exactly(f"{other} exists and is not empty — pass --resume to continue it, --force to "
-                "replace it, or choose another --out"):
-        prepare_folder(other, resume=False, force=False)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    with exactly(f"{run} holds a run that was stopped before its first checkpoint — pass "
-                "--force to start it again, or choose another --out"):
-        prepare_folder(run, resume=False, force=False)
-    (run / "checkpoint.safetensors").write_text("")
-    with exactly(f"{run} holds a run — pass --resume to continue it, --force to replace it, or "
-                "choose another --out"):
-        prepare_folder(run, resume=False, force=False)
 
 
 def test_force_removes_only_the_files_a_run_writes(tmp_path):

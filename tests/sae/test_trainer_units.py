@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import exactly
+from tests.sae.test_train import _StopAfter
 from usae.config import resolve
 from usae.data.sources import ArraySource
 from usae.sae import trainer as trainer_module
@@ -135,20 +136,10 @@ def test_a_second_ctrl_c_says_what_was_kept(arrays, tmp_path):
                                   "kept — re-run with --resume to continue from it")
 
 
-def test_a_ctrl_c_mid_step_carries_that_message(arrays, tmp_path, monkeypatch):
+def test_a_ctrl_c_mid_step_carries_that_message(arrays, tmp_path):
     t = Trainer(_cfg(arrays), tmp_path / "r", progress=False)
-    calls = []
-    real = Trainer.train_step
-
-    def interrupt_at_third(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_third)
     with pytest.raises(KeyboardInterrupt) as info:
-        t.fit(ArraySource(arrays))
+        t.fit(_StopAfter(ArraySource(arrays), 2))  # Ctrl-C while the third batch is read
     assert str(info.value).startswith("stopped at once at step 2")
 
 
@@ -176,25 +167,14 @@ def test_a_rank_other_than_0_writes_nothing(arrays, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_progress_bar_starts_where_a_resume_starts(arrays, tmp_path, monkeypatch,
-                                                      progress_bars):
+def test_the_progress_bar_starts_where_a_resume_starts(arrays, tmp_path, progress_bars):
     bars = progress_bars(trainer_module)
     cfg = _cfg(arrays, max_steps=5, checkpoint_every=3)
-    real, calls = Trainer.train_step, []
-
-    def stop_at_fourth(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_step", stop_at_fourth)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "r", progress=True).fit(ArraySource(arrays))
+        Trainer(cfg, tmp_path / "r", progress=True).fit(_StopAfter(ArraySource(arrays), 3))
     assert bars[0].kw == {"total": 5, "initial": 0, "desc": "train", "unit": "step",
                           "disable": False}
     assert bars[0].n == 3 and set(bars[0].postfix) == {"loss", "tok_s", "refresh"}
-    monkeypatch.setattr(Trainer, "train_step", real)
     Trainer(cfg, tmp_path / "r", progress=True).fit(ArraySource(arrays), resume=True)
     assert bars[1].kw["initial"] == 3 and bars[1].kw["total"] == 5 and bars[1].n == 2
     Trainer(cfg, tmp_path / "r", progress=False).fit(ArraySource(arrays), resume=True)
