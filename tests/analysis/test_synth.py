@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import exactly
 from usae.analysis.synth import SynthOptions, feature_layout, generate, sample_codes, synth
 from usae.analysis.truth import load_truth, matched_correlation, score_truth
 from usae.cli import main
@@ -294,3 +295,162 @@ def test_synth_replaces_only_its_own_folder_unless_forced(tmp_path):
                                "— pass --force to replace it, or choose another --out")
     synth(tmp_path / "o", tiny, force=True)
     assert not (tmp_path / "o" / "mine.txt").exists()
+
+
+# --- the generator's structure, each part against the rule the module's docstring states ---
+
+def _all_firing(magnitude: str, n_tokens: int = 20000) -> np.ndarray:
+    """Magnitudes alone: 4 root features and an `active` above 4, so every feature fires at
+    every token (p = 1) and each code is its magnitude."""
+    o = SynthOptions(dims="4,4", shared=4, partial=0, specific=0, active=10.0,
+                     magnitude=magnitude)
+    codes = sample_codes(o, np.full(4, -1), n_tokens, np.random.default_rng(5))
+    assert codes.dtype == np.float32 and codes.shape == (n_tokens, 4)
+    assert (codes > 0).all()
+    return codes.ravel().astype(np.float64)
+
+
+def test_magnitudes_follow_the_distribution_named():
+    exp = _all_firing("exponential")  # mean 1 and std 1, down to 0
+    assert exp.mean() == pytest.approx(1.0, abs=0.02)
+    assert exp.std() == pytest.approx(1.0, abs=0.03)
+    assert exp.min() < 0.01 and len(np.unique(exp)) > 0.99 * len(exp)  # float32: a few ties
+    log_normal = np.log(_all_firing("lognormal"))  # median 1, sigma 0.5
+    assert np.median(log_normal) == pytest.approx(0.0, abs=0.01)
+    assert log_normal.std() == pytest.approx(0.5, abs=0.01)
+    uniform = _all_firing("uniform")  # 0.5 to 1.5
+    assert 0.5 <= uniform.min() < 0.501 and 1.499 < uniform.max() < 1.5
+    assert uniform.mean() == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.5])
+@pytest.mark.parametrize("active", [1.0, 20.0])  # p = 1/8, and p = 1 (capped)
+def test_a_root_fires_by_its_own_draw_or_its_groups(correlation, active):
+    # own draw with probability p(1-c), or its group's (probability p) joined with
+    # probability c: P(fire) = 1 - (1 - p(1-c)) (1 - p c)
+    o = SynthOptions(dims="4,4", shared=8, partial=0, specific=0, active=active,
+                     correlation=correlation)
+    codes = sample_codes(o, np.full(8, -1), 40000, np.random.default_rng(2))
+    p = min(1.0, active / 8)
+    want = 1 - (1 - p * (1 - correlation)) * (1 - p * correlation)
+    assert (codes > 0).mean() == pytest.approx(want, abs=0.01)
+
+
+def test_one_root_feature_fires_with_probability_active():
+    o = SynthOptions(dims="4,4", shared=1, partial=0, specific=0, active=0.5)
+    codes = sample_codes(o, np.array([-1]), 40000, np.random.default_rng(3))
+    assert (codes > 0).mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_full_correlation_fires_groups_of_four_together():
+    o = SynthOptions(dims="4,4", shared=12, partial=0, specific=0, active=3.0, correlation=1.0)
+    fires = sample_codes(o, np.full(12, -1), 4000, np.random.default_rng(4)) > 0
+    for g in range(3):  # features 4g .. 4g+3 fire at the same tokens, about a quarter of them
+        block = fires[:, 4 * g:4 * g + 4]
+        assert (block == block[:, :1]).all()
+        assert block[:, 0].mean() == pytest.approx(0.25, abs=0.03)
+    assert not (fires[:, 0] == fires[:, 4]).all() and not (fires[:, 4] == fires[:, 8]).all()
+
+
+def test_a_child_fires_with_half_of_its_parents_firings():
+    o = SynthOptions(dims="4,4", shared=2, partial=0, specific=0, children=1, parents=2,
+                     active=1.0)
+    parent = np.array([-1, -1, 0, 1])
+    fires = sample_codes(o, parent, 40000, np.random.default_rng(6)) > 0
+    for child, par in ((2, 0), (3, 1)):
+        assert fires[:, par].mean() == pytest.approx(0.5, abs=0.01)  # p = active / 2 roots
+        assert fires[fires[:, par], child].mean() == pytest.approx(0.5, abs=0.015)
+        assert not fires[~fires[:, par], child].any()
+
+
+def test_the_layout_lists_shared_children_partial_then_each_models_specific():
+    o = SynthOptions(dims="4,4,4,4,4", shared=2, children=2, parents=1, partial=300,
+                     specific=1)
+    kind, member, parent = feature_layout(o, np.random.default_rng(0))
+    assert (kind.dtype, member.dtype, parent.dtype) == (np.int8, np.bool_, np.int64)
+    assert len(kind) == o.n_features() == 2 + 2 + 300 + 5
+    assert kind.tolist() == [0] * 4 + [1] * 300 + [2] * 5
+    assert parent.tolist() == [-1, -1, 0, 0] + [-1] * 305  # -1: no parent
+    assert member[:4].all()
+    sizes = member[4:304].sum(1)  # at least two models, never all five, every size drawn
+    assert set(sizes.tolist()) == {2, 3, 4}
+    np.testing.assert_array_equal(member[304:], np.eye(5, dtype=bool))
+
+
+def test_two_models_have_no_partial_features():
+    o = SynthOptions(dims="6,6", shared=3, partial=5, specific=2)
+    kind, member, parent = feature_layout(o, np.random.default_rng(0))
+    assert o.n_features() == len(kind) == 3 + 2 * 2
+    assert kind.tolist() == [0, 0, 0, 2, 2, 2, 2] and (parent == -1).all()
+    no_children = SynthOptions(dims="6,6,6", shared=3, partial=2, specific=1, parents=2)
+    assert no_children.n_children() == 0
+    assert no_children.n_features() == len(feature_layout(no_children,
+                                                           np.random.default_rng(0))[0]) == 8
+
+
+def test_option_bounds_are_inclusive_where_documented():
+    SynthOptions(dims="2,2", shared=1, partial=0, specific=0)  # width 2, one feature
+    SynthOptions(dims="4,4", shared=3, children=1, parents=3)  # parents == shared
+    with exactly("--dims must be at least 2 each, got '1,2'"):
+        SynthOptions(dims="1,2")
+    with exactly("--dims needs at least two models, e.g. 64,48,56"):
+        SynthOptions(dims="8")
+    with exactly("--parents 4 is more than --shared 3"):
+        SynthOptions(dims="4,4", shared=3, children=1, parents=4)
+    with exactly("no features: give --shared, --partial or --specific"):
+        SynthOptions(dims="4,4", shared=0, partial=0, specific=0)
+
+
+MEASURED = SynthOptions(dims="40,24", shared=6, partial=0, specific=3, images=200, tokens=10,
+                        active=3.0, mean_shift=1.5, noise=0.5, seed=9)
+
+
+def test_generate_is_seeded_and_typed():
+    arrays, truth = generate(MEASURED)
+    again, truth_again = generate(MEASURED)
+    other, _ = generate(SynthOptions(**{**MEASURED.to_json(), "seed": 10}))
+    for m in arrays:
+        np.testing.assert_array_equal(arrays[m], again[m])
+        assert not np.allclose(arrays[m], other[m])
+    assert sorted(truth) == sorted(["kind", "membership", "parent", "codes"] + [
+        f"{k}.{m}" for k in ("atoms", "mean") for m in ("synth0", "synth1")])
+    assert all(np.array_equal(truth[k], truth_again[k]) for k in truth)
+    assert {m: (a.shape, a.dtype) for m, a in arrays.items()} == {
+        "synth0": ((200, 10, 40), np.float32), "synth1": ((200, 10, 24), np.float32)}
+    assert (truth["kind"].dtype, truth["membership"].dtype, truth["parent"].dtype,
+            truth["codes"].dtype) == (np.int8, np.uint8, np.int64, np.float32)
+    assert truth["mean.synth0"].shape == (40,) and truth["mean.synth0"].dtype == np.float32
+    assert truth["atoms.synth1"].shape == (12, 24) and truth["atoms.synth1"].dtype == np.float32
+
+
+def test_the_mean_and_the_noise_scale_with_the_signals_rms():
+    arrays, truth = generate(MEASURED)
+    for m, x in arrays.items():
+        d = x.shape[-1]
+        signal = truth["codes"].astype(np.float64) @ truth[f"atoms.{m}"]
+        rms = np.sqrt((signal ** 2).mean())
+        mean = truth[f"mean.{m}"].astype(np.float64)
+        # norm = mean_shift x rms per dimension x sqrt(d)
+        assert np.linalg.norm(mean) == pytest.approx(MEASURED.mean_shift * rms * np.sqrt(d),
+                                                     rel=1e-5)
+        noise = x.reshape(-1, d) - signal - mean  # (tokens, d), fresh at every token
+        assert noise.std() == pytest.approx(MEASURED.noise * rms, rel=0.02)
+        assert noise.std(axis=0).min() > 0.8 * MEASURED.noise * rms
+        assert abs(noise.mean()) < 0.01 * rms
+        assert abs(np.corrcoef(noise[:, 0], noise[:, 1])[0, 1]) < 0.05
+
+
+def test_a_model_with_no_signal_takes_unit_rms():
+    # tiny and sparse: find a seed where no feature fires at all; the mean's norm is then
+    # mean_shift x 1 x sqrt(d)
+    for seed in range(60):
+        o = SynthOptions(dims="4,9", shared=1, partial=0, specific=0, images=10, tokens=1,
+                         active=0.1, noise=0.0, mean_shift=2.0, seed=seed)
+        arrays, truth = generate(o)
+        if not truth["codes"].any():
+            break
+    else:
+        pytest.fail("no seed without firing")
+    for m, d in (("synth0", 4), ("synth1", 9)):
+        assert np.linalg.norm(truth[f"mean.{m}"]) == pytest.approx(2.0 * np.sqrt(d), rel=1e-5)
+        np.testing.assert_allclose(arrays[m].reshape(-1, d), np.tile(truth[f"mean.{m}"], (10, 1)))
