@@ -70,6 +70,8 @@ SELECTION: dict[str, list[str]] = {
     "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
     "sae.extend": ["tests/sae/test_extend_checks.py", "tests/sae/test_extend.py"],
     "data.store_add": ["tests/data/test_store_add.py"],
+    # (backbones whose activations are known by arithmetic; test_stream.py trains real ones)
+    "data.streaming": ["tests/data/test_streaming_units.py"],
     # modules that no test imports by name: the tests of the commands that run them
     "analysis.concepts": ["tests/analysis/test_concepts.py"],
     "analysis.eval_folder": ["tests/analysis/test_eval_folder.py",
@@ -78,7 +80,12 @@ SELECTION: dict[str, list[str]] = {
     "analysis.plots": ["tests/analysis/test_plots.py"],
     "analysis.truth": ["tests/analysis/test_truth.py", "tests/analysis/test_synth.py"],
     "analysis.synth": ["tests/analysis/test_synth.py"],
-    "data.backbones.hub_access": ["tests/data/test_backbones.py", "tests/test_hub.py"],
+    # (tiny real models, each adapter against its own model; test_backbones.py builds the
+    # paper's and the demo's models, too slowly to run per mutant)
+    "data.backbones": ["tests/data/test_backbone_parts.py"],
+    "data.backbones.base": ["tests/data/test_backbone_parts.py", "tests/data/test_adapters.py"],
+    "data.backbones.hub_access": ["tests/data/test_backbone_parts.py"],
+    "data.backbones.adapters": ["tests/data/test_adapters.py"],
     "data.splits": ["tests/data/test_splits.py"],
     "store.merge": ["tests/store/test_merge.py"],
     "data.images": ["tests/data/test_images.py", "tests/data/test_images_align.py"],

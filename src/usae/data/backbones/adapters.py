@@ -150,16 +150,15 @@ class HFBackbone(Backbone):
 
     def __init__(self, model: nn.Module, layer: int = -1, preprocess: Preprocess | None = None,
                  name: str | None = None, spec: str | None = None) -> None:
-        cfg = model.config
-        model_type = getattr(cfg, "model_type", "")
+        model_type = getattr(model.config, "model_type", "")
         if hasattr(model, "vision_model") and not model_type.endswith("vision_model"):
             model = model.vision_model  # a full CLIP/SigLIP model: keep the tower
+        cfg = model.config  # the tower's own: its image and patch size
         model.eval()
         self._model, self._layer = model, layer
         self._model_type = model_type
-        size = int(getattr(cfg, "image_size", 224))
-        if isinstance(getattr(cfg, "image_size", None), (list, tuple)):
-            size = int(cfg.image_size[0])
+        image_size = getattr(cfg, "image_size", 224)  # an int, or [height, width]
+        size = int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
         if preprocess is None:
             mean, std = HF_NORMS.get(model_type, IMAGENET)
             preprocess = Preprocess(crop=(size, size), resize=size, interpolation="bicubic",
