@@ -1,6 +1,7 @@
 """The explorer in a real browser (Debian's Chromium driven by Playwright), from file:// and
 through ``usae serve``."""
 
+import base64
 import json
 import math
 import os
@@ -168,8 +169,10 @@ def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer, chromium):
     report = json.loads((explorer / "eval" / "report.json").read_text())
     f = report["faithfulness"]
 
+    words = _words()
+
     def cell(a, k):
-        return "n/a" if a is None or k is None else f"{100 * a:.1f}% / {k:.3f}"
+        return words["not_available"] if a is None or k is None else f"{100 * a:.1f}% / {k:.3f}"
 
     want = [cell(f["top1_agreement"][i][j], f["kl_recovered"][i][j])
             for i in range(2) for j in range(2)]
@@ -184,6 +187,14 @@ def test_overview_shows_the_faithfulness_table_cell_by_cell(explorer, chromium):
         cells = page.eval_on_selector_all("table.faithfulness td",
                                           "tds => tds.map(t => t.textContent)")
         assert cells == want
+        heads = page.eval_on_selector_all("table.faithfulness th",
+                                          "ths => ths.map(t => t.textContent)")
+        assert heads == ["", *f["models"], *f["models"], words["grid_only"]]
+        assert page.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)") == [
+            words["r2_matrix"], words["faithfulness"], words["plots"], words["concepts"]]
+        facts = _page_facts(page)
+        assert facts["unknown"] == [] and set(facts["classes"]) <= _styled_classes() | \
+            TEST_HOOKS, facts
     finally:
         for context in browser.contexts:
             context.close()
@@ -203,6 +214,18 @@ def test_concept_page_shows_cam_images_alpha_maps_and_checks(explorer, chromium)
                                "i.complete && i.naturalWidth > 0)")
         assert page.eval_on_selector_all(".cams .tile.cam", "ts => ts.map(t => "
                                          "t.dataset.model)") == ["lite0", "lite1"]
+        words = _words()
+        texts = lambda sel: page.eval_on_selector_all(sel, "es => es.map(e => e.textContent)")  # noqa: E731
+        assert texts("h2") == [words["cam"]] and texts(".cams .cap") == ["lite0", "lite1"]
+        assert texts(".camnote")[0] == words["cam_note"]
+        assert texts(".camchecks th") == [words["self_ratio"]]
+        assert texts("table.transfer th")[:3] == [words["transfer"], "lite0", "lite1"]
+        assert page.eval_on_selector_all(".cams img.alpha", "is => is.map(i => i.alt)") == [
+            f"{m}: where the objective's gradient was (transparency map)"
+            for m in ("lite0", "lite1")]
+        facts = _page_facts(page)
+        assert facts["unknown"] == [] and set(facts["classes"]) <= _styled_classes() | \
+            TEST_HOOKS, facts
         assert page.eval_on_selector_all(".cams img.alpha", "els => els.length") == 2
         doc = json.loads((explorer / "run" / "cam" / str(CAM_CONCEPT) / "cam.json").read_text())
         cells = page.eval_on_selector_all(".camchecks td", "tds => tds.map(t => t.textContent)")
@@ -268,6 +291,13 @@ def test_usae_serve_prints_its_url_and_stops_on_ctrl_c(explorer):
         assert "stopped" in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def _words() -> dict[str, str]:
+    """The app's words by place (text.js), read here with json."""
+    from usae.explorer.build import STATIC
+
+    return _load_js(STATIC / "text.js")
 
 
 def _load_js(path):
@@ -421,10 +451,18 @@ def test_every_view_shows_the_data_it_is_given(explorer, chromium):
             _f(s["self_r2_mean"]), _f(s["cross_r2_mean"]), str(cc["universal"]),
             str(sum(cc["model_specific"].values())), str(cc["never_fire"]),
             f"{report['n_tokens']:,}", _f(s["jaccard_cross_mean"])]
-        assert texts(".card .k")[2:6] == [
+        words = _words()
+        assert texts(".card .k") == [
+            words["self_r2"], words["cross_r2"],
             f"universal (firing entropy ≥ {cc['thresholds']['universal_fe_at_least']})",
             f"model-specific (FE ≤ {cc['thresholds']['model_specific_fe_at_most']})",
-            "never fire on this split", f"tokens evaluated ({report['split']})"]
+            words["never_fire"], f"tokens evaluated ({report['split']})", words["jaccard"]]
+        assert texts("label[for=filter]") == [words["show"]]
+        assert texts(".filters .muted") == [words["table_hint"]]
+        assert texts("#concepts th") == [
+            words["concept"], words["energy"], words["firing_entropy"], words["cofires"],
+            *[f"fires {m}" for m in models], *[f"CFP {m}" for m in models], words["class"]]
+        assert texts(".pager button") == [words["previous_page"], words["next_page"]]
         matrix = page.eval_on_selector_all(
             "table.matrix:not(.faithfulness) tr",
             "rs => rs.map(r => [...r.children].map(c => c.textContent))")
@@ -471,8 +509,14 @@ def test_every_view_shows_the_data_it_is_given(explorer, chromium):
             *[f"{table[f'fires_{m}'][k]} (CFP {_f(table[f'cfp_{m}'][k], 2)})" for m in models]]
         assert page.eval_on_selector_all(".nav a", "as => as.map(a => a.getAttribute('href'))") \
             == ["#/", f"#/concept/{max(0, k - 1)}", f"#/concept/{min(n - 1, k + 1)}"]
-        assert texts(".toolbar button") == ["mean over models (paper)", *models]
-        assert texts(".toolbar span")[-1] == f"{_f(entry['scale'])} (shared by every row)"
+        assert texts(".nav a") == [words["to_overview"], words["previous_concept"],
+                                   words["next_concept"]]
+        assert texts(".metrics:not(.camchecks):not(.transfer) th") == [
+            words["energy"], words["firing_entropy"], words["cofires"],
+            *[f"fires {m}" for m in models]]
+        assert texts(".toolbar button") == [words["mean_ranking"], *models]
+        assert texts(".toolbar span") == [words["rank_by"], words["scale_from"], "",
+                                          f"{_f(entry['scale'])} (shared by every row)"]
 
         def tiles(ranking):
             images = ov["images"]
@@ -511,10 +555,13 @@ def test_every_view_shows_the_data_it_is_given(explorer, chromium):
         if dead:
             page.goto((site / "index.html").as_uri() + f"#/concept/{dead[0]}")
             page.wait_for_selector("p.empty")
-            assert page.text_content("p.empty").startswith("This concept never fires")
+            assert texts("p") == [words["dead"]]
+            facts = _page_facts(page)
+            assert facts["unknown"] == [] and set(facts["classes"]) <= styled, facts
         page.goto((site / "index.html").as_uri() + f"#/concept/{n}")
         page.wait_for_selector("p.empty")
         assert page.text_content("p.empty") == f"There is no concept {n}."
+        assert _page_facts(page)["unknown"] == []
         assert not errors, errors
     finally:
         for context in browser.contexts:
@@ -604,7 +651,7 @@ def _hand_site(root: Path, n: int = 450) -> dict:
         concepts = {}
         for k in range(64 * c, 64 * c + 64):
             full = 255 if k % 2 else 0  # one value on every token: 255 or nothing at all
-            maps = {m: __import__("base64").b64encode(bytes([full] * 4)).decode()
+            maps = {m: base64.b64encode(bytes([full] * 4)).decode()
                     for m in ("a", "b")}
             concepts[str(k)] = {"images": [5], "rankings": {"mean": [5], "a": [5], "b": []},
                                 "scale": 2.0, "maps": maps}
@@ -634,9 +681,14 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
         energy = [-math.inf if v is None else v for v in table["energy"]]
         order = sorted(range(n), key=lambda k: (-energy[k], k))
         assert texts(".card .v") == ["0.500", "—", "90", "180", "90", "1,234,567", "0.125",
-                                     "0.950", "0.500", "n/a", "50%", "0.250", "3 / 40"]
-        assert texts(".card .k")[7:9] == ["recovery in a (mean best cosine)",
-                                          "recovery in b (mean best cosine)"]
+                                     "0.950", "0.500", _words()["not_available"], "50%",
+                                     "0.250", "3 / 40"]
+        words = _words()
+        assert texts(".card .k")[7:] == ["recovery in a (mean best cosine)",
+                                         "recovery in b (mean best cosine)",
+                                         words["shared_as_one"], words["specific_detected"],
+                                         words["mcc"], words["spurious"]]
+        assert texts("h2") == [words["r2_matrix"], words["truth"], words["concepts"]]
         assert page.locator("table.faithfulness").count() == 0
         assert "Plots" not in texts("h2")
         styled = _styled_classes() | TEST_HOOKS
@@ -706,8 +758,100 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
         (tmp_path / "site" / "data" / "overview.js").unlink()
         page.goto((tmp_path / "site" / "index.html").as_uri())
         page.wait_for_selector("p.empty")
-        assert page.text_content("p.empty") == \
-            "data/overview.js is missing: rebuild with usae explore."
+        assert page.text_content("p.empty") == words["no_overview"]
+        assert not errors, errors
+    finally:
+        page.context.close()
+
+
+def _lut() -> list[int]:
+    """The heatmap's colour scale, byte by byte (RGBA for each map value 0..255): red 255
+    fading to 200 above 60 %, green 230 fading to 0 at 1/1.1, no blue, and an opacity of
+    170·sqrt(t), each stored as Uint8ClampedArray stores (rounded half to even)."""
+    out = []
+    for i in range(256):
+        t = i / 255
+        out += [round(255 - 55 * max(0.0, t - 0.6) / 0.4), round(230 * max(0.0, 1 - t * 1.1)),
+                0, round(170 * math.sqrt(t))]
+    return out
+
+
+@pytest.mark.browser
+def test_the_colour_scale_and_the_keys_on_hand_written_data(tmp_path, chromium):
+    """Every value of the heatmap's colour scale, and a tile of one value composited over the
+    grey of a tile without a thumbnail; the keys that must not move (in a text field, with a
+    modifier, at either end) and an empty search."""
+    _hand_site(tmp_path / "site")
+    values = [0, 30, 100, 153, 200, 254]
+    concepts = {str(k): {"images": [5], "rankings": {"mean": [5], "a": [5], "b": [5]},
+                         "scale": 1.0, "maps": {m: base64.b64encode(bytes([v] * 4)).decode()
+                                                for m in ("a", "b")}}
+                for k, v in enumerate(values)}
+    (tmp_path / "site" / "data" / "concepts_0.js").write_text(
+        f"USAE_CHUNK({json.dumps({'chunk': 0, 'concepts': concepts})});")
+    url = (tmp_path / "site" / "index.html").as_uri()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(url + "#/concept/0")
+        page.wait_for_selector(".row[data-model] canvas")
+        assert page.evaluate("Array.from(LUT)") == _lut()
+        lut = _lut()
+        grey = (0x9a, 0xa1, 0xad)
+        for k, v in enumerate(values):
+            page.goto(url + f"#/concept/{k}")
+            page.wait_for_function(f"document.querySelector('#concept-title') && document."
+                                   f"querySelector('#concept-title').textContent.startsWith("
+                                   f"'Concept #{k} ')")
+            page.wait_for_selector(".row[data-model=b] canvas")
+            page.wait_for_timeout(30)
+            pixels = page.eval_on_selector(
+                ".row[data-model=b] canvas", "c => [[0, 0], [127, 127], [64, 20]].map(([x, y])"
+                " => [...c.getContext('2d').getImageData(x, y, 1, 1).data])")
+            alpha = lut[4 * v + 3] / 255
+            want = [g * (1 - alpha) + c * alpha for g, c in zip(grey, lut[4 * v:4 * v + 3])]
+            for px in pixels:
+                assert px[:3] == pytest.approx(want, abs=2) and px[3] == 255, (v, px)
+        # the keys: at the first concept there is no previous one
+        page.goto(url + "#/concept/0")
+        page.wait_for_selector(".nav a")
+        page.keyboard.press("ArrowLeft")
+        page.keyboard.press("k")
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == "#/concept/0"
+        # in the search field, and with a modifier, a key is not a command
+        page.focus("#goto")
+        page.keyboard.press("j")
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == "#/concept/0"
+        page.evaluate("document.activeElement.blur()")
+        for chord in ("Control+j", "Meta+j", "Control+ArrowRight"):
+            page.keyboard.press(chord)
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == "#/concept/0"
+        page.keyboard.press("j")
+        page.wait_for_function("location.hash === '#/concept/1'")
+        # an empty search goes nowhere; a number goes to its concept
+        page.fill("#goto", "")
+        page.press("#goto", "Enter")
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == "#/concept/1"
+        page.fill("#goto", "0")
+        page.press("#goto", "Enter")
+        page.wait_for_function("location.hash === '#/concept/0'")
+        # on the overview, a key pressed in the filter stays in the filter
+        page.goto(url)
+        page.wait_for_selector("#filter")
+        page.focus("#filter")
+        page.keyboard.press("u")
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == ""
+        page.evaluate("document.activeElement.blur()")
+        page.keyboard.press("u")
+        page.wait_for_function("location.hash === '#/'")
         assert not errors, errors
     finally:
         page.context.close()

@@ -2,7 +2,8 @@
 
 Layout of ``DIR``::
 
-    index.html, app.js, style.css      the app (copied from the package)
+    index.html, app.js, text.js,       the app (copied from the package; text.js holds the
+    style.css                          words it shows, by place)
     data/overview.js                   report, concept table (columnar), image list
     data/concepts_<c>.js               64 concepts per file, loaded lazily by <script> tags
     thumbs/<row>.jpg                   one 128 px thumbnail per image, shared by concepts

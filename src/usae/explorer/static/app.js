@@ -5,6 +5,7 @@
 const chunks = {};
 const waiting = {};
 const O = window.USAE_OVERVIEW || null;  // set by data/overview.js, loaded first
+const T = window.USAE_TEXT;  // the words shown, by place (text.js)
 const state = { sort: "energy", asc: false, filter: "all", page: 0, perPage: 200, rank: "mean" };
 
 window.USAE_CHUNK = (data) => {
@@ -63,14 +64,14 @@ function overview() {
   const cc = r.concept_classes;
   const specific = Object.values(cc.model_specific).reduce((a, b) => a + b, 0);
   app.append(el("div", { class: "cards" },
-    card(fmt(s.self_r2_mean), "mean self R² (encode and decode with one model)"),
-    card(fmt(s.cross_r2_mean), "mean cross R² (encode with one, decode another)"),
+    card(fmt(s.self_r2_mean), T.self_r2),
+    card(fmt(s.cross_r2_mean), T.cross_r2),
     card(String(cc.universal), `universal (firing entropy ≥ ${cc.thresholds.universal_fe_at_least})`),
     card(String(specific), `model-specific (FE ≤ ${cc.thresholds.model_specific_fe_at_most})`),
-    card(String(cc.never_fire), "never fire on this split"),
+    card(String(cc.never_fire), T.never_fire),
     card(r.n_tokens.toLocaleString(), `tokens evaluated (${r.split})`),
-    card(fmt(s.jaccard_cross_mean), "mean Jaccard of active sets across models (same tokens)")));
-  app.append(el("h2", { text: "R² matrix (row: encoding model, column: decoding model)" }));
+    card(fmt(s.jaccard_cross_mean), T.jaccard)));
+  app.append(el("h2", { text: T.r2_matrix }));
   const m = el("table", { class: "matrix" });
   m.append(el("tr", {}, el("th", { text: "" }), ...O.models.map((x) => el("th", { text: x }))));
   r.r2.forEach((row, i) => m.append(el("tr", {}, el("th", { text: O.models[i] }), ...row.map((v) => el("td", { text: fmt(v) })))));
@@ -78,54 +79,54 @@ function overview() {
   faithfulnessTable(app, r.faithfulness);
   truthCards(app, r.truth);
   if (O.plots.length) {
-    app.append(el("h2", { text: "Plots" }));
+    app.append(el("h2", { text: T.plots }));
     app.append(el("div", { class: "plots" }, ...O.plots.map((p) => el("img", { src: `plots/${p}`, alt: p }))));
   }
-  app.append(el("h2", { text: "Concepts" }));
+  app.append(el("h2", { text: T.concepts }));
   const filter = el("select", { id: "filter", onchange: (e) => { state.filter = e.target.value; state.page = 0; drawTable(); } },
     ...["all", "universal", "specific", "mixed", "dead"].map((v) => el("option", { value: v, text: v })));
   filter.value = state.filter;
-  app.append(el("div", { class: "filters" }, el("label", { for: "filter", text: "show" }), filter,
-    el("span", { class: "muted", text: "click a column to sort; click a concept to open it" })));
+  app.append(el("div", { class: "filters" }, el("label", { for: "filter", text: T.show }), filter,
+    el("span", { class: "muted", text: T.table_hint })));
   app.append(el("div", { id: "table" }));
   drawTable();
 }
 
 function faithfulnessTable(app, f) {
   if (!f || !f.top1_agreement) return;
-  app.append(el("h2", { text: "Faithfulness through each model's own head (row: source code, column: target model)" }));
+  app.append(el("h2", { text: T.faithfulness }));
   app.append(el("p", { class: "muted", text: `Reconstructions spliced in at the cached layer, the rest of the target model run to its logits, on ${f.n_images} images. Each cell: top-1 agreement with the unspliced model / fraction of KL recovered over the mean ablation.` }));
   const t = el("table", { class: "matrix faithfulness" });
   t.append(el("tr", {}, el("th", { text: "" }), ...f.models.map((x) => el("th", { text: x }))));
-  const cell = (a, k) => (a === null || k === null ? "n/a" : `${(100 * a).toFixed(1)}% / ${fmt(k)}`);
+  const cell = (a, k) => (a === null || k === null ? T.not_available : `${(100 * a).toFixed(1)}% / ${fmt(k)}`);
   f.top1_agreement.forEach((row, i) => t.append(el("tr", {}, el("th", { text: f.models[i] }),
     ...row.map((a, j) => el("td", { text: cell(a, f.kl_recovered[i][j]) })))));
-  t.append(el("tr", {}, el("th", { text: "grid only" }), ...f.models.map((x) =>
+  t.append(el("tr", {}, el("th", { text: T.grid_only }), ...f.models.map((x) =>
     el("td", { text: cell(f.resample_only[x].top1_agreement, f.resample_only[x].kl_recovered) }))));
   app.append(t);
 }
 
 function truthCards(app, t) {
   if (!t) return;
-  app.append(el("h2", { text: "Against the known features (usae synth)" }));
+  app.append(el("h2", { text: T.truth }));
   app.append(el("div", { class: "cards" },
     ...Object.entries(t.recovery).map(([m, v]) => card(fmt(v), `recovery in ${m} (mean best cosine)`)),
-    card(t.shared_as_one === null ? "n/a" : `${(100 * t.shared_as_one).toFixed(0)}%`, "shared features as one concept"),
-    card(t.specific_detected === null ? "n/a" : `${(100 * t.specific_detected).toFixed(0)}%`, "model-specific features detected"),
-    card(fmt(t.mcc_mean), "MCC of codes"),
-    card(`${t.spurious.count} / ${t.spurious.firing}`, "spurious firing concepts")));
+    card(t.shared_as_one === null ? T.not_available : `${(100 * t.shared_as_one).toFixed(0)}%`, T.shared_as_one),
+    card(t.specific_detected === null ? T.not_available : `${(100 * t.specific_detected).toFixed(0)}%`, T.specific_detected),
+    card(fmt(t.mcc_mean), T.mcc),
+    card(`${t.spurious.count} / ${t.spurious.firing}`, T.spurious)));
 }
 
 function card(v, k) { return el("div", { class: "card" }, el("div", { class: "v", text: v }), el("div", { class: "k", text: k })); }
 
 function drawTable() {
   const ids = sortedIds(), t = O.table, holder = document.getElementById("table");
-  const cols = [["id", "concept"], ["energy", "energy"], ["firing_entropy", "firing entropy"], ["cofires", "co-fires"],
+  const cols = [["id", T.concept], ["energy", T.energy], ["firing_entropy", T.firing_entropy], ["cofires", T.cofires],
     ...O.models.map((m) => [`fires_${m}`, `fires ${m}`]), ...O.models.map((m) => [`cfp_${m}`, `CFP ${m}`])];
   const head = el("tr", {}, ...cols.map(([key, label]) => el("th", {
     text: label, class: state.sort === key ? `sorted${state.asc ? " asc" : ""}` : "", "data-key": key,
     onclick: () => { if (state.sort === key) state.asc = !state.asc; else { state.sort = key; state.asc = key === "id"; } state.page = 0; drawTable(); },
-  })), el("th", { text: "class" }));
+  })), el("th", { text: T.class }));
   const table = el("table", { id: "concepts" }, head);
   const start = state.page * state.perPage;
   for (const k of ids.slice(start, start + state.perPage)) {
@@ -138,9 +139,9 @@ function drawTable() {
   }
   const pages = Math.max(1, Math.ceil(ids.length / state.perPage));
   const pager = el("div", { class: "pager" },
-    el("button", { text: "‹ prev", disabled: state.page === 0, onclick: () => { if (state.page > 0) { state.page--; drawTable(); } } }),
+    el("button", { text: T.previous_page, disabled: state.page === 0, onclick: () => { if (state.page > 0) { state.page--; drawTable(); } } }),
     el("span", { text: `page ${state.page + 1} of ${pages} · ${ids.length} concepts` }),
-    el("button", { text: "next ›", onclick: () => { if (state.page < pages - 1) { state.page++; drawTable(); } } }));
+    el("button", { text: T.next_page, onclick: () => { if (state.page < pages - 1) { state.page++; drawTable(); } } }));
   holder.replaceChildren(pager, table);
 }
 
@@ -202,28 +203,28 @@ async function conceptPage(k) {
   const t = O.table;
   app.replaceChildren();
   app.append(el("div", { class: "nav" },
-    el("a", { href: "#/", text: "← overview" }),
-    el("a", { href: `#/concept/${Math.max(0, k - 1)}`, text: "‹ previous" }),
-    el("a", { href: `#/concept/${Math.min(O.n_concepts - 1, k + 1)}`, text: "next ›" })));
+    el("a", { href: "#/", text: T.to_overview }),
+    el("a", { href: `#/concept/${Math.max(0, k - 1)}`, text: T.previous_concept }),
+    el("a", { href: `#/concept/${Math.min(O.n_concepts - 1, k + 1)}`, text: T.next_concept })));
   app.append(el("h1", { id: "concept-title" }, `Concept #${k} `, classTag(t.class[k])));
   const metrics = el("table", { class: "metrics" },
-    el("tr", {}, el("th", { text: "energy" }), el("td", { text: fmt(t.energy[k], 4) }),
-      el("th", { text: "firing entropy" }), el("td", { text: fmt(t.firing_entropy[k]) }),
-      el("th", { text: "co-fires" }), el("td", { text: String(t.cofires[k]) })),
+    el("tr", {}, el("th", { text: T.energy }), el("td", { text: fmt(t.energy[k], 4) }),
+      el("th", { text: T.firing_entropy }), el("td", { text: fmt(t.firing_entropy[k]) }),
+      el("th", { text: T.cofires }), el("td", { text: String(t.cofires[k]) })),
     el("tr", {}, ...O.models.flatMap((m) => [el("th", { text: `fires ${m}` }), el("td", { text: `${t[`fires_${m}`][k]} (CFP ${fmt(t[`cfp_${m}`][k], 2)})` })])));
   app.append(metrics);
   const ranking = data.rankings[state.rank] ? state.rank : "mean";
   const rows = data.rankings[ranking] || [];
-  const bar = el("div", { class: "toolbar" }, el("span", { text: "rank images by:" }),
+  const bar = el("div", { class: "toolbar" }, el("span", { text: T.rank_by }),
     ...["mean", ...O.models].map((key) => el("button", {
-      text: key === "mean" ? "mean over models (paper)" : key, "aria-pressed": String(key === ranking),
+      text: key === "mean" ? T.mean_ranking : key, "aria-pressed": String(key === ranking),
       onclick: () => { state.rank = key; conceptPage(k); },
     })),
-    el("span", { text: "   colour scale: 0" }), el("span", { class: "scale" }),
+    el("span", { text: T.scale_from }), el("span", { class: "scale" }),
     el("span", { text: `${fmt(data.scale, 3)} (shared by every row)` }));
   app.append(bar);
   if (!rows.length) {
-    app.append(el("p", { class: "empty", text: "This concept never fires on the evaluated images: a dead concept for this split." }));
+    app.append(el("p", { class: "empty", text: T.dead }));
   } else {
     app.append(el("div", { class: "rows" }, ...O.models.map((m, j) => el("div", { class: "row", "data-model": m },
       el("div", { class: "label", text: m }), ...rows.map((r) => tile(data, r, j, m))))));
@@ -232,7 +233,7 @@ async function conceptPage(k) {
 }
 
 function camSection(app, data) {
-  app.append(el("h2", { text: "Coordinated activation maximization" }));
+  app.append(el("h2", { text: T.cam }));
   const names = Object.keys(data.cam);
   app.append(el("div", { class: "row cams" }, ...names.map((m) => el("div", { class: "tile cam", "data-model": m },
     el("img", { src: data.cam[m], alt: `${m}: image optimized for this concept` }),
@@ -240,13 +241,13 @@ function camSection(app, data) {
     el("div", { class: "cap", text: m })))));
   const c = data.cam_checks;
   if (!c) return;
-  app.append(el("p", { class: "camnote", text: "Robust scores: (activation − its median on natural images) / (99th percentile − median), so 0 is a typical natural image and 1 the natural top 1 %. Self: each model's saved image in that model. Transfer: model m's image (row) seen by model j (column). Control: a concept of matched firing frequency." }));
+  app.append(el("p", { class: "camnote", text: T.cam_note }));
   app.append(el("table", { class: "metrics camchecks" },
-    el("tr", {}, el("th", { text: "self ratio" }), ...names.map((m) => el("td", { "data-model": m, text: `${m} ${fmt(c.self_ratio && c.self_ratio[m], 2)}` })))));
+    el("tr", {}, el("th", { text: T.self_ratio }), ...names.map((m) => el("td", { "data-model": m, text: `${m} ${fmt(c.self_ratio && c.self_ratio[m], 2)}` })))));
   const matrix = (title, mat) => el("table", { class: "metrics transfer", "data-kind": title },
     el("tr", {}, el("th", { text: title }), ...names.map((m) => el("th", { text: m }))),
     ...(mat || []).map((row, i) => el("tr", {}, el("th", { text: names[i] }), ...row.map((v) => el("td", { text: fmt(v, 2) })))));
-  app.append(matrix("transfer", c.transfer));
+  app.append(matrix(T.transfer, c.transfer));
   app.append(matrix(`control (concept ${c.control_concept})`, c.transfer_control));
   app.append(el("p", { class: "camnote", text: `mean off-diagonal transfer ${fmt(c.transfer_offdiag_mean, 2)} against ${fmt(c.transfer_control_offdiag_mean, 2)} for the frequency-matched control concept's images` }));
 }
@@ -275,7 +276,7 @@ document.getElementById("search").addEventListener("submit", (e) => {
 });
 
 if (!O) {
-  document.getElementById("app").replaceChildren(el("p", { class: "empty", text: "data/overview.js is missing: rebuild with usae explore." }));
+  document.getElementById("app").replaceChildren(el("p", { class: "empty", text: T.no_overview }));
 } else {
   document.getElementById("runinfo").textContent = O.run;
   window.addEventListener("hashchange", route);
