@@ -271,8 +271,17 @@ class Recorded:
 
         monkeypatch.setattr(streaming, "build_backbones", build)
         monkeypatch.setattr(streaming, "train_run", train_run)
-        monkeypatch.setattr(streaming.Dist, "from_env",
-                            classmethod(lambda cls, device="cpu": RecordingDist()))
+        self.devices: list = []
+        self.resolved: list = []
+        real_resolve = streaming.resolve_run_config
+
+        def resolve(*args):
+            self.resolved.append(args)
+            return real_resolve(*args)
+
+        monkeypatch.setattr(streaming, "resolve_run_config", resolve)
+        monkeypatch.setattr(streaming.Dist, "from_env", classmethod(
+            lambda cls, device: self.devices.append(device) or RecordingDist()))
 
 
 def test_train_from_images_hands_the_library_its_sources_and_record(monkeypatch, backbones,
@@ -349,3 +358,30 @@ def test_no_images_of_the_split_is_a_clear_error_and_the_dist_is_closed(monkeypa
     with pytest.raises(KeyboardInterrupt):
         train_from_images(folder, "effnet:lite0?name=a", tmp_path / "run2", progress=False)
     assert failing.closed == 1
+
+
+def test_every_training_argument_reaches_the_run_config(monkeypatch, backbones, folder,
+                                                        tmp_path):
+    rec = Recorded(monkeypatch, backbones)
+    config = tmp_path / "c.json"
+    config.write_text('{"k": 3}')
+    train_from_images(folder, "timm:never_built?name=a,effnet:lite0?name=bb", tmp_path / "run",
+                      preset="demo", config_file=str(config), sets=["n_concepts=16"],
+                      keys={"lr": 0.01}, max_steps=5, device="cpu", progress=False)
+    assert rec.resolved == [(("a", "bb"), (5, 3), tmp_path / "run", "demo", str(config),
+                             ["n_concepts=16"], 5, "cpu", False, {"lr": 0.01})]
+    assert rec.devices == ["cpu"]
+    cfg = rec.calls[0]["cfg"]
+    assert (cfg.sae.k, cfg.train.lr, cfg.train.max_steps) == (3, 0.01, 5)
+
+
+def test_defaults_the_cpu_no_force_and_progress(monkeypatch, backbones, folder, tmp_path):
+    rec = Recorded(monkeypatch, backbones)
+    train_from_images(folder, "effnet:lite0?name=a", tmp_path / "run",
+                      options=StreamOptions(workers=2, stats_images=9),
+                      sets=["n_concepts=16", "k=2"])
+    call = rec.calls[0]
+    assert rec.devices == ["cpu"] and rec.resolved[0][7:9] == (None, False)
+    assert (call["force"], call["resume"], call["progress"]) == (False, False, True)
+    assert (call["source"].workers, call["source"].stats_images, call["source"].progress) == \
+        (2, 9, True)
