@@ -4,6 +4,8 @@ firing rates and the control concept by hand, and the files read back."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +287,248 @@ def test_the_measure_is_described_as_computed():
     assert "(activation - natural median) / scale" in maximize.MEASURE
     assert "0.1 x the model's median spread" in maximize.MEASURE
     assert f"{maximize.FLOOR_FRACTION} x the model's median spread" in maximize.MEASURE
+
+
+# ---- a natural image through the cache's path --------------------------------------------
+def test_a_natural_image_scores_what_the_cache_would_store(sae_and_store):
+    """CamModel.natural (PIL preprocessing, back to [0, 1], the model's normalization) against
+    the cache's own path: preprocess_image, extract_batch, then the run's encoder."""
+    from torch import nn
+
+    from usae.data.backbones.adapters import GenericBackbone
+    from usae.data.backbones.base import IMAGENET, Preprocess
+    from usae.data.cache import extract_batch
+    from usae.data.images import preprocess_image
+
+    sae, _, _ = sae_and_store
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 12, 8, stride=8))
+    backbone = GenericBackbone(net, "0", Preprocess(crop=(16, 16), resize=16,
+                                                    mean=IMAGENET[0], std=IMAGENET[1]),
+                               name="m0")
+    model = maximize.CamModel(backbone, sae, (2, 2), False)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 24, 3), np.uint8))
+    acts = extract_batch([backbone], {"m0": preprocess_image(img, backbone.preprocess)[None]},
+                         (2, 2), False)["m0"][0]  # (4, 12)
+    with torch.no_grad():
+        want = sae.pre_activations("m0", sae.standardize("m0", acts)).mean(0)
+    torch.testing.assert_close(model.natural(img), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- natural scales: batches, rounding and the seeded floor sample ---------------------
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory, make_arrays):
+    """150 images (three read batches of 64, the last short)."""
+    arrays = make_arrays(n_images=150, tokens=2)
+    store = store_from_arrays(tmp_path_factory.mktemp("big") / "store", arrays,
+                              dtype="float32")
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
+                  {"n_concepts": 24, "k": 3})
+    torch.manual_seed(1)
+    sae = UniversalSAE(cfg.sae).eval()
+    return sae, store, arrays
+
+
+def test_natural_scales_read_every_image_once_in_batches_of_64(big_store, monkeypatch):
+    sae, store, arrays = big_store
+    read = []
+    real = type(store).read
+    monkeypatch.setattr(type(store), "read", lambda self, m, rows: read.append(list(rows)) or
+                        real(self, m, rows))
+    got = maximize.natural_scales(sae, store, [1, 4, 9])
+    per_model = len(read) // len(arrays)
+    assert [len(r) for r in read[:per_model]] == [64, 64, 22]
+    assert sum(read[:per_model], []) == list(range(150))
+    for m, a in arrays.items():
+        means = _token_means(sae, m, a)
+        median, q99 = np.quantile(means, 0.5, axis=0), np.quantile(means, 0.99, axis=0)
+        for k in (1, 4, 9):
+            got_k = got[m][k]
+            assert got_k["median"] == pytest.approx(float(median[k]), abs=1e-6)
+            assert got_k["q99"] == pytest.approx(float(q99[k]), abs=1e-6)
+            for key in ("median", "q99", "scale"):  # six decimals, as cam.json says
+                assert got_k[key] == round(got_k[key], 6)
+    assert any(round(v, 5) != v for m in got for k in got[m] for v in
+               (got[m][k]["median"], got[m][k]["q99"]))  # the sixth place is kept
+
+
+def test_the_floor_of_a_flat_concept_is_the_seeded_samples_median(monkeypatch,
+                                                                 sae_and_store):
+    sae, store, arrays = sae_and_store
+    monkeypatch.setattr(maximize, "FLOOR_SAMPLE", 10)
+    real = sae.pre_activations
+
+    def flat_concept_0(m, x):
+        pre = real(m, x).clone()
+        pre[:, 0] = 0.25
+        return pre
+
+    monkeypatch.setattr(sae, "pre_activations", flat_concept_0)
+    got = maximize.natural_scales(sae, store, [0])
+    for m, a in arrays.items():
+        means = _token_means(sae, m, a)  # (concept 0 flat already)
+        spread = np.quantile(means, 0.99, axis=0) - np.quantile(means, 0.5, axis=0)
+
+        def floor(seed):
+            sample = torch.randperm(24, generator=torch.Generator().manual_seed(seed))[:10]
+            lower_median = np.sort(spread[sample.numpy()])[4]  # torch's median of 10
+            return max(0.1 * float(lower_median), 1e-6)
+
+        assert got[m][0]["scale"] == pytest.approx(floor(0), abs=2e-6)
+        assert got[m][0]["floored"] is True
+        assert any(abs(floor(s) - floor(0)) > 1e-4 for s in range(1, 6))  # the seed matters
+
+
+# ---- files -------------------------------------------------------------------------------
+def test_save_alpha_scales_any_positive_maximum_and_leaves_zeros_quietly(tmp_path):
+    import warnings
+
+    maximize.save_alpha(tmp_path / "h.png", torch.tensor([[0.25, 0.5]]))
+    assert np.asarray(Image.open(tmp_path / "h.png")).tolist() == [[128, 255]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0/0 on the way
+        maximize.save_alpha(tmp_path / "z.png", torch.zeros(1, 2))
+    assert np.asarray(Image.open(tmp_path / "z.png")).tolist() == [[0, 0]]
+
+
+def test_save_grid_skips_an_unreadable_natural_and_keeps_the_next(tmp_path):
+    pngs = {"a": tmp_path / "a.png"}
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(pngs["a"])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "nat.png")
+    maximize.save_grid(tmp_path / "g.png", pngs, [str(tmp_path / "bad.jpg"),
+                                                  str(tmp_path / "nat.png")])
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (160, 320, 3)  # tiles of 160 px by default
+    assert (grid[0, :160] == [255, 0, 0]).all() and (grid[0, 160:] == [0, 0, 255]).all()
+    assert (grid[159] == grid[0]).all()  # each tile from the top row to the bottom one
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_control_pool_is_the_eight_nearest(seed):
+    rates = torch.tensor([0.01 * 1.5 ** i for i in range(20)])  # distinct, increasing
+    ks = [10]  # the target rate is concept 10's; the nearest are 9, 11, 8, 12, ...
+    distance = (torch.log(rates) - torch.log(rates[10])).abs()
+    distance[10] = float("inf")
+    nearest = torch.argsort(distance, stable=True)[:8].tolist()
+    pick = maximize.matched_control(rates, ks, seed)
+    assert pick == nearest[int(np.random.default_rng([seed, 31337]).integers(8))]
+
+
+def test_the_control_breaks_ties_by_concept_order():
+    rates = torch.tensor([0.5] * 40 + [0.1] * 40)
+    # concept 79's rate is 0.1: the nearest are the other 0.1 concepts, lowest ids first
+    picks = {maximize.matched_control(rates, [79], seed) for seed in range(30)}
+    assert picks == set(range(40, 48))
+
+
+def test_the_default_samples_of_images(sae_and_store, monkeypatch):
+    """natural_scales reads at most 4096 images by default, firing_rates 256."""
+    sae, store, arrays = sae_and_store
+    read = []
+    monkeypatch.setattr(type(store), "rows", lambda self, split: list(range(5000)))
+    monkeypatch.setattr(type(store), "read", lambda self, m, rows: read.append(len(rows)) or
+                        torch.zeros(len(rows), 3, self.dims[self.models.index(m)]))
+    maximize.natural_scales(sae, store, [0])
+    assert sum(read) == 4096 * len(arrays)
+    read.clear()
+    maximize.firing_rates(sae, store)
+    assert read == [256] * len(arrays)
+
+
+# ---- run_cam: each part followed to what it is given -----------------------------------
+class RedConcepts:
+    """A stand-in CamModel: concept c is the mean red value times weight c (the natural image
+    read as 8-bit RGB, the optimized one as pixels in [0, 1])."""
+
+    def __init__(self, n: int, sign: float) -> None:
+        self.crop, self.mean = (8, 8), torch.zeros(1, 3, 1, 1)
+        self.weights = torch.linspace(-1, 1, n, dtype=torch.float64) * sign
+
+    def pre_activations(self, x01_bchw):
+        return x01_bchw[:, 0].mean((1, 2))[:, None] * self.weights.float()[None]
+
+    def natural(self, img):
+        red = float(np.asarray(img, dtype=np.float64)[:, :, 0].mean() / 255)
+        return (red * self.weights).float()
+
+
+def test_run_cam_hands_each_part_its_inputs_and_writes_what_they_return(
+        sae_and_store, monkeypatch, tmp_path):
+    from usae.data.images import load_rgb
+
+    sae, store, _ = sae_and_store
+    run = tmp_path / "run"
+    run.mkdir()
+    o = CamOptions(steps=2, size=32, crops=1, seed=4, spectrum_images=7)
+    calls: dict[str, list] = {}
+
+    def record(name, result=None):
+        return lambda *a, **kw: calls.setdefault(name, []).append((a, kw)) or result
+
+    spectrum = analytic_spectrum(32)
+
+    class Moved:
+        def to(self, device):
+            calls.setdefault("spectrum.to", []).append(device)
+            return spectrum
+
+    models = {m: RedConcepts(sae.cfg.n, 1.0 if i == 0 else -0.5)
+              for i, m in enumerate(sae.models)}
+    monkeypatch.setattr(maximize, "keep_freed_memory", record("memory"))
+    monkeypatch.setattr(maximize.UniversalSAE, "load", record("load", sae))
+    monkeypatch.setattr(maximize, "check_run_and_store", record("check"))
+    monkeypatch.setattr(maximize, "pick_concepts", record("pick", [2, 5]))
+    monkeypatch.setattr(maximize, "load_or_estimate_spectrum", record("spectrum", Moved()))
+    monkeypatch.setattr(maximize, "build_cam_models", record("build", models))
+    real_optimize = maximize.optimize
+    monkeypatch.setattr(maximize, "optimize", lambda model, k, spec, opts, desc, progress:
+                        calls.setdefault("optimize", []).append((k, desc, progress)) or
+                        real_optimize(model, k, spec, opts, progress=False))
+    docs = maximize.run_cam(run, store.path, concepts=[5, 2], options=o)
+
+    out = run / "cam"  # the default folder
+    assert calls["memory"] == [(("cpu",), {})]
+    assert calls["load"] == [((run,), {"device": "cpu"})]
+    (check_args, _), = calls["check"]
+    assert check_args[:2] == (sae, run) and check_args[2].path == store.path
+    assert calls["pick"] == [((sae, run, store.path, [5, 2], None, None, True),
+                              {"ranking_dir": out / "ranking-eval"})]
+    (spec_args, _), = calls["spectrum"]
+    assert spec_args[1:] == (out / "spectrum.safetensors", 32, 7)
+    assert calls["spectrum.to"] == [torch.device("cpu")]
+    assert calls["build"][0][0][2] == torch.device("cpu")
+    rates = maximize.firing_rates(sae, store)
+    control = maximize.matched_control(rates, [2, 5], o.seed)
+    scales = maximize.natural_scales(sae, store, sorted({2, 5, control}))
+    names = list(models)
+    assert calls["optimize"] == [(k, f"cam {k} {m}", True) for k in (control, 2, 5)
+                                 for m in names]
+
+    def checks(folder, k):
+        seen = [[float(models[j].natural(load_rgb(folder / f"{m}.png"))[k]) for j in names]
+                for m in names]
+        score = lambda v, m: round((v - scales[m][k]["median"]) / scales[m][k]["scale"], 4)  # noqa: E731
+        return ({m: score(seen[i][i], m) for i, m in enumerate(names)},
+                [[score(seen[i][j], v) for j, v in enumerate(names)] for i in range(len(names))])
+
+    _, control_transfer = checks(out / "control", control)
+    assert sorted(docs) == [2, 5]
+    for k in (2, 5):
+        doc = json.loads((out / str(k) / "cam.json").read_text())
+        assert doc == docs[k]
+        self_ratio, transfer = checks(out / str(k), k)
+        assert doc["self_ratio"] == self_ratio and doc["transfer"] == transfer
+        assert doc["transfer_control"] == control_transfer
+        assert any(v != round(v, 3) for row in transfer for v in row)  # four places kept
+        assert doc["natural"] == {m: scales[m][k] for m in names}
+        assert (doc["concept"], doc["control_concept"]) == (k, control)
+        assert doc["firing_rate"] == round(float(rates[k]), 6)
+        assert doc["control_firing_rate"] == round(float(rates[control]), 6)
+        assert doc["settings"] == o.to_json() and doc["measure"] == maximize.MEASURE
+        assert doc["spectrum"] == spectrum.source
+        assert doc["trace"] == {m: real_optimize(models[m], k, spectrum, o,
+                                                 progress=False)["trace"] for m in names}
+        assert doc["transfer_offdiag_mean"] == maximize._summaries(doc)["transfer_offdiag_mean"]
+        grid = Image.open(out / str(k) / "grid.png")
+        assert grid.size == (160 * len(names), 160)  # no eval: the models' images alone

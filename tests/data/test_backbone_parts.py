@@ -78,6 +78,13 @@ def test_forward_refuses_a_layer_of_another_shape(shape):
         b.forward(torch.zeros(2, 3, 4, 4))
 
 
+def test_a_wide_grid_counts_rows_times_columns():
+    b = fixed(out=torch.zeros(2, 7, 3), grid=(2, 3))  # 1 prefix + 2 x 3 patches
+    assert b.forward(torch.zeros(2, 3, 4, 6)).shape == (2, 7, 3)
+    with exactly("m: layer 'lin' gave shape (2, 10, 3), expected (B, 7, 3)"):
+        fixed(out=torch.zeros(2, 10, 3), grid=(2, 3)).forward(torch.zeros(2, 3, 4, 6))
+
+
 def test_forward_passes_the_right_shape_through_and_extract_is_inference():
     b = fixed()
     x = torch.rand(2, 3, 4, 4, requires_grad=True)
@@ -125,6 +132,27 @@ def test_a_hook_on_a_missing_layer_names_similar_or_some_layers():
     with exactly("layer 'zz' does not exist in this model; some names: "
                  "['a', 'c', 'b', 'b.0']"):
         LayerHook(net, "zz")
+
+
+def test_the_names_offered_are_at_most_eight():
+    net = nn.Sequential(*[nn.Identity() for _ in range(12)])
+    with exactly("layer '12' does not exist in this model; similar names: ['1', '2']"):
+        LayerHook(net, "12")
+    wide = nn.Module()
+    for i in range(12):
+        wide.add_module(f"block{i}", nn.Identity())
+    with exactly("layer 'block' does not exist in this model; similar names: "
+                 + str([f"block{i}" for i in range(8)])):
+        LayerHook(wide, "block")
+    with exactly("layer 'zz' does not exist in this model; some names: "
+                 + str([f"block{i}" for i in range(8)])):
+        LayerHook(wide, "zz")
+
+
+def test_a_hook_that_never_ran_has_nothing_to_pop():
+    hook = LayerHook(nn.Sequential(nn.Identity()), "0")
+    with exactly("the hooked layer did not run in the forward pass"):
+        hook.pop()
 
 
 def test_a_stopping_hook_skips_the_later_layers():
@@ -312,6 +340,14 @@ def test_reachable_loads_keep_their_own_errors_and_mode(resolver, monkeypatch):
 
 # ---- the package: specs, presets and building ---------------------------------------------
 
+@pytest.mark.parametrize("value, default, want", [
+    (None, True, True), (None, False, False), ("0", True, False), ("false", True, False),
+    ("No", True, False), ("OFF", True, False), ("off", True, False), ("no", True, False),
+    ("1", False, True), ("yes", False, True), ("", False, True), ("nope", False, True)])
+def test_truthy_options(value, default, want):
+    assert package._truthy(value, default) is want
+
+
 @pytest.mark.parametrize("text, name", [
     ("timm:vit_base_patch16_224.augreg_in21k", "vit_base_patch16_224"),
     ("hf:facebook/dinov2-small", "dinov2-small"),
@@ -450,7 +486,8 @@ class Grid:
     """A built backbone as build_backbones sees it."""
 
     def __init__(self, name, grid, crop):
-        self.name, self.grid, self.preprocess = name, grid, Preprocess(crop=(crop, crop))
+        crop = crop if isinstance(crop, tuple) else (crop, crop)
+        self.name, self.grid, self.preprocess = name, grid, Preprocess(crop=crop)
 
 
 @pytest.fixture
@@ -458,7 +495,11 @@ def grids(monkeypatch):
     """build_backbone by table: (name, img_size) -> the grid it gives."""
     calls: list = []
     table = {("a", None): ((16, 16), 224), ("b", None): ((14, 14), 224),
-             ("a", 196): ((14, 14), 196), ("d", None): ((7, 7), 224), ("a", 98): ((8, 8), 98)}
+             ("a", 196): ((14, 14), 196), ("d", None): ((7, 7), 224), ("a", 98): ((8, 8), 98),
+             # wide inputs: 16x8 patches of 14 px, and a 14x7 grid
+             ("e", None): ((16, 8), (224, 112)), ("f", None): ((14, 7), (224, 112)),
+             ("e", 196): ((14, 7), (196, 98)), ("g", None): ((16, 8), (224, 112)),
+             ("g", 196): ((15, 7), (196, 98))}
 
     def build(spec, pretrained=None, img_size=None):
         calls.append((spec.name, pretrained, img_size))
@@ -481,6 +522,18 @@ def test_resize_input_rebuilds_the_other_models_at_the_size_of_the_common_grid(g
     got, target = build_backbones(specs, pretrained=True, align="resize_input")
     assert target == (14, 14) and [b.grid for b in got] == [(14, 14), (14, 14)]
     assert grids[2:] == [("a", True, 14 * (224 // 16))]  # 14 patches of 14 px: 196 px
+
+
+def test_resize_input_counts_patches_down_the_rows(grids):
+    # the patch is the crop's height over the grid's rows; the input, target rows x patch
+    got, target = build_backbones(expand_specs("timm:x?name=e,timm:y?name=f"),
+                                  align="resize_input")
+    assert target == (14, 7) and grids[2:] == [("e", None, 196)]
+
+
+def test_resize_input_that_misses_a_wide_grid_names_the_input_it_tried(grids):
+    with exactly("g: input 196px gives grid (15, 7), not (14, 7); use --align resample"):
+        build_backbones(expand_specs("timm:x?name=g,timm:y?name=f"), align="resize_input")
 
 
 def test_resize_input_that_misses_the_grid_says_so(grids):
