@@ -532,3 +532,167 @@ def test_run_cam_hands_each_part_its_inputs_and_writes_what_they_return(
         assert doc["transfer_offdiag_mean"] == maximize._summaries(doc)["transfer_offdiag_mean"]
         grid = Image.open(out / str(k) / "grid.png")
         assert grid.size == (160 * len(names), 160)  # no eval: the models' images alone
+
+
+# ---- the second batch: crops replayed, the loop's bar and alpha, the models' wiring -------
+def test_random_crops_replay_the_generator_draw_by_draw(crop_sides):
+    """Each crop from its three draws (side, top, left), resized with antialiasing, then one
+    noise draw for the batch: the same generator replayed here gives the same batch."""
+    import math
+
+    import torch.nn.functional as F
+
+    x = torch.arange(3 * 24 * 24, dtype=torch.float32).reshape(1, 3, 24, 24) / (3 * 576)
+    got = maximize.random_crops(x, 6, (8, 8), torch.Generator().manual_seed(5), 0.3)
+    gen = torch.Generator().manual_seed(5)
+    want, starts = [], []
+    for _ in range(6):
+        side = int(24 * math.sqrt(0.25 + 0.75 * float(torch.rand((), generator=gen))))
+        side = max(8, min(24, side))
+        y0 = int(torch.randint(0, 24 - side + 1, (), generator=gen))
+        x0 = int(torch.randint(0, 24 - side + 1, (), generator=gen))
+        starts.append((y0, x0))
+        want.append(F.interpolate(x[:, :, y0:y0 + side, x0:x0 + side], size=(8, 8),
+                                  mode="bilinear", align_corners=False, antialias=True))
+    batch = torch.cat(want)
+    torch.testing.assert_close(got, (batch + torch.randn(batch.shape, generator=gen) * 0.3)
+                               .clamp(0, 1))
+
+
+def test_crops_start_anywhere_including_the_first_row_and_column(crop_sides, monkeypatch):
+    corners = []
+    real = maximize.F.interpolate
+    monkeypatch.setattr(maximize.F, "interpolate",
+                        lambda crop, **kw: corners.append(int(crop[0, 0, 0, 0])) or
+                        real(crop, **kw))
+    x = torch.arange(20 * 20, dtype=torch.float32).reshape(1, 1, 20, 20).expand(1, 3, 20, 20)
+    maximize.random_crops(x, 300, (4, 4), torch.Generator().manual_seed(0), 0.0)
+    rows, cols = {c // 20 for c in corners}, {c % 20 for c in corners}
+    assert 0 in rows and 0 in cols and max(h for h, _ in crop_sides) < 20
+
+
+def test_optimize_shows_a_bar_of_its_steps_and_sums_every_steps_gradient(progress_bars):
+    bars = progress_bars(maximize)
+    spectrum = analytic_spectrum(32)
+    o = CamOptions(steps=3, size=32, crops=1, noise=0.0, seed=1)
+    three = maximize.optimize(Brightness(), 0, spectrum, o)
+    [bar] = bars
+    assert bar.kw == {"total": 3, "desc": "cam", "unit": "step", "disable": False,
+                      "leave": False}
+    assert bar.updates == [1, 1, 1] and bar.closed
+    maximize.optimize(Brightness(), 0, spectrum, o, desc="cam 4 m0", progress=False)
+    assert bars[1].kw["desc"] == "cam 4 m0" and bars[1].kw["disable"] is True
+    one = maximize.optimize(Brightness(), 0, spectrum, CamOptions(steps=1, size=32, crops=1,
+                                                                   noise=0.0, seed=1),
+                            progress=False)
+    # alpha: |gradient| per pixel summed over the channels and the steps
+    assert (three["alpha"] >= one["alpha"] - 1e-12).all()
+    assert float(three["alpha"].sum()) > float(one["alpha"].sum())
+    assert float(one["alpha"].std()) > 0  # a map, not one number
+
+
+class FakeStoreModels:
+    """What build_cam_models reads of a store: each model's manifest entry."""
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def model(self, m):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(as_manifest=lambda: self.entries[m])
+
+
+def test_build_cam_models_rebuilds_each_backbone_frozen_with_its_grid(sae_and_store,
+                                                                      monkeypatch):
+    from torch import nn
+
+    from usae.data.backbones.base import Backbone, Preprocess
+
+    sae, _, _ = sae_and_store
+    entries = {m: {"spec": f"test:{m}", "aligned_grid": [2, 3], "keep_cls": i == 1}
+               for i, m in enumerate(sae.models)}
+    rebuilt, moved = [], []
+
+    def rebuild(m, info):
+        rebuilt.append((m, info))
+        b = Backbone(name=m, spec=info["spec"], module=nn.Linear(2, 2), d=2, n_prefix=1,
+                     grid=(2, 3), layer="x", preprocess=Preprocess())
+        b.to = lambda device, b=b: moved.append((b.name, device)) or b
+        return b
+
+    monkeypatch.setattr(maximize, "rebuild_cached", rebuild)
+    models = maximize.build_cam_models(sae, FakeStoreModels(entries), torch.device("cpu"))
+    assert rebuilt == [(m, entries[m]) for m in sae.models]
+    assert moved == [(m, torch.device("cpu")) for m in sae.models]
+    for i, m in enumerate(sae.models):
+        cam = models[m]
+        assert cam.target == (2, 3) and cam.keep_cls is (i == 1) and cam.sae is sae
+        assert not any(p.requires_grad for p in cam.b.module.parameters())
+
+
+def test_keep_cls_reaches_the_token_alignment(sae_and_store):
+    """A model with a CLS token kept: the natural score averages the CLS row too, as the
+    store the run was trained on holds it."""
+    from torch import nn
+
+    from usae.data.backbones.adapters import GenericBackbone
+    from usae.data.backbones.base import Preprocess
+    from usae.data.cache import extract_batch
+    from usae.data.images import preprocess_image
+
+    class WithCls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 8, stride=8)
+            self.out = nn.Identity()
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).transpose(1, 2)
+            return self.out(torch.cat([t.mean(1, keepdim=True) * 3, t], 1))
+
+    sae, _, _ = sae_and_store
+    torch.manual_seed(2)
+    backbone = GenericBackbone(WithCls(), "out", Preprocess(crop=(16, 16), resize=16),
+                               name="m1", n_prefix=1, grid=(2, 2))
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (16, 16, 3), np.uint8))
+    px = preprocess_image(img, backbone.preprocess)[None]
+    for keep in (True, False):
+        acts = extract_batch([backbone], {"m1": px}, (2, 2), keep)["m1"][0]
+        with torch.no_grad():
+            want = sae.pre_activations("m1", sae.standardize("m1", acts)).mean(0)
+        got = maximize.CamModel(backbone, sae, (2, 2), keep).natural(img)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_run_cam_shows_the_evals_top_natural_images_beside_the_cam(sae_and_store,
+                                                                   monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    sae, store, _ = sae_and_store
+    run, eval_dir = tmp_path / "run", tmp_path / "eval"
+    run.mkdir()
+    eval_dir.mkdir()
+    top = torch.full((sae.cfg.n, 6), -1, dtype=torch.long)
+    top[2] = torch.tensor([7, -1, 3, 11, 0, 5])  # the first four, less the -1
+    save_file({"rows.mean": top}, str(eval_dir / "top_images.safetensors"))
+    checked, grids = [], []
+    monkeypatch.setattr(maximize, "keep_freed_memory", lambda device: None)
+    monkeypatch.setattr(maximize.UniversalSAE, "load", lambda path, device: sae)
+    monkeypatch.setattr(maximize, "check_run_and_store", lambda *a: None)
+    monkeypatch.setattr(maximize, "check_eval_of_run",
+                        lambda *a, **kw: checked.append((a, kw)))
+    monkeypatch.setattr(maximize, "pick_concepts", lambda *a, **kw: [2])
+    monkeypatch.setattr(maximize, "load_or_estimate_spectrum",
+                        lambda *a: analytic_spectrum(32))
+    monkeypatch.setattr(maximize, "build_cam_models", lambda *a: {
+        m: RedConcepts(sae.cfg.n, 1.0) for m in sae.models})
+    monkeypatch.setattr(maximize, "save_grid", lambda path, pngs, naturals:
+                        grids.append((path, sorted(pngs), naturals)))
+    maximize.run_cam(run, store.path, concepts=[2], out=tmp_path / "out", eval_dir=eval_dir,
+                     progress=False, steps=1, size=32, crops=1)
+    assert checked == [((eval_dir, run, list(sae.models), sae.cfg.n),
+                        {"need": ("report.json", "concepts.csv")})]
+    images = store.manifest["images"]
+    assert grids == [(tmp_path / "out" / "2" / "grid.png", sorted(sae.models),
+                      [images[r]["path"] for r in (7, 3, 11)])]
