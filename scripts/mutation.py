@@ -410,12 +410,14 @@ def run_module(module: str, mutmut: str, max_children: int, rerun: bool) -> dict
 
 
 def summarize(status: dict[str, str], equivalent: dict[str, str]) -> dict:
-    """Counts per status, survivors split into equivalent (explained) and live."""
+    """Counts per status, survivors split into equivalent (explained) and live. A mutant
+    mutmut never checked (its clean run of the selection failed, or the run was stopped)
+    counts as not detected: such a run scores low instead of a vacuous 100 %."""
     counts = dict(Counter(status.values()))
     survivors = sorted(n for n, s in status.items() if s == "survived")
     live = [n for n in survivors if n not in equivalent]
     detected = counts.get("killed", 0) + counts.get("timeout", 0)
-    non_equivalent = detected + len(live)
+    non_equivalent = detected + len(live) + counts.get("not checked", 0)
     return {
         "counts": counts,
         "equivalent": sorted(set(survivors) - set(live)),
@@ -482,9 +484,14 @@ def main(argv: list[str] | None = None) -> int:
             saved_path.write_text(json.dumps(saved, indent=1, sort_keys=True))
             # a run's score, on the source it ran on (a module without a function body has
             # no mutant at all: its empty run is its score)
-            if (status or not has_functions(module)) and not args.collect:
+            unchecked = saved[module]["counts"].get("not checked", 0)
+            if (status or not has_functions(module)) and not args.collect and not unchecked:
                 record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
+        if unchecked:
+            print(f"{module}: mutmut checked {unchecked} mutants against no test (did the "
+                  f"selection fail unmutated? run `mutmut run` in mutants-work/{module} to "
+                  "see); not recorded", flush=True)
     saved = json.loads(saved_path.read_text())
     print("\n| module | mutants | killed | timeout | no tests | equivalent | live survivors "
           "| score |")

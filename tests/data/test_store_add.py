@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,17 +32,29 @@ def digest(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("addimgs"), n=10)
+def prepared(tmp_path_factory):
+    """Images, and the oracle: one store cached from them with both models at once (no
+    add-model code runs here, so mutation testing builds it once). A store records its
+    images' absolute paths, so ``images_root.txt`` says where they were when it was cached."""
+    root = tmp_path_factory.mktemp("add")
+
+    def build(dest):
+        make_images(dest / "imgs", n=10)
+        cache(f"{OLD},{NEW}", dest / "imgs", dest / "store", **KW)
+        (dest / "images_root.txt").write_text(str(dest / "imgs"))
+
+    prebuilt("store-add-together", root, build)
+    return root
 
 
 @pytest.fixture(scope="module")
-def together(images, tmp_path_factory):
-    """The oracle: one store cached with both models at once."""
-    out = tmp_path_factory.mktemp("together") / "store"
-    prebuilt("store-add-together", out,
-             lambda dest: cache(f"{OLD},{NEW}", images, dest, **KW))  # (no add-model code)
-    return out
+def images(prepared):
+    return Path((prepared / "images_root.txt").read_text())
+
+
+@pytest.fixture(scope="module")
+def together(prepared):
+    return prepared / "store"
 
 
 def test_an_added_model_equals_a_cache_of_every_model_at_once(images, together, tmp_path):

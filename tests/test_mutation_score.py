@@ -1,0 +1,28 @@
+"""scripts/mutation.py's score: what counts as detected, and a run that checked nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from mutation import summarize  # noqa: E402
+
+
+def test_killed_and_timed_out_over_everything_not_explained():
+    status = {"a": "killed", "b": "timeout", "c": "survived", "d": "survived", "e": "killed"}
+    got = summarize(status, {"d": "a default written out"})
+    assert got["score"] == round(3 / 4, 4)
+    assert got["equivalent"] == ["d"] and got["live_survivors"] == ["c"]
+
+
+def test_a_run_that_checked_nothing_scores_nothing():
+    status = {f"m{i}": "not checked" for i in range(5)}
+    assert summarize(status, {})["score"] == 0.0
+    half = {**status, "k": "killed"}
+    assert summarize(half, {})["score"] == round(1 / 6, 4)
+
+
+def test_a_module_without_mutants_is_complete():
+    assert summarize({}, {})["score"] == 1.0
