@@ -623,7 +623,8 @@ def test_effnet_weights_with_any_mismatch_are_refused(monkeypatch, tmp_path, cha
         effnet()
 
 
-@pytest.mark.parametrize("layer, stem_runs", [("_blocks.10", 0), ("_conv_stem", 1)])
+@pytest.mark.parametrize("layer, stem_runs", [("_blocks.10", 0), ("_conv_stem", 1),
+                                              ("_blocks.3._depthwise_conv", 1)])
 def test_the_effnet_splicer_reruns_the_stem_only_when_it_must(layer, stem_runs):
     """At a block, ``run`` computes only the later blocks and the head; at any other layer it
     runs the whole model with that layer's output replaced."""
@@ -678,3 +679,10 @@ def test_a_timm_grid_of_rows_and_columns(monkeypatch):
     monkeypatch.setattr(timm, "create_model", Real(img_size=(32, 48)).create_model)
     b = TimmBackbone("vit", pretrained=False, preprocess=Preprocess(crop=(32, 48), resize=32))
     assert b.grid == (2, 3) and b.extract(torch.randn(1, 3, 32, 48)).shape == (1, 7, 192)
+
+
+def test_effnet_defaults_to_the_pretrained_lite0():
+    b = EffNetLiteBackbone(img_size=64)
+    assert (b.name, b.spec, b.d) == ("effnet_lite0", "effnet:lite0", 320)
+    packaged = torch.load(effnet_weights_path("lite0"), weights_only=True)
+    assert torch.equal(b.module.state_dict()["_fc.weight"], packaged["_fc.weight"])
