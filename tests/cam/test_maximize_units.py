@@ -682,15 +682,18 @@ def test_run_cam_shows_the_evals_top_natural_images_beside_the_cam(sae_and_store
     monkeypatch.setattr(maximize, "check_run_and_store", lambda *a: None)
     monkeypatch.setattr(maximize, "check_eval_of_run",
                         lambda *a, **kw: checked.append((a, kw)))
-    monkeypatch.setattr(maximize, "pick_concepts", lambda *a, **kw: [2])
+    picked = []
+    monkeypatch.setattr(maximize, "pick_concepts",
+                        lambda *a, **kw: picked.append(a[3:6]) or [2])
     monkeypatch.setattr(maximize, "load_or_estimate_spectrum",
                         lambda *a: analytic_spectrum(32))
     monkeypatch.setattr(maximize, "build_cam_models", lambda *a: {
         m: RedConcepts(sae.cfg.n, 1.0) for m in sae.models})
     monkeypatch.setattr(maximize, "save_grid", lambda path, pngs, naturals:
                         grids.append((path, sorted(pngs), naturals)))
-    maximize.run_cam(run, store.path, concepts=[2], out=tmp_path / "out", eval_dir=eval_dir,
-                     progress=False, steps=1, size=32, crops=1)
+    maximize.run_cam(run, store.path, concepts=[2], top=3, out=tmp_path / "out",
+                     eval_dir=eval_dir, progress=False, steps=1, size=32, crops=1)
+    assert picked == [([2], 3, eval_dir)]  # concepts, top and the eval, as given
     assert checked == [((eval_dir, run, list(sae.models), sae.cfg.n),
                         {"need": ("report.json", "concepts.csv")})]
     images = store.manifest["images"]

@@ -308,3 +308,9 @@ def test_drift_is_rounded_to_four_places(tmp_path):
     assert got["moved_fraction"] == round(float((cos < 0.9).float().mean()), 4) == 1.0
     before.dictionaries["b"].data[:7] = other.dictionaries["b"].data[:7]
     assert extend.concept_drift(before, other)["b"]["moved_fraction"] == round(3 / 10, 4)
+    seven = resolve(("a", "b"), (6, 4), "paper", {"n_concepts": 7, "k": 2})
+    first, second = UniversalSAE(seven.sae), UniversalSAE(seven.sae)
+    second.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        second.dictionaries["a"][0] *= -1  # one concept of seven moved
+    assert extend.concept_drift(first, second)["a"]["moved_fraction"] == round(1 / 7, 4)
