@@ -271,14 +271,21 @@ def _hash_of(name: str) -> str:
 
 
 def equivalent_mutants() -> dict[str, str]:
-    """Mutant name -> why it cannot change behaviour, from `mutation_equivalent.txt`."""
+    """Mutant name -> why it cannot change behaviour, from `mutation_equivalent.txt`. (An
+    app.js name may hold spaces inside its quoted strings: ``app.js:3:1:"a b">"XXa bXX"``.)"""
     out: dict[str, str] = {}
     for line in EQUIVALENT_FILE.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            name, _, why = line.partition(" ")
+            js = JS_NAME.match(line)
+            name, why = (js.group(1), js.group(2)) if js else line.partition(" ")[::2]
             out[name] = why.strip()
     return out
+
+
+# app.js:LINE:COL:ORIGINAL>MUTATION, each side a quoted string or a token without spaces
+JS_NAME = re.compile(r'^(app\.js:\d+:\d+:(?:"[^"]*"|\'[^\']*\'|[^\s"\']+?)>'
+                     r'(?:"[^"]*"|\'[^\']*\'|\S+)) (.*)$')
 
 
 def _toml_list(items: list[str]) -> str:

@@ -26,3 +26,17 @@ def test_a_run_that_checked_nothing_scores_nothing():
 
 def test_a_module_without_mutants_is_complete():
     assert summarize({}, {})["score"] == 1.0
+
+
+def test_equivalent_js_names_may_hold_spaces_in_their_strings(tmp_path, monkeypatch):
+    import mutation
+
+    lines = ['app.js:3:1:"use strict">"XXuse strictXX" strict mode changes nothing here',
+             "app.js:151:21:<><= a write past the end is ignored",
+             "app.js:142:103:>>>= the same page", "usae.x.y__mutmut_1 a default written out"]
+    (tmp_path / "eq.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(mutation, "EQUIVALENT_FILE", tmp_path / "eq.txt")
+    assert mutation.equivalent_mutants() == {
+        'app.js:3:1:"use strict">"XXuse strictXX"': "strict mode changes nothing here",
+        "app.js:151:21:<><=": "a write past the end is ignored",
+        "app.js:142:103:>>>=": "the same page", "usae.x.y__mutmut_1": "a default written out"}
