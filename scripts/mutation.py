@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--rerun", action="store_true", help="re-run the last run's survivors")
     parser.add_argument("--collect", action="store_true",
-                        help="only read the results already in the work folders")
+                        help="only read the results already in the work folders (and record "
+                             "them again, with the equivalents listed now)")
     parser.add_argument("--changed", action="store_true",
                         help="only the modules changed since scripts/mutation_record.json")
     parser.add_argument("--budget", type=float, default=0,
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             # a run's score, on the source it ran on (a module without a function body has
             # no mutant at all: its empty run is its score)
             unchecked = saved[module]["counts"].get("not checked", 0)
-            if (status or not has_functions(module)) and not args.collect and not unchecked:
+            # (--collect re-counts a finished run, e.g. after equivalents were explained)
+            if (status or not has_functions(module)) and not unchecked:
                 record(module, saved[module])
         print(_row(module, saved[module]), flush=True)
         if unchecked:
