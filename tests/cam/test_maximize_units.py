@@ -149,16 +149,21 @@ def test_natural_scales_reads_at_most_max_images(sae_and_store, monkeypatch):
     assert read == [7] * len(arrays)
 
 
-def test_a_concept_with_no_spread_is_floored(sae_and_store, monkeypatch):
-    sae, store, _ = sae_and_store
+def flatten(monkeypatch, sae, concept: int, value: float) -> None:
+    """Make ``concept``'s pre-activation ``value`` on every token: a concept with no spread."""
     real = sae.pre_activations
 
-    def flat_concept_3(m, x):
+    def flat(m, x):
         pre = real(m, x).clone()
-        pre[:, 3] = 0.5
+        pre[:, concept] = value
         return pre
 
-    monkeypatch.setattr(sae, "pre_activations", flat_concept_3)
+    monkeypatch.setattr(sae, "pre_activations", flat)
+
+
+def test_a_concept_with_no_spread_is_floored(sae_and_store, monkeypatch):
+    sae, store, _ = sae_and_store
+    flatten(monkeypatch, sae, 3, 0.5)
     got = maximize.natural_scales(sae, store, [3])
     for m in got:
         assert got[m][3]["floored"] is True and got[m][3]["median"] == 0.5
@@ -356,14 +361,7 @@ def test_the_floor_of_a_flat_concept_is_the_seeded_samples_median(monkeypatch,
                                                                  sae_and_store):
     sae, store, arrays = sae_and_store
     monkeypatch.setattr(maximize, "FLOOR_SAMPLE", 10)
-    real = sae.pre_activations
-
-    def flat_concept_0(m, x):
-        pre = real(m, x).clone()
-        pre[:, 0] = 0.25
-        return pre
-
-    monkeypatch.setattr(sae, "pre_activations", flat_concept_0)
+    flatten(monkeypatch, sae, 0, 0.25)
     got = maximize.natural_scales(sae, store, [0])
     for m, a in arrays.items():
         means = _token_means(sae, m, a)  # (concept 0 flat already)

@@ -230,20 +230,16 @@ def test_timm_failures_say_what_went_wrong(monkeypatch, error, pretrained, messa
         TimmBackbone("nope", pretrained=pretrained)
 
 
-def test_only_pretrained_timm_loads_are_guarded(monkeypatch):
-    guarded = []
+@pytest.fixture
+def guarded(monkeypatch) -> list[str]:
+    """What each Hub guard the adapters open names (the guard itself lets errors through)."""
+    names: list[str] = []
+    monkeypatch.setattr(adapters, "offline_unless_reachable",
+                        lambda what: names.append(what) or contextlib.nullcontext(True))
+    return names
 
-    class Guard:
-        def __init__(self, what):
-            guarded.append(what)
 
-        def __enter__(self):
-            return True
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setattr(adapters, "offline_unless_reachable", Guard)
+def test_only_pretrained_timm_loads_are_guarded(monkeypatch, guarded):
     vit()
     assert guarded == []
     monkeypatch.setattr(timm, "create_model", FakeTimm(OSError("x")).create_model)
@@ -551,23 +547,11 @@ def test_only_clip_gets_the_post_layernorm():
                                    siglip(pixel_values=x).last_hidden_state)
 
 
-def test_hf_loads_are_guarded_and_the_processor_is_the_models(monkeypatch):
+def test_hf_loads_are_guarded_and_the_processor_is_the_models(monkeypatch, guarded):
     import transformers as tf
 
-    guarded, asked = [], []
-
-    class Guard:
-        def __init__(self, what):
-            guarded.append(what)
-
-        def __enter__(self):
-            return True
-
-        def __exit__(self, *a):
-            return False
-
+    asked = []
     model = hf_model("vit")
-    monkeypatch.setattr(adapters, "offline_unless_reachable", Guard)
     monkeypatch.setattr(tf.AutoModel, "from_pretrained", lambda model_id: model)
     monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained",
                         lambda model_id: asked.append(model_id) or (_ for _ in ()).throw(
@@ -662,12 +646,9 @@ class Real:
         return self.create("vit_tiny_patch16_224", pretrained=False, **{**kw, **self.build})
 
 
-def test_timm_is_pretrained_by_default_and_says_so(monkeypatch):
+def test_timm_is_pretrained_by_default_and_says_so(monkeypatch, guarded):
     fake = Real()
-    guarded = []
     monkeypatch.setattr(timm, "create_model", fake.create_model)
-    monkeypatch.setattr(adapters, "offline_unless_reachable",
-                        lambda what: guarded.append(what) or contextlib.nullcontext())
     b = TimmBackbone("vit_tiny_patch16_224.augreg_in21k", img_size=32)
     assert fake.calls == [("vit_tiny_patch16_224.augreg_in21k", True, {"img_size": 32})]
     assert guarded == ["timm model 'vit_tiny_patch16_224.augreg_in21k'"]
