@@ -179,3 +179,21 @@ def test_the_progress_bar_starts_where_a_resume_starts(arrays, tmp_path, progres
     assert bars[1].kw["initial"] == 3 and bars[1].kw["total"] == 5 and bars[1].n == 2
     Trainer(cfg, tmp_path / "r", progress=False).fit(ArraySource(arrays), resume=True)
     assert bars[2].kw["disable"] is True  # (finished: nothing to draw)
+
+
+def test_checkpoints_land_at_their_interval_and_at_the_end_once(arrays, tmp_path,
+                                                                monkeypatch):
+    """checkpoint_every 4 over 6 steps: step 4, then the final step 6, each once; the config
+    says partial at 4 and final at 6."""
+    saved = []
+    real = Trainer.save_checkpoint
+
+    def record(self):
+        real(self)
+        saved.append((self.step, json.loads((tmp_path / "r" / "config.json").read_text())
+                      ["status"]["state"]))
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", record)
+    Trainer(_cfg(arrays, checkpoint_every=4), tmp_path / "r", progress=False) \
+        .fit(ArraySource(arrays))
+    assert saved == [(4, "partial"), (6, "final")]
