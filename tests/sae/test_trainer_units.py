@@ -197,3 +197,17 @@ def test_checkpoints_land_at_their_interval_and_at_the_end_once(arrays, tmp_path
     Trainer(_cfg(arrays, checkpoint_every=4), tmp_path / "r", progress=False) \
         .fit(ArraySource(arrays))
     assert saved == [(4, "partial"), (6, "final")]
+
+
+def test_the_extra_record_is_in_every_config_and_elapsed_time_adds_up(arrays, tmp_path):
+    extra = {"stream": {"source": "imgs", "images": 4}}
+    t = Trainer(_cfg(arrays, checkpoint_every=3), tmp_path / "r", progress=False,
+                extra_config=extra)
+    t.fit(ArraySource(arrays))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["stream"] == extra["stream"]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows]
+    # a running total (each step takes milliseconds), not the last step's own time
+    assert elapsed[0] > 0 and all(b > a for a, b in zip(elapsed, elapsed[1:]))
+    assert all(v == round(v, 4) for v in elapsed)
+    assert elapsed[-1] == pytest.approx(t.elapsed, abs=1e-4)
