@@ -104,15 +104,29 @@ def test_the_trace_rounds_to_six_places():
 @pytest.fixture(scope="module")
 def sae_and_store(tmp_path_factory, make_arrays):
     arrays = make_arrays(n_images=20, tokens=3)
-    store = store_from_arrays(tmp_path_factory.mktemp("s") / "store", arrays, dtype="float32")
-    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
-                  {"n_concepts": 24, "k": 3})
-    torch.manual_seed(0)
-    sae = UniversalSAE(cfg.sae).eval()
+    store, sae = _store_and_sae(tmp_path_factory.mktemp("s"), arrays, seed=0)
     for m, a in arrays.items():
         x = torch.from_numpy(a.reshape(-1, a.shape[2])).float()
         sae.set_standardization(m, x.mean(0), x.std(0))
     return sae, store, arrays
+
+
+def _store_and_sae(folder, arrays, seed: int):
+    """A float32 store of ``arrays`` and a seeded 24-concept SAE (k 3) for its models."""
+    store = store_from_arrays(folder / "store", arrays, dtype="float32")
+    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
+                  {"n_concepts": 24, "k": 3})
+    torch.manual_seed(seed)
+    return store, UniversalSAE(cfg.sae).eval()
+
+
+def reads(monkeypatch, store) -> list[list[int]]:
+    """The rows of each ``store.read``, in order (the reads still happen)."""
+    read: list[list[int]] = []
+    real = type(store).read
+    monkeypatch.setattr(type(store), "read", lambda self, m, rows: read.append(list(rows)) or
+                        real(self, m, rows))
+    return read
 
 
 def _token_means(sae, m, a):
@@ -141,12 +155,9 @@ def test_natural_scales_are_numpys_quantiles_with_the_floor(sae_and_store):
 
 def test_natural_scales_reads_at_most_max_images(sae_and_store, monkeypatch):
     sae, store, arrays = sae_and_store
-    read = []
-    real = type(store).read
-    monkeypatch.setattr(type(store), "read", lambda self, m, rows: read.append(len(rows)) or
-                        real(self, m, rows))
+    read = reads(monkeypatch, store)
     maximize.natural_scales(sae, store, [1], max_images=7)
-    assert read == [7] * len(arrays)
+    assert [len(r) for r in read] == [7] * len(arrays)
 
 
 def flatten(monkeypatch, sae, concept: int, value: float) -> None:
@@ -295,6 +306,19 @@ def test_the_measure_is_described_as_computed():
 
 
 # ---- a natural image through the cache's path --------------------------------------------
+def score_through_the_cache(sae, backbone, img, keep_cls: bool):
+    """The oracle: (n,) the token-mean pre-activations of ``img`` by the cache's own path
+    (preprocess_image, extract_batch), then the run's standardization and encoder."""
+    from usae.data.cache import extract_batch
+    from usae.data.images import preprocess_image
+
+    px = preprocess_image(img, backbone.preprocess)[None]
+    acts = extract_batch([backbone], {backbone.name: px}, (2, 2), keep_cls)[backbone.name][0]
+    with torch.no_grad():
+        return sae.pre_activations(backbone.name,
+                                   sae.standardize(backbone.name, acts)).mean(0)
+
+
 def test_a_natural_image_scores_what_the_cache_would_store(sae_and_store):
     """CamModel.natural (PIL preprocessing, back to [0, 1], the model's normalization) against
     the cache's own path: preprocess_image, extract_batch, then the run's encoder."""
@@ -302,8 +326,6 @@ def test_a_natural_image_scores_what_the_cache_would_store(sae_and_store):
 
     from usae.data.backbones.adapters import GenericBackbone
     from usae.data.backbones.base import IMAGENET, Preprocess
-    from usae.data.cache import extract_batch
-    from usae.data.images import preprocess_image
 
     sae, _, _ = sae_and_store
     torch.manual_seed(3)
@@ -313,11 +335,9 @@ def test_a_natural_image_scores_what_the_cache_would_store(sae_and_store):
                                name="m0")
     model = maximize.CamModel(backbone, sae, (2, 2), False)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 24, 3), np.uint8))
-    acts = extract_batch([backbone], {"m0": preprocess_image(img, backbone.preprocess)[None]},
-                         (2, 2), False)["m0"][0]  # (4, 12)
-    with torch.no_grad():
-        want = sae.pre_activations("m0", sae.standardize("m0", acts)).mean(0)
-    torch.testing.assert_close(model.natural(img), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.natural(img),
+                               score_through_the_cache(sae, backbone, img, False),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ---- natural scales: batches, rounding and the seeded floor sample ---------------------
@@ -325,21 +345,13 @@ def test_a_natural_image_scores_what_the_cache_would_store(sae_and_store):
 def big_store(tmp_path_factory, make_arrays):
     """150 images (three read batches of 64, the last short)."""
     arrays = make_arrays(n_images=150, tokens=2)
-    store = store_from_arrays(tmp_path_factory.mktemp("big") / "store", arrays,
-                              dtype="float32")
-    cfg = resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
-                  {"n_concepts": 24, "k": 3})
-    torch.manual_seed(1)
-    sae = UniversalSAE(cfg.sae).eval()
+    store, sae = _store_and_sae(tmp_path_factory.mktemp("big"), arrays, seed=1)
     return sae, store, arrays
 
 
 def test_natural_scales_read_every_image_once_in_batches_of_64(big_store, monkeypatch):
     sae, store, arrays = big_store
-    read = []
-    real = type(store).read
-    monkeypatch.setattr(type(store), "read", lambda self, m, rows: read.append(list(rows)) or
-                        real(self, m, rows))
+    read = reads(monkeypatch, store)
     got = maximize.natural_scales(sae, store, [1, 4, 9])
     per_model = len(read) // len(arrays)
     assert [len(r) for r in read[:per_model]] == [64, 64, 22]
@@ -533,7 +545,7 @@ def test_run_cam_hands_each_part_its_inputs_and_writes_what_they_return(
 
 
 # ---- the second batch: crops replayed, the loop's bar and alpha, the models' wiring -------
-def test_random_crops_replay_the_generator_draw_by_draw(crop_sides):
+def test_random_crops_replay_the_generator_draw_by_draw():
     """Each crop from its three draws (side, top, left), resized with antialiasing, then one
     noise draw for the batch: the same generator replayed here gives the same batch."""
     import math
@@ -543,13 +555,12 @@ def test_random_crops_replay_the_generator_draw_by_draw(crop_sides):
     x = torch.arange(3 * 24 * 24, dtype=torch.float32).reshape(1, 3, 24, 24) / (3 * 576)
     got = maximize.random_crops(x, 6, (8, 8), torch.Generator().manual_seed(5), 0.3)
     gen = torch.Generator().manual_seed(5)
-    want, starts = [], []
+    want = []
     for _ in range(6):
         side = int(24 * math.sqrt(0.25 + 0.75 * float(torch.rand((), generator=gen))))
         side = max(8, min(24, side))
         y0 = int(torch.randint(0, 24 - side + 1, (), generator=gen))
         x0 = int(torch.randint(0, 24 - side + 1, (), generator=gen))
-        starts.append((y0, x0))
         want.append(F.interpolate(x[:, :, y0:y0 + side, x0:x0 + side], size=(8, 8),
                                   mode="bilinear", align_corners=False, antialias=True))
     batch = torch.cat(want)
@@ -636,8 +647,6 @@ def test_keep_cls_reaches_the_token_alignment(sae_and_store):
 
     from usae.data.backbones.adapters import GenericBackbone
     from usae.data.backbones.base import Preprocess
-    from usae.data.cache import extract_batch
-    from usae.data.images import preprocess_image
 
     class WithCls(nn.Module):
         def __init__(self):
@@ -654,13 +663,10 @@ def test_keep_cls_reaches_the_token_alignment(sae_and_store):
     backbone = GenericBackbone(WithCls(), "out", Preprocess(crop=(16, 16), resize=16),
                                name="m1", n_prefix=1, grid=(2, 2))
     img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (16, 16, 3), np.uint8))
-    px = preprocess_image(img, backbone.preprocess)[None]
     for keep in (True, False):
-        acts = extract_batch([backbone], {"m1": px}, (2, 2), keep)["m1"][0]
-        with torch.no_grad():
-            want = sae.pre_activations("m1", sae.standardize("m1", acts)).mean(0)
         got = maximize.CamModel(backbone, sae, (2, 2), keep).natural(img)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, score_through_the_cache(sae, backbone, img, keep),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_run_cam_shows_the_evals_top_natural_images_beside_the_cam(sae_and_store,

@@ -244,13 +244,16 @@ def test_no_bar_without_progress(backbones, folder, progress_bars):
 # ---- train_from_images: each argument followed to the library -----------------------------
 
 class Recorded:
-    """What ``train_from_images`` handed to ``train_run`` (and whether the Dist was closed)."""
+    """What ``train_from_images`` handed to ``Dist.from_env``, ``build_backbones``,
+    ``resolve_run_config`` and ``train_run`` (and whether the Dist was closed)."""
 
     def __init__(self, monkeypatch, backbones, fail: Exception | None = None) -> None:
         self.calls: list[dict] = []
         self.closed = 0
         self.built: list[tuple] = []
-        self.moved: list[str] = []
+        self.moved: list[tuple] = []
+        self.devices: list = []
+        self.resolved: list = []
         outer = self
 
         class RecordingDist(Dist):
@@ -271,8 +274,6 @@ class Recorded:
 
         monkeypatch.setattr(streaming, "build_backbones", build)
         monkeypatch.setattr(streaming, "train_run", train_run)
-        self.devices: list = []
-        self.resolved: list = []
         real_resolve = streaming.resolve_run_config
 
         def resolve(*args):
