@@ -69,7 +69,7 @@ SELECTION: dict[str, list[str]] = {
     "data.align": ["tests/data/test_images_align.py", "tests/data/test_backbones.py"],
     "sae.objectives.batch_topk": ["tests/sae/test_objectives.py"],
     "sae.extend": ["tests/sae/test_extend_checks.py", "tests/sae/test_extend.py"],
-    "data.store_add": ["tests/data/test_store_add.py"],
+    "data.store_add": ["tests/data/test_store_add_units.py", "tests/data/test_store_add.py"],
     # (backbones whose activations are known by arithmetic; test_stream.py trains real ones)
     "data.streaming": ["tests/data/test_streaming_units.py"],
     # modules that no test imports by name: the tests of the commands that run them
@@ -113,7 +113,8 @@ SELECTION: dict[str, list[str]] = {
     "sae.checkpoint": ["tests/sae/test_checkpoint.py"],
     "sae.run": ["tests/sae/test_run_folder.py"],
     "sae.training": ["tests/sae/test_training_entry.py"],
-    "sae.trainer": ["tests/sae/test_trainer_units.py", "tests/sae/test_train.py",
+    "sae.trainer": ["tests/sae/test_trainer_units.py", "tests/sae/test_trainer_flow.py",
+                    "tests/sae/test_train.py",
                     "tests/sae/test_objectives.py"],
     "sae.interrupts": ["tests/sae/test_interrupts.py"],
     "explorer.serve": ["tests/explorer/test_serve.py"],

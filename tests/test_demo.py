@@ -270,3 +270,38 @@ def test_four_photos_are_enough_and_a_stereo_pair_gives_its_left_image(monkeypat
     np.testing.assert_array_equal(demo.bundled_photos()["stereo_motorcycle"], left)
     monkeypatch.setattr(demo, "SKIMAGE_PHOTOS", ["camera"])  # 1 + 2 (sklearn) + 1 = 4
     assert len(demo.bundled_photos()) == 4
+
+
+def test_each_crop_is_its_draws_replayed_from_the_seed(tmp_path, monkeypatch):
+    """The docstring's recipe, draw by draw from the same generator: area 30-100 %, a
+    log-uniform aspect 3/4-4/3, a uniform offset, a coin for the flip, a short side of
+    256-399 px (bicubic), a draw for the split; saved as JPEG at quality 92."""
+    import io
+
+    yy, xx = np.mgrid[0:300, 0:360]
+    photos = {"a": np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)}
+    monkeypatch.setattr(demo, "bundled_photos", lambda: photos)
+    demo.make_crops(tmp_path / "x", 12, seed=5, val_fraction=0.3)
+    rng = np.random.default_rng(5)
+    img = Image.fromarray(photos["a"])
+    flips, sides = [], []
+    for i in range(12):
+        area = rng.uniform(0.3, 1.0) * 360 * 300
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = int(min(360, round(np.sqrt(area * aspect))))
+        ch = int(min(300, round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, 360 - cw + 1)), int(rng.integers(0, 300 - ch + 1))
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+        flips.append(rng.random() < 0.5)
+        if flips[-1]:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        sides.append(int(rng.integers(256, 400)))
+        scale = sides[-1] / min(crop.size)
+        crop = crop.resize((round(crop.size[0] * scale), round(crop.size[1] * scale)),
+                           Image.BICUBIC)
+        split = "val" if rng.random() < 0.3 else "train"
+        want = io.BytesIO()
+        crop.save(want, "JPEG", quality=92)
+        path = tmp_path / "x" / split / "a" / f"{i:04d}.jpg"
+        assert path.read_bytes() == want.getvalue(), i
+    assert any(flips) and not all(flips), "both sides of the coin in 12 draws"

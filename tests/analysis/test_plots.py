@@ -243,3 +243,33 @@ def test_every_figure_is_drawn_in_the_declared_style():
     for a in fig.axes:
         assert [p.get_facecolor() for p in a.patches] == [_rgba(c) for c in style["models"][:3]]
         assert {t.get_rotation() for t in a.get_xticklabels()} == {style["tick_rotation"]}
+
+
+def test_cells_are_centred_and_a_value_at_the_boundary_is_dark_on_light():
+    report = EvalReport({**REPORT.to_json(), "r2": [[0.6, 0.5], [0.4, 0.7]],
+                         "models": ["a", "b"]})
+    ax = plots._r2_matrix(plt, report, []).axes[0]
+    colors = {t.get_text(): t.get_color() for t in ax.texts}
+    assert colors == {"0.60": "black", "0.50": "white", "0.40": "white", "0.70": "black"}
+    assert {(t.get_ha(), t.get_va()) for t in ax.texts} == {("center", "center")}
+
+
+def test_the_colour_bar_is_the_declared_fraction_of_the_matrixs_height():
+    fig = plots._r2_matrix(plt, REPORT, [])
+    ax, bar = fig.axes
+    fig.canvas.draw()
+    assert bar.get_position().height == pytest.approx(
+        plots.STYLE["colorbar_shrink"] * ax.get_position(original=True).height, rel=1e-6)
+
+
+def test_the_declared_colour_map_wins_over_the_users_matplotlib_defaults():
+    with matplotlib.rc_context({"image.cmap": "magma"}):
+        ax = plots._r2_matrix(plt, REPORT, []).axes[0]
+    assert ax.images[0].get_cmap().name == plots.STYLE["cmap"]
+
+
+def test_only_the_model_names_are_slanted_under_the_bars():
+    fig = plots._dead_and_l0(plt, REPORT, _concepts())
+    for a in fig.axes:
+        assert {t.get_rotation() for t in a.get_yticklabels()} == {0.0}
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)  # a fraction: the whole range

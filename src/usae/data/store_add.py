@@ -59,12 +59,15 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     manifest = read_manifest(path)
     if manifest.get("state") != "final":
         raise UsaeError(f"{path} is not a finished store — finish its `usae cache` first")
-    joined: list[str] = []
     pending = _pending_join(path)
+    joined = [] if pending is None else \
+        [m for m in read_manifest(pending)["models"] if m not in manifest["models"]]
+    dist.barrier()  # every rank has seen the pending join before the main rank finishes it
     if pending is not None:  # a stop during an earlier join: finish it first
-        joined = [m for m in read_manifest(pending)["models"] if m not in manifest["models"]]
         if dist.is_main:
-            manifest = _join(path, pending)
+            _join(path, pending)
+        dist.barrier()
+        manifest = read_manifest(path)
     store = Store(path)
     keep_cls = bool(manifest["models"][store.models[0]].get("keep_cls"))
     o = merged(CacheOptions, o, {"dtype": manifest["dtype"], "keep_cls": keep_cls,
@@ -74,8 +77,8 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     backbones = _backbones_for_grid(specs, target, o.align, pretrained)
     names = [b.name for b in backbones]
     if joined and set(names) <= set(joined):  # this command's own join, finished now
-        return manifest if dist.is_main else read_manifest(path)
-    taken = [m for m in names if m in manifest["models"] or m in joined]
+        return manifest
+    taken = [m for m in names if m in manifest["models"]]
     if taken or len(set(names)) != len(names):
         raise UsaeError(f"the store already has model(s) {taken or names} — give the new "
                         "model another name (SPEC?name=NEW)")
@@ -84,7 +87,10 @@ def _add(path: Path, specs: list[str], o: CacheOptions, pretrained: bool | None,
     staging = path / (STAGING_PREFIX + "+".join(names))
     extra = {"source": manifest.get("source"), "align": o.align, "adding_to": path.name}
     build_store(staging, entries, backbones, target, o, extra, progress, None, dist)
-    return _join(path, staging) if dist.is_main else read_manifest(path)
+    if dist.is_main:
+        _join(path, staging)
+    dist.barrier()  # every rank returns the manifest the join wrote
+    return read_manifest(path)
 
 
 def _backbones_for_grid(specs: list[str], target: tuple[int, ...], align: str,
