@@ -556,3 +556,25 @@ def test_import_reference_says_what_it_imported(monkeypatch, capsys):
     monkeypatch.setattr(reference, "import_reference", lambda config, out: sae)
     assert commands.cmd_import_reference(_args("import-reference", "c.yaml", "--out", "R")) == 0
     assert capsys.readouterr().out == "wrote R: models ['a', 'b'], n=64, k=5\n"
+
+
+def test_tables_meant_for_a_pipe_are_flushed_at_once(concepts_run, monkeypatch):
+    """`usae concepts | head` and `usae store info | jq` see the output before the command
+    ends (print's flush, recorded)."""
+    from usae.store import store
+
+    printed = []
+    monkeypatch.setattr(commands, "print", lambda *a, **k: printed.append(k), raising=False)
+    commands.cmd_concepts(_args("concepts", "R", "--eval", "E"))
+    commands.cmd_concepts(_args("concepts", "R", "--eval", "E", "--json"))
+
+    class FakeStore:
+        def __init__(self, path):
+            pass
+
+        def info(self):
+            return {}
+
+    monkeypatch.setattr(store, "Store", FakeStore)
+    commands.cmd_store(_args("store", "info", "S"))
+    assert printed == [{"flush": True}] * 3

@@ -47,3 +47,19 @@ def test_not_an_independent_run(tmp_path):
     sae = UniversalSAE(SAEConfig(models=("a",), dims=(4,), n_concepts=8, k=2))
     with pytest.raises(UsaeError, match="not an independent run"):
         independent_consistency(sae, tmp_path)
+
+
+def test_a_cosine_at_exactly_the_threshold_is_not_a_match(tmp_path, monkeypatch):
+    """Matched means a cosine above the threshold (the docstring's ``>``), for the dictionary
+    and for its random control alike."""
+    from usae.analysis import controls
+
+    cfg = resolve(("a",), (4,), "paper", {"n_concepts": 8, "k": 2})
+    UniversalSAE(cfg.sae).save(tmp_path / "ind" / "a", cfg)
+    atomic_write_json(tmp_path / "ind" / "independent.json", {"models": ["a"]})
+    monkeypatch.setattr(controls, "match_dictionaries",
+                        lambda u, v: np.array([0.5, 0.7, 0.5, 0.2]))
+    out = controls.independent_consistency(UniversalSAE(cfg.sae), tmp_path / "ind", 0.5)
+    assert out["models"]["a"] == {"matched_fraction": 0.25, "mean_cosine": 0.475,
+                                  "random_matched_fraction": 0.25,
+                                  "random_mean_cosine": 0.475}

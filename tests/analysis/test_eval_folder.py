@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 
 import pytest
 
@@ -48,6 +49,28 @@ def test_the_weights_digest_is_sha256_of_the_weights_file(run):
     (run / "model.safetensors").unlink()
     with pytest.raises(UsaeError, match="cannot read .*model.safetensors"):
         weights_digest(run)
+
+
+def test_an_unreadable_weights_file_is_named_with_the_systems_reason_alone(run):
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").mkdir()  # a folder where the file should be
+    with pytest.raises(UsaeError, match="^" + re.escape(
+            f"cannot read {run / 'model.safetensors'}: Is a directory") + "$"):
+        weights_digest(run)
+
+
+def test_a_report_key_is_an_attribute_named_after_it_required_or_optional():
+    from usae.analysis.eval_folder import EvalReport, _Key
+
+    class Report(EvalReport):  # (made here: the keys of a class made at import are fixed)
+        needed = _Key()
+        maybe = _Key(required=False)
+
+    report = Report({"needed": 3})
+    assert (report.needed, report.maybe) == (3, None)
+    with pytest.raises(KeyError, match="needed"):
+        Report({}).needed
+    assert Report.needed.key == "needed" and Report.maybe.required is False
 
 
 def test_an_eval_of_this_run_is_accepted_and_any_other_refused_with_the_command(run,

@@ -358,3 +358,48 @@ def test_heads_keeps_the_models_with_a_head_and_says_why_the_others_have_none(mo
     sae.models = ("a", "b")
     assert faithfulness.heads(sae, store) == (
         {}, "a: no backbone spec; b: hf:b has no classification head")
+
+
+def test_the_grid_only_cost_adds_up_over_batches_where_the_grids_differ(tmp_path, monkeypatch):
+    """A stand-in model with a 4 x 4 grid over a store aligned to 2 x 2: its own tokens taken
+    there and back lose detail, so the grid alone costs a positive KL. Two batches of two
+    images give the mean of the four images' KL, each worked out here."""
+    from types import SimpleNamespace
+
+    from usae.analysis import faithfulness
+    from usae.config import SAEConfig
+    from usae.data.align import resample_tokens
+    from usae.files import atomic_write_json
+
+    rng = np.random.default_rng(0)
+    store = store_from_arrays(tmp_path / "s", {"a": rng.normal(size=(4, 4, 3))}, "float32")
+    manifest = store.manifest
+    manifest["models"]["a"]["aligned_grid"] = [2, 2]
+    atomic_write_json(tmp_path / "s" / "manifest.json", manifest)
+    store = Store(tmp_path / "s")
+    sae = UniversalSAE(SAEConfig(models=("a",), dims=(3,), n_concepts=4, k=1))
+    head = torch.from_numpy(rng.normal(size=(48, 5))).float()
+
+    def rest(tokens_btd):
+        return tokens_btd.reshape(len(tokens_btd), -1) @ head
+
+    model = SimpleNamespace(name="a", spec="stand-in", grid=(4, 4), n_prefix=0,
+                            splicer=lambda px: (px, rest))
+    own = torch.from_numpy(rng.normal(size=(4, 16, 3))).float()  # each image's own tokens
+    monkeypatch.setattr(faithfulness, "batch_pixels",
+                        lambda items, backbones: {"a": torch.stack([px for _, px, _ in items])})
+    sums = faithfulness._Sums(1)
+    for rows in ([0, 1], [2, 3]):
+        faithfulness._batch(sae, store, np.array(rows), [(r, own[r], None) for r in rows],
+                            {"a": model}, {"a": torch.zeros(3)}, sums, "cpu")
+    section = faithfulness._section(["a"], {"a": model}, sums)
+
+    def kl(p_logits, q_logits):
+        p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+        return float((p.exp() * (p - q)).sum())
+
+    there_and_back = resample_tokens(resample_tokens(own, (4, 4), (2, 2)), (2, 2), (4, 4))
+    want = np.mean([kl(rest(own[i:i + 1]), rest(there_and_back[i:i + 1])) for i in range(4)])
+    assert want > 0.01
+    assert section["resample_only"]["a"]["kl"] == pytest.approx(want, abs=1e-5)
+    assert section["n_images"] == 4

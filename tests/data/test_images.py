@@ -129,6 +129,32 @@ def test_a_palette_with_a_transparent_index_is_composited(tmp_path):
                                                                   [255, 0, 0]]]
 
 
+@pytest.mark.parametrize("mode, pixels, key", [
+    ("RGB", [[[10, 20, 30], [1, 2, 3]]], (10, 20, 30)),
+    ("L", [[5, 9]], 5),
+])
+def test_a_colour_key_is_transparency_too(tmp_path, mode, pixels, key):
+    """A PNG's tRNS colour key on an RGB or grey image: those pixels are composited on white
+    like any transparent pixel (they kept the key's colour before)."""
+    Image.fromarray(np.array(pixels, np.uint8), mode).save(tmp_path / "k.png", transparency=key)
+    with Image.open(tmp_path / "k.png") as im:
+        assert im.mode == mode and im.info["transparency"] == key
+    second = [1, 2, 3] if mode == "RGB" else [9, 9, 9]
+    assert np.asarray(load_rgb(tmp_path / "k.png")).tolist() == [[[255, 255, 255], second]]
+
+
+def test_a_palette_image_with_alpha_is_composited_on_white(tmp_path, monkeypatch):
+    """Mode PA (palette plus alpha), which no file Pillow writes opens as: handed to the loader
+    by a stand-in for Image.open."""
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([0, 0, 0, 200, 10, 10] * 128)
+    pa.putpixel((0, 0), (1, 0))  # colour 1, clear
+    pa.putpixel((1, 0), (1, 255))  # colour 1, opaque
+    monkeypatch.setattr(Image, "open", lambda path: pa)
+    assert np.asarray(load_rgb(tmp_path / "any.png")).tolist() == [[[255, 255, 255],
+                                                                    [200, 10, 10]]]
+
+
 def test_sixteen_bit_images_keep_their_content(tmp_path):
     arr = np.array([[0, 257, 65535, 32896]], np.uint16)
     Image.fromarray(arr).save(tmp_path / "g.png")
@@ -156,7 +182,8 @@ def test_sixteen_bit_images_keep_their_content(tmp_path):
     ("I", [-10, 0, 5], [0, 170, 255]),
 ])
 def test_high_bit_depth_values_map_to_eight_bits(mode, values, want):
-    assert _to_uint8(np.array(values, np.float64), mode).tolist() == want
+    out = _to_uint8(np.array(values, np.float64), mode)
+    assert out.tolist() == want and out.dtype == np.uint8
 
 
 def test_non_finite_pixels_are_refused():

@@ -195,12 +195,14 @@ class RecordingDist:
 
 
 def test_train_run_closes_only_the_process_group_it_opened(tmp_path, monkeypatch):
-    opened = RecordingDist()
-    monkeypatch.setattr(training.Dist, "from_env", classmethod(lambda cls, device: opened))
+    opened, devices = RecordingDist(), []
+    monkeypatch.setattr(training.Dist, "from_env",
+                        classmethod(lambda cls, device: devices.append(device) or opened))
     monkeypatch.setattr(training, "_train_run", lambda *a, **k: {"ran": True})
     cfg = resolve(MODELS, DIMS, "paper", {"n_concepts": 16, "k": 2})
     assert train_run(cfg, _source(8), tmp_path / "r") == {"ran": True}
     assert opened.closed == 1
+    assert devices == ["cpu"], "the job is joined for the run's device (nccl for cuda)"
     given = RecordingDist()
     train_run(cfg, _source(8), tmp_path / "r", dist=given)
     assert given.closed == 0 and opened.closed == 1

@@ -70,6 +70,23 @@ def test_the_merged_rows_are_the_shards_rows_in_order(shards, tmp_path):
     stamp = datetime.datetime.strptime(manifest["finalized_at"], "%Y-%m-%dT%H:%M:%SZ")
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     assert abs((now - stamp).total_seconds()) < 600  # UTC, now
+    assert merged.verify(), "the manifest's content hash is that of the merged bytes"
+
+
+def test_the_merged_store_is_stamped_in_utc_whatever_the_local_zone(shards, tmp_path,
+                                                                     monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "JST-9")  # POSIX form: needs no tzdata
+    time.tzset()
+    try:
+        stamp = merge_shards(shards, tmp_path / "m", progress=False)["finalized_at"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    utc = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert abs((now - utc).total_seconds()) < 600
 
 
 def test_the_merged_statistics_are_those_of_every_row(shards, tmp_path):

@@ -89,7 +89,7 @@ def load_rgb(path: str | Path) -> "Image.Image":
             im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I") or im.mode == "F":
                 return Image.fromarray(_to_uint8(np.asarray(im), im.mode)).convert("RGB")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # (a colour key)
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)

@@ -18,7 +18,11 @@ DICT_EPS = 1e-8  # written out again on purpose: an oracle shares no code with t
 def naive_criterion(name: str, target: Tensor, estimate: Tensor) -> Tensor:
     """``l1``: mean |target - estimate|; ``l2``: mean squared error."""
     diff = target - estimate
-    return diff.abs().mean() if name == "l1" else (diff * diff).mean()
+    if name == "l1":
+        return diff.abs().mean()
+    if name == "l2":
+        return (diff * diff).mean()
+    raise ValueError(name)
 
 
 def naive_unit_rows(w_nd: Tensor) -> Tensor:
@@ -93,7 +97,14 @@ def naive_rule_codes(rule: str, pre_nc: Tensor, cfg) -> Tensor:
         return naive_batch_topk_codes(pre_nc, cfg.k)
     if rule == "energy":
         return naive_energy_codes(pre_nc, cfg.k, cfg.energy_fraction)
-    return naive_topk_codes(pre_nc, cfg.k)
+    if rule == "topk":
+        return naive_topk_codes(pre_nc, cfg.k)
+    raise ValueError(rule)
+
+
+def _check_aux(aux: str) -> None:
+    if aux not in ("none", "reference", "gao"):
+        raise ValueError(aux)
 
 
 def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l1",
@@ -109,6 +120,7 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
     ``rule``: topk, batchtopk or energy codes. ``prefixes``: Matryoshka; the reconstruction
     term is repeated with the codes of the concepts below each prefix size (columns cut off).
     """
+    _check_aux(aux)
     src = sae.models[source]
     pre = sae.encoders[src](xs[src])
     codes = naive_rule_codes(rule, pre, sae.cfg)
@@ -130,10 +142,9 @@ def naive_step_loss(sae, xs: dict[str, Tensor], source: int, criterion: str = "l
     return total
 
 
-def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
-                           cross_coef: float = 0.0, rule: str = "topk", aux: str = "none",
-                           aux_coef: float = 0.1, dead_c: Tensor | None = None,
-                           aux_k: int = 0) -> tuple[Tensor, Tensor]:
+def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str, cross_coef: float, *,
+                           rule: str, aux: str, aux_k: int, aux_coef: float = 0.1,
+                           dead_c: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Global TopK across models, written out: the rule (TopK, BatchTopK by a full sort, or
     energy) picks one active set per token from the mean of the models' ReLU'd
     pre-activations;
@@ -141,6 +152,7 @@ def naive_global_step_loss(sae, xs: dict[str, Tensor], criterion: str = "l1",
     (plus m's auxiliary term into its own model: ``reference`` or ``gao``, as
     ``naive_step_loss``) plus ``cross_coef`` x ``crit(x_j, z_m D_j)`` for every j != m.
     Returns (loss, fired: (n,) concepts with a positive code in some model)."""
+    _check_aux(aux)
     pres = {m: sae.encoders[m](xs[m]) for m in sae.models}
     posts = {m: torch.relu(p) for m, p in pres.items()}
     mean = torch.stack([p.detach() for p in posts.values()]).mean(0)
