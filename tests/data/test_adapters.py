@@ -347,14 +347,14 @@ def test_hf_loading_failures_and_the_image_processors_preprocessing(monkeypatch)
     monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained", lambda model_id: Proc())
     want = Preprocess(crop=(40, 40), resize=40, interpolation="bicubic", mean=(0.1, 0.2, 0.3),
                       std=(0.4, 0.5, 0.6))
-    assert _hf_preprocess("org/x", None) == want
+    assert _hf_preprocess("org/x") == want
     Proc.crop_size = None
-    assert _hf_preprocess("org/x", None).crop == (50, 50)
+    assert _hf_preprocess("org/x").crop == (50, 50)
     Proc.size = {}
-    assert _hf_preprocess("org/x", None).crop == (224, 224)
+    assert _hf_preprocess("org/x").crop == (224, 224)
     monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained",
                         lambda model_id: (_ for _ in ()).throw(OSError("offline")))
-    assert _hf_preprocess("org/x", None) is None
+    assert _hf_preprocess("org/x") is None
 
 
 def test_hf_from_pretrained_builds_the_tower_with_the_processors_preprocessing(monkeypatch):
@@ -363,7 +363,7 @@ def test_hf_from_pretrained_builds_the_tower_with_the_processors_preprocessing(m
     model = hf_model("vit")
     monkeypatch.setattr(tf.AutoModel, "from_pretrained", lambda model_id: model)
     given = Preprocess(crop=(32, 32), resize=32, mean=(0.1,) * 3, std=(0.2,) * 3)
-    monkeypatch.setattr(adapters, "_hf_preprocess", lambda model_id, m: given)
+    monkeypatch.setattr(adapters, "_hf_preprocess", lambda model_id: given)
     b = HFBackbone.from_pretrained("org/x", layer=1, name="n")
     assert (b.module, b.layer, b.name, b.spec, b.preprocess) == \
         (model, "hidden_states[1]", "n", "hf:org/x", given)
@@ -564,13 +564,13 @@ def test_hf_loads_are_guarded_and_the_processor_is_the_models(monkeypatch, guard
         image_mean, image_std = [0.5] * 3, [0.5] * 3
 
     monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained", lambda model_id: SizeOnly())
-    assert _hf_preprocess("org/x", None).crop == (48, 48)
+    assert _hf_preprocess("org/x").crop == (48, 48)
 
     class Neither:
         image_mean, image_std = [0.5] * 3, [0.5] * 3
 
     monkeypatch.setattr(tf.AutoImageProcessor, "from_pretrained", lambda model_id: Neither())
-    assert _hf_preprocess("org/x", None).crop == (224, 224)
+    assert _hf_preprocess("org/x").crop == (224, 224)
 
 
 class Evil:

@@ -285,3 +285,19 @@ def test_without_an_eval_the_site_keeps_its_own_and_replaces_only_a_site(tmp_pat
     assert (other / "mine.txt").read_text() == "x"
     build.build_explorer(run, store, other, eval_dir=ev, progress=False, force=True)
     assert (other / "index.html").exists() and not (other / "mine.txt").exists()
+
+
+def test_without_progress_the_eval_it_runs_draws_no_bar_either(tmp_path, make_arrays,
+                                                               monkeypatch, capsys):
+    run, store = _tiny_run(tmp_path, make_arrays)
+    given = []
+    real = build.evaluate
+
+    def evaluate(*a, progress):
+        given.append(progress)
+        return real(*a, progress=progress)
+
+    monkeypatch.setattr(build, "evaluate", evaluate)
+    capsys.readouterr()
+    build.build_explorer(run, store, tmp_path / "site", progress=False, split="all", top=3)
+    assert given == [False] and capsys.readouterr().err == ""

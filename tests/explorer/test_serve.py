@@ -65,6 +65,12 @@ def test_nothing_outside_the_folder_and_no_listings(server, path):
 def test_a_folder_is_refused_with_its_reason(server):
     status, body = _get(server, "/data/")
     assert status == 404 and b"No listing" in body
+    conn = http.client.HTTPConnection(HOST, server.server_address[1], timeout=10)
+    conn.request("GET", "/data/")
+    res = conn.getresponse()
+    res.read()
+    conn.close()
+    assert (res.status, res.reason) == (404, "No listing")  # the status line's reason
 
 
 def test_a_file_whose_name_starts_like_the_stripped_slash_is_served(site, server):
@@ -138,6 +144,13 @@ def test_serve_prints_the_url_and_stops_on_ctrl_c(site, monkeypatch, capsys):
     assert capsys.readouterr().out == f"serving {site} at http://127.0.0.1:4567/ (Ctrl-C to " \
                                       "stop)\nstopped\n"
     assert made == {"args": (site, 4567), "closed": True}
+    # the address reaches a pipe (a script waiting for it) at once, not when the server stops
+    printed = []
+    monkeypatch.setattr(serve_module, "print", lambda *a, **k: printed.append((a, k)),
+                        raising=False)
+    serve_module.serve(site, 4567)
+    assert printed[0] == ((f"serving {site} at http://127.0.0.1:4567/ (Ctrl-C to stop)",),
+                          {"flush": True})
 
 
 def test_requests_are_logged_at_debug_level(server, caplog):

@@ -12,6 +12,19 @@ import pytest
 from usae.sae.interrupts import StopSignals, TrainingInterrupted
 
 
+@pytest.fixture(autouse=True)
+def outside_handlers():
+    """Handlers of the test's own for SIGINT and SIGTERM, around each test: a signal that
+    StopSignals failed to catch lands here (recorded), whatever the process had before (a
+    mutation worker ignores SIGINT and exits 0 on SIGTERM)."""
+    caught: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield caught
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
 def test_training_interrupted_says_which_signal_and_step_and_is_a_ctrl_c():
     err = TrainingInterrupted(12, "SIGTERM")
     assert isinstance(err, KeyboardInterrupt) and err.step == 12
@@ -20,13 +33,16 @@ def test_training_interrupted_says_which_signal_and_step_and_is_a_ctrl_c():
 
 
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
-def test_the_first_signal_becomes_a_flag(sig, name):
+def test_the_first_signal_becomes_a_flag(sig, name, outside_handlers):
     before = signal.getsignal(sig)
     with StopSignals() as stop:
         assert stop.received is None and not stop.pending
         os.kill(os.getpid(), sig)
         assert stop.received == name and not stop.pending
     assert signal.getsignal(sig) is before  # the old handlers are back
+    assert outside_handlers == [], "StopSignals caught it, not the handler before it"
+    os.kill(os.getpid(), sig)
+    assert outside_handlers == [sig], "after the block, the signal goes where it went before"
 
 
 def test_a_second_signal_interrupts_at_once():

@@ -202,11 +202,11 @@ class HFBackbone(Backbone):
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise UsaeError(f"cannot load Hugging Face model {model_id!r}{offline}: "
                             f"{str(err).splitlines()[0]}") from None
-        preprocess = _hf_preprocess(model_id, model)
+        preprocess = _hf_preprocess(model_id)
         return cls(model, layer, preprocess, name=name, spec=spec or f"hf:{model_id}")
 
 
-def _hf_preprocess(model_id: str, model: nn.Module) -> Preprocess | None:
+def _hf_preprocess(model_id: str) -> Preprocess | None:
     """Read mean/std/size from the model's image processor when it can be loaded."""
     try:
         from transformers import AutoImageProcessor
