@@ -369,6 +369,14 @@ def results(work: Path, mutmut: str) -> dict[str, str]:
     return status
 
 
+def _collected(module: str, status: dict[str, str], saved_path: Path) -> dict[str, str]:
+    """What `--collect` reads, completed: after a `--rerun`, mutmut says "not checked" for
+    the mutants it did not re-run, whose status is the one the last results kept."""
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    previous = saved.get(module, {}).get("status", {})
+    return {n: previous.get(n, s) if s == "not checked" else s for n, s in status.items()}
+
+
 def _env(module: str | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # mutants run side by side
@@ -480,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         done.append(module)
         start = time.monotonic()
         if args.collect:
-            status = results(WORK / module, mutmut)
+            status = _collected(module, results(WORK / module, mutmut), saved_path)
         else:
             status = run_module(module, mutmut, args.max_children, args.rerun)
         WORK.mkdir(exist_ok=True)

@@ -193,6 +193,10 @@ def test_store_add_model_passes_the_image_options_but_not_the_stores_own(monkeyp
     defaults = type(seen["options"])()
     for key in STORE_KEEPS:  # the store's own settings are not taken from the flags
         assert getattr(seen["options"], key) == getattr(defaults, key)
+    from usae import distributed
+
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)  # another rank
+    assert commands.cmd_store(args) == 0 and capsys.readouterr().out == ""
 
 
 def test_store_without_a_subcommand_says_which_exist():

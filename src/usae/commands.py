@@ -112,12 +112,15 @@ def cmd_store(args: argparse.Namespace) -> int:
         return 0
     if args.store_command == "add-model":
         from usae.data.store_add import add_models
+        from usae.distributed import is_main_process
         from usae.options import STORE_KEEPS, CacheOptions
 
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CacheOptions)
                  if f.name not in STORE_KEEPS}
         manifest = add_models(args.store, args.models, CacheOptions(**given),
                               progress=not args.no_progress)
+        if not is_main_process():  # (under torchrun: one line, as `usae cache` prints)
+            return 0
         print(f"{args.store}: models {list(manifest['models'])}, {manifest['n_images']} images, "
               f"content hash {manifest['content_hash'][:16]}")
         return 0

@@ -110,3 +110,22 @@ def test_a_killed_rank_resumes_its_own_range(images, one_rank, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stderr
     assert_same_store(Store(out), one_rank)
+
+
+def test_two_ranks_add_a_model_as_one_process_caches_both(images, one_rank, tmp_path):
+    """`store add-model` under torchrun: the ranks share the extraction, the main rank joins,
+    and the store equals one cached with both models at once (one line printed)."""
+    spec_a, spec_b = SPEC.split(",")
+    res = subprocess.run([sys.executable, "-m", "usae", "cache", "--models", spec_a,
+                          "--images", str(images), "--out", str(tmp_path / "s"),
+                          "--batch-size", "2", "--workers", "0", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr
+    res = ranks(2, ["store", "add-model", str(tmp_path / "s"), "--models", spec_b,
+                    "--batch-size", "2", "--workers", "0", "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(f"{tmp_path / 's'}: models ['a', 'b'], 11 images") == 1
+    added = Store(tmp_path / "s")
+    assert added.manifest["history"][0]["added"] == ["b"]
+    assert_same_store(added, one_rank)
+    assert added.verify() and not list((tmp_path / "s").glob(".add-*"))
