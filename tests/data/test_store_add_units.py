@@ -211,13 +211,21 @@ def test_the_join_records_when_and_what_in_utc_and_logs_it(tmp_path, stand_ins, 
     assert acts_file(path, "c").exists() and not (path / ".add-b+c").exists()
 
 
-def test_a_join_left_pending_is_finished_by_the_main_rank_alone(tmp_path, stand_ins, monkeypatch):
+def _stopped_in_the_join(tmp_path, monkeypatch):
+    """A store whose addition of model b stopped inside the join (before the manifest)."""
     path = _store(tmp_path)
     monkeypatch.setattr(store_add, "atomic_write_json",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         store_add.add_models(path, spec("b", 2, 32), progress=False)
     monkeypatch.setattr(store_add, "atomic_write_json", atomic_write_json)
+    assert list(read_manifest(path)["models"]) == ["a"]
+    return path
+
+
+def test_a_join_left_pending_is_finished_by_the_main_rank_alone(tmp_path, stand_ins,
+                                                                 monkeypatch):
+    path = _stopped_in_the_join(tmp_path, monkeypatch)
     # the command again: another rank waits while the main rank joins, extracting nothing
     other = Rank(is_main=False, meanwhile=_main_joins(path, ".add-b", at=2))
     manifest = store_add.add_models(path, spec("b", 2, 32), dist=other)
@@ -228,12 +236,7 @@ def test_a_join_left_pending_is_finished_by_the_main_rank_alone(tmp_path, stand_
 
 def test_the_main_rank_finishes_a_pending_join_then_adds_the_new_model(tmp_path, stand_ins,
                                                                         monkeypatch):
-    path = _store(tmp_path)
-    monkeypatch.setattr(store_add, "atomic_write_json",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        store_add.add_models(path, spec("b", 2, 32), progress=False)
-    monkeypatch.setattr(store_add, "atomic_write_json", atomic_write_json)
+    path = _stopped_in_the_join(tmp_path, monkeypatch)
     main = Rank()
     assert store_add.add_models(path, spec("b", 2, 32), dist=main) == read_manifest(path)
     assert list(read_manifest(path)["models"]) == ["a", "b"] and main.barriers == 2

@@ -287,8 +287,8 @@ def test_without_an_eval_the_site_keeps_its_own_and_replaces_only_a_site(tmp_pat
     assert (other / "index.html").exists() and not (other / "mine.txt").exists()
 
 
-def test_without_progress_the_eval_it_runs_draws_no_bar_either(tmp_path, make_arrays,
-                                                               monkeypatch, capsys):
+def test_without_progress_the_eval_it_runs_draws_no_bar_and_a_given_eval_is_used(
+        tmp_path, make_arrays, monkeypatch, capsys):
     run, store = _tiny_run(tmp_path, make_arrays)
     given = []
     real = build.evaluate
@@ -301,3 +301,9 @@ def test_without_progress_the_eval_it_runs_draws_no_bar_either(tmp_path, make_ar
     capsys.readouterr()
     build.build_explorer(run, store, tmp_path / "site", progress=False, split="all", top=3)
     assert given == [False] and capsys.readouterr().err == ""
+    # given an eval of the explorer's split, the explorer evaluates nothing
+    import shutil
+
+    ev = shutil.copytree(tmp_path / "site" / "eval", tmp_path / "eval")
+    build.build_explorer(run, store, tmp_path / "site2", ev, progress=False, split="all", top=3)
+    assert given == [False] and not (tmp_path / "site2" / "eval").exists()
