@@ -43,10 +43,11 @@ def test_the_global_loss_has_no_auxk_term_unless_asked_for_it():
     xs = {"a": torch.randn(10, 6, dtype=torch.float64),
           "b": torch.randn(10, 5, dtype=torch.float64)}
     dead = torch.ones(8, dtype=torch.bool)
-    plain, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk", aux="none",
-                                              aux_k=3)
-    with_dead, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk", aux="none",
-                                                  aux_k=3, dead_c=dead)
-    auxk, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk", aux="gao",
-                                             aux_k=3, dead_c=dead)
+    with torch.no_grad():
+        plain, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk", aux="none",
+                                                  aux_k=3)
+        with_dead, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk",
+                                                      aux="none", aux_k=3, dead_c=dead)
+        auxk, _ = oracles.naive_global_step_loss(sae, xs, "l1", 0.0, rule="topk", aux="gao",
+                                                 aux_k=3, dead_c=dead)
     assert float(with_dead) == float(plain) and float(auxk) > float(plain)
