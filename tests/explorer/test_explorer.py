@@ -709,6 +709,9 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
         assert page.text_content(".pager span") == "page 3 of 3 · 450 concepts"
         page.locator(".pager button >> nth=0").click()
         assert page.text_content(".pager span") == "page 2 of 3 · 450 concepts"
+        page.locator(".pager button >> nth=0").click()
+        assert page.text_content(".pager span") == "page 1 of 3 · 450 concepts"
+        page.locator(".pager button >> nth=1").click()
         page.click("th[data-key=id]")  # a new sort starts again at page 1, ids ascending
         assert shown() == list(range(200))
         assert page.get_attribute("th[data-key=id]", "class") == "sorted asc"
@@ -855,3 +858,85 @@ def test_the_colour_scale_and_the_keys_on_hand_written_data(tmp_path, chromium):
         assert not errors, errors
     finally:
         page.context.close()
+
+
+@pytest.mark.browser
+def test_the_last_concept_the_scroll_a_dead_concept_and_cam_checks_on_hand_written_data(
+        tmp_path, chromium):
+    """The next-concept key stops at the last concept; a new view starts at the top; a
+    concept that never fires says so in the page's message style; the loading message is a
+    message too; a CAM section without transparency maps shows no placeholder, and its
+    checks name each model's cell."""
+    _hand_site(tmp_path / "site")
+    dot = "data:image/png;base64," + base64.b64encode(_png_1x1()).decode()
+    concepts = {
+        "0": {"images": [5], "rankings": {"mean": [], "a": [], "b": []}, "scale": 1.0,
+              "maps": {m: base64.b64encode(bytes(4)).decode() for m in ("a", "b")}},
+        "1": {"images": [5], "rankings": {"mean": [5], "a": [5], "b": [5]}, "scale": 1.0,
+              "maps": {m: base64.b64encode(bytes(4)).decode() for m in ("a", "b")},
+              "cam": {"a": dot, "b": dot},
+              "cam_checks": {"self_ratio": {"a": 1.5, "b": 0.25}, "transfer": [[1, 2], [3, 4]],
+                             "transfer_control": [[0, 0], [0, 0]], "control_concept": 9,
+                             "transfer_offdiag_mean": 2.5, "transfer_control_offdiag_mean": 0}},
+    }
+    (tmp_path / "site" / "data" / "concepts_0.js").write_text(
+        f"USAE_CHUNK({json.dumps({'chunk': 0, 'concepts': concepts})});")
+    url = (tmp_path / "site" / "index.html").as_uri()
+    words = _words()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        # the next-concept key: from 448 to 449, the last, and no further
+        page.goto(url + "#/concept/448")
+        page.wait_for_selector("p.empty")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function("location.hash === '#/concept/449'")
+        page.keyboard.press("j")
+        page.wait_for_timeout(50)
+        assert page.evaluate("location.hash") == "#/concept/449"
+        # a view starts at the top: the overview scrolled down, a concept, the overview again
+        page.goto(url)
+        page.wait_for_selector("#concepts tr[data-concept]")
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        assert page.evaluate("window.scrollY") > 500
+        page.evaluate("location.hash = '#/concept/1'")
+        page.wait_for_selector(".row[data-model] canvas")
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.evaluate("location.hash = '#/'")
+        page.wait_for_selector("#concepts tr[data-concept]")
+        assert page.evaluate("[window.scrollX, window.scrollY]") == [0, 0]
+        # the loading message and a dead concept's message: each a <p class="empty">
+        page.evaluate("""() => { window.seen = [];
+            new MutationObserver((ms) => ms.forEach((m) => m.addedNodes.forEach((n) =>
+                window.seen.push([n.tagName, n.className, n.textContent]))))
+            .observe(document.getElementById('app'), {childList: true}); }""")
+        page.evaluate("location.hash = '#/concept/0'")
+        page.wait_for_function("document.querySelector('#app p.empty') && document."
+                               "querySelector('#app p.empty').textContent.startsWith('This')")
+        assert page.text_content("#app p.empty") == words["dead"]
+        seen = page.evaluate("window.seen")
+        assert ["P", "empty", "Loading concept 0…"] in seen
+        assert ["P", "empty", words["dead"]] in seen
+        # CAM without transparency maps: an image and a caption per model, nothing else
+        page.goto(url + "#/concept/1")
+        page.wait_for_selector(".tile.cam")
+        assert page.eval_on_selector_all(".tile.cam", "ts => ts.map(t => [t.dataset.model, "
+                                         "t.children.length, t.textContent])") == \
+            [["a", 2, "a"], ["b", 2, "b"]]
+        assert page.text_content("td[data-model=a]") == "a 1.50"
+        assert page.text_content("td[data-model=b]") == "b 0.25"
+        assert page.eval_on_selector(f"tr:has(th:text-is('{words['self_ratio']}'))",
+                                     "r => r.children.length") == 3
+        assert not errors, errors
+    finally:
+        page.context.close()
+
+
+def _png_1x1() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(buf, "PNG")
+    return buf.getvalue()
