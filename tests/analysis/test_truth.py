@@ -191,3 +191,10 @@ def test_a_concept_at_exactly_the_match_cosine_is_not_spurious(tmp_path):
     out, best = _scored(tmp_path, fires, match=lambda best: float(best[0]))
     assert out["match_cosine"] == float(best[0])
     assert out["spurious"] == {"count": 0, "firing": 1, "fraction": 0.0}
+
+
+def test_the_mean_mcc_rounds_to_four_places(tmp_path, monkeypatch):
+    monkeypatch.setattr(truth, "_mcc", lambda *a: {"a": 0.1235, "b": 0.1236})
+    out, _ = _scored(tmp_path, [[False] * 4, [False] * 4])
+    assert out["mcc"] == {"a": 0.1235, "b": 0.1236}
+    assert out["mcc_mean"] == round((0.1235 + 0.1236) / 2, 4) and len(str(out["mcc_mean"])) == 6

@@ -67,7 +67,7 @@ def matched_correlation(true_tf: np.ndarray, learned_tn: np.ndarray) -> float:
     def zscore(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.float64) - a.mean(0)
         sd = a.std(0)
-        return np.divide(a, sd, out=np.zeros_like(a), where=sd > 0)
+        return a / np.where(sd > 0, sd, np.inf)  # a constant code: z-scores of exactly 0
 
     corr = np.abs(zscore(true_tf).T @ zscore(learned_tn)) / max(len(true_tf), 1)  # (F, n)
     rows, cols = linear_sum_assignment(-corr)
