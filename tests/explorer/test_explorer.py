@@ -433,10 +433,7 @@ def test_every_view_shows_the_data_it_is_given(explorer, chromium):
     styled = _styled_classes() | TEST_HOOKS
     browser = chromium
     try:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(WAIT_MS)
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page, errors = _open_page(browser)
         page.goto((site / "index.html").as_uri())
         page.wait_for_selector("#concepts tr[data-concept]")
         texts = lambda sel: page.eval_on_selector_all(sel, "es => es.map(e => e.textContent)")  # noqa: E731
@@ -655,9 +652,23 @@ def _hand_site(root: Path, n: int = 450) -> dict:
                     for m in ("a", "b")}
             concepts[str(k)] = {"images": [5], "rankings": {"mean": [5], "a": [5], "b": []},
                                 "scale": 2.0, "maps": maps}
-        (root / "data" / f"concepts_{c}.js").write_text(
-            f"USAE_CHUNK({json.dumps({'chunk': c, 'concepts': concepts})});")
+        _write_chunk(root, c, concepts)
     return overview
+
+
+def _write_chunk(site: Path, c: int, concepts: dict) -> None:
+    """``data/concepts_<c>.js`` of a site, as the builder writes it."""
+    (site / "data" / f"concepts_{c}.js").write_text(
+        f"USAE_CHUNK({json.dumps({'chunk': c, 'concepts': concepts})});")
+
+
+def _open_page(browser):
+    """A page of the tests' size and time-out, and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
 
 
 @pytest.mark.browser
@@ -668,10 +679,7 @@ def test_the_app_pages_sorts_filters_and_loads_chunks_on_hand_written_data(tmp_p
     red at two thirds opacity), and a site without its overview."""
     ov = _hand_site(tmp_path / "site")
     table, n = ov["table"], ov["n_concepts"]
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(WAIT_MS)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, errors = _open_page(chromium)
     try:
         page.goto((tmp_path / "site" / "index.html").as_uri())
         page.wait_for_selector("#concepts tr[data-concept]")
@@ -790,13 +798,9 @@ def test_the_colour_scale_and_the_keys_on_hand_written_data(tmp_path, chromium):
                          "scale": 1.0, "maps": {m: base64.b64encode(bytes([v] * 4)).decode()
                                                 for m in ("a", "b")}}
                 for k, v in enumerate(values)}
-    (tmp_path / "site" / "data" / "concepts_0.js").write_text(
-        f"USAE_CHUNK({json.dumps({'chunk': 0, 'concepts': concepts})});")
+    _write_chunk(tmp_path / "site", 0, concepts)
     url = (tmp_path / "site" / "index.html").as_uri()
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(WAIT_MS)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, errors = _open_page(chromium)
     try:
         page.goto(url + "#/concept/0")
         page.wait_for_selector(".row[data-model] canvas")
@@ -879,14 +883,10 @@ def test_the_last_concept_the_scroll_a_dead_concept_and_cam_checks_on_hand_writt
                              "transfer_control": [[0, 0], [0, 0]], "control_concept": 9,
                              "transfer_offdiag_mean": 2.5, "transfer_control_offdiag_mean": 0}},
     }
-    (tmp_path / "site" / "data" / "concepts_0.js").write_text(
-        f"USAE_CHUNK({json.dumps({'chunk': 0, 'concepts': concepts})});")
+    _write_chunk(tmp_path / "site", 0, concepts)
     url = (tmp_path / "site" / "index.html").as_uri()
     words = _words()
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(WAIT_MS)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, errors = _open_page(chromium)
     try:
         # the next-concept key: from 448 to 449, the last, and no further
         page.goto(url + "#/concept/448")

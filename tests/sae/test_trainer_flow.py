@@ -15,20 +15,13 @@ import pytest
 import torch
 
 from tests.conftest import exactly
+from tests.sae.test_trainer_units import _cfg
 from usae.analysis.metrics import r2_matrix
-from usae.config import resolve
 from usae.data.sources import ArraySource
 from usae.sae import trainer as trainer_module
 from usae.sae.interrupts import TrainingInterrupted
 from usae.sae.model import UniversalSAE
 from usae.sae.trainer import Trainer
-
-
-def _cfg(arrays, **over):
-    base = {"n_concepts": 16, "k": 2, "batch_images": 4, "max_steps": 6, "log_every": 1,
-            "checkpoint_every": 100}
-    return resolve(tuple(arrays), tuple(a.shape[2] for a in arrays.values()), "paper",
-                   {**base, **over})
 
 
 def _rows(run):
